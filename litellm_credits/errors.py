@@ -1,0 +1,147 @@
+"""The plugin's exceptions, and their one mapping to HTTP.
+
+    CreditsError                      500 internal_error (base; never shown with details)
+    ├── AuthenticationError           401 authentication_error
+    ├── PermissionDenied              403 permission_denied
+    │   └── AccountDisabled           403 account_disabled
+    ├── NotFound                      404 not_found
+    │   └── AccountNotFound           404 account_not_found
+    ├── Conflict                      409 conflict
+    │   └── AccountExists             409 account_exists
+    ├── InvalidRequest                400 invalid_request
+    │   └── ModelNotPriced            400 model_not_priced
+    ├── PaymentRequired               402 (abstract)
+    │   ├── InsufficientCredits       402 insufficient_credits
+    │   └── MonthlyCapExceeded        402 monthly_cap_exceeded
+    └── ServiceUnavailable            503 service_unavailable
+
+Every error renders as an OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}``;
+structured details (balance, required, cap, resets_at) travel under ``error.details``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class CreditsError(Exception):
+    """Base class; ``status`` and ``type`` decide the HTTP answer."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.details = {k: v for k, v in details.items() if v is not None}
+
+    def to_body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": str(self.status),
+        }
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}
+
+
+class AuthenticationError(CreditsError):
+    status = 401
+    type = "authentication_error"
+
+
+class PermissionDenied(CreditsError):
+    status = 403
+    type = "permission_denied"
+
+
+class AccountDisabled(PermissionDenied):
+    type = "account_disabled"
+
+
+class NotFound(CreditsError):
+    status = 404
+    type = "not_found"
+
+
+class AccountNotFound(NotFound):
+    type = "account_not_found"
+
+
+class Conflict(CreditsError):
+    status = 409
+    type = "conflict"
+
+
+class AccountExists(Conflict):
+    type = "account_exists"
+
+
+class InvalidRequest(CreditsError):
+    status = 400
+    type = "invalid_request"
+
+
+class ModelNotPriced(InvalidRequest):
+    type = "model_not_priced"
+
+
+class PaymentRequired(CreditsError):
+    status = 402
+    type = "payment_required"
+
+
+class InsufficientCredits(PaymentRequired):
+    type = "insufficient_credits"
+
+
+class MonthlyCapExceeded(PaymentRequired):
+    type = "monthly_cap_exceeded"
+
+
+class ServiceUnavailable(CreditsError):
+    status = 503
+    type = "service_unavailable"
+
+
+def to_proxy_exception(err: CreditsError) -> Exception:
+    """The LiteLLM ``ProxyException`` that makes the proxy answer with this error."""
+    from litellm.proxy._types import ProxyException
+
+    class CreditsProxyException(ProxyException):
+        def to_dict(self) -> dict:
+            body = super().to_dict()
+            body.pop("provider_specific_fields", None)
+            if err.details:
+                body["details"] = err.details
+            return body
+
+    return CreditsProxyException(
+        message=err.message,
+        type=err.type,
+        param=err.param,
+        code=err.status,
+        provider_specific_fields={"details": err.details} if err.details else None,
+    )
+
+
+__all__ = [
+    "AccountDisabled",
+    "AccountExists",
+    "AccountNotFound",
+    "AuthenticationError",
+    "Conflict",
+    "CreditsError",
+    "InsufficientCredits",
+    "InvalidRequest",
+    "ModelNotPriced",
+    "MonthlyCapExceeded",
+    "NotFound",
+    "PaymentRequired",
+    "PermissionDenied",
+    "ServiceUnavailable",
+    "to_proxy_exception",
+]

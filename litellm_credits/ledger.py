@@ -1,0 +1,512 @@
+"""The ledger: the only code that writes balances.
+
+Every change to an account is one SQL statement (one implicit transaction) that updates the
+account row and appends the ledger row carrying the balance after it, so ``balance`` equals the
+sum of the account's ledger rows at every commit. A hold is a pending transfer: taking it checks
+``balance − held`` and the monthly cap in the same statement that raises ``held``, and it ends
+exactly once, because every way of ending it starts with ``UPDATE holds … WHERE status =
+'open'``, which a second or late attempt cannot pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+import asyncpg
+
+from .errors import (
+    AccountDisabled,
+    AccountExists,
+    AccountNotFound,
+    Conflict,
+    InsufficientCredits,
+    InvalidRequest,
+    MonthlyCapExceeded,
+    ServiceUnavailable,
+)
+from .money import format_credits
+
+log = logging.getLogger("litellm_credits.ledger")
+T = TypeVar("T")
+
+CreditType = Literal["allocation", "bonus", "refund", "coupon", "adjustment"]
+Service = Literal["chat", "embedding", "image", "audio_speech", "audio_transcription", "search", "other"]
+
+# The month the spend counts, from the database clock; a write that sees an older month_start
+# starts the month from zero.
+_THIS_MONTH = "date_trunc('month', now() AT TIME ZONE 'UTC')::date"
+_NEXT_MONTH_AT = f"(({_THIS_MONTH} + interval '1 month') AT TIME ZONE 'UTC')"
+_MONTH_SPEND = f"(CASE WHEN a.month_start < {_THIS_MONTH} THEN 0 ELSE a.month_spend END)"
+
+ACCOUNT_COLUMNS = f"""
+    a.subject_id, a.subject_type, a.tier, a.balance, a.held, a.monthly_cap,
+    {_MONTH_SPEND} AS month_spend, a.status, a.display_name, a.created_at, a.updated_at,
+    {_NEXT_MONTH_AT} AS resets_at
+"""
+
+SQL_GET_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM credits.credit_accounts a WHERE a.subject_id = $1"
+
+SQL_CREATE_ACCOUNT = f"""
+INSERT INTO credits.credit_accounts AS a (subject_id, subject_type, tier, monthly_cap, display_name)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (subject_id) DO NOTHING
+RETURNING {ACCOUNT_COLUMNS}
+"""
+
+SQL_CREDIT = """
+WITH a AS (
+    UPDATE credits.credit_accounts SET balance = balance + $2
+    WHERE subject_id = $1
+    RETURNING balance
+)
+INSERT INTO credits.credit_transactions
+    (subject_id, amount, balance_after, type, idempotency_key, description, metadata)
+SELECT $1, $2, a.balance, $3, $4, $5, $6 FROM a
+RETURNING id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
+"""
+
+SQL_TX_BY_KEY = """
+SELECT id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
+FROM credits.credit_transactions WHERE subject_id = $1 AND idempotency_key = $2
+"""
+
+# $1 subject, $2 hold id, $3 amount, $4 debits, $5 ttl seconds, $6 model, $7 power level
+SQL_HOLD = f"""
+WITH a AS (
+    UPDATE credits.credit_accounts a SET
+        held        = a.held + CASE WHEN $4 THEN $3 ELSE 0 END,
+        month_spend = {_MONTH_SPEND},
+        month_start = {_THIS_MONTH}
+    WHERE a.subject_id = $1
+      AND a.status = 'active'
+      AND (NOT $4 OR $3 = 0 OR (
+               a.balance - a.held >= $3
+           AND (a.monthly_cap IS NULL OR {_MONTH_SPEND} + a.held + $3 <= a.monthly_cap)))
+    RETURNING a.subject_id
+)
+INSERT INTO credits.holds (id, subject_id, amount, debits, expires_at, model, power_level)
+SELECT $2, a.subject_id, $3, $4, now() + make_interval(secs => $5), $6, $7 FROM a
+RETURNING expires_at
+"""
+
+# Ends an open hold. $3 is the charge (NULL = the hold's own amount, i.e. capture; 0 = void).
+# $1 subject, $2 hold id, $3 charge, $4 hold status, $5 usage status, $6 service, $7 model,
+# $8 provider, $9 prompt, $10 completion, $11 cached, $12 reasoning, $13 cost, $14 latency ms,
+# $15 metadata
+SQL_RESOLVE = f"""
+WITH h AS (
+    UPDATE credits.holds SET
+        status = $4,
+        resolved_at = now(),
+        settled_amount = coalesce($3, amount)
+    WHERE subject_id = $1 AND id = $2 AND status = 'open'
+    RETURNING amount, debits, power_level, coalesce($3, amount) AS charge
+), a AS (
+    UPDATE credits.credit_accounts a SET
+        balance     = a.balance - CASE WHEN h.debits THEN h.charge ELSE 0 END,
+        held        = a.held - CASE WHEN h.debits THEN h.amount ELSE 0 END,
+        month_spend = {_MONTH_SPEND} + CASE WHEN h.debits THEN h.charge ELSE 0 END,
+        month_start = {_THIS_MONTH}
+    FROM h
+    WHERE a.subject_id = $1
+    RETURNING a.balance, h.debits, h.charge, h.power_level
+), t AS (
+    INSERT INTO credits.credit_transactions
+        (subject_id, amount, balance_after, type, idempotency_key, hold_id, model, provider,
+         power_level, prompt_tokens, completion_tokens, metadata)
+    SELECT $1, -a.charge, a.balance, 'usage', 'hold:' || $2::text, $2, $7, $8,
+           a.power_level, $9, $10, $15
+    FROM a WHERE a.debits AND a.charge > 0
+    RETURNING id
+), u AS (
+    INSERT INTO credits.usage_events
+        (subject_id, request_id, service, model, provider, power_level, prompt_tokens,
+         completion_tokens, cached_tokens, reasoning_tokens, cost, charged, latency_ms, status,
+         transaction_id, metadata)
+    SELECT $1, $2::text, $6, $7, $8, a.power_level, $9, $10, $11, $12,
+           coalesce($13, a.charge), CASE WHEN a.debits THEN a.charge ELSE 0 END, $14, $5,
+           (SELECT id FROM t), $15
+    FROM a
+    RETURNING id
+)
+SELECT a.balance, a.charge, a.debits, (SELECT id FROM t) AS transaction_id FROM a
+"""
+
+SQL_EXPIRED_HOLDS = """
+SELECT subject_id, id FROM credits.holds
+WHERE status = 'open' AND expires_at < now()
+ORDER BY expires_at
+LIMIT $1
+"""
+
+SQL_HISTORY = """
+SELECT id, subject_id, amount, balance_after, type, idempotency_key, hold_id, model, provider,
+       power_level, prompt_tokens, completion_tokens, description, metadata, created_at
+FROM credits.credit_transactions
+WHERE subject_id = $1
+ORDER BY created_at DESC, id DESC
+LIMIT $2 OFFSET $3
+"""
+
+SQL_HISTORY_COUNT = "SELECT count(*) FROM credits.credit_transactions WHERE subject_id = $1"
+
+SQL_SET_CAP = f"""
+UPDATE credits.credit_accounts a SET monthly_cap = $2 WHERE a.subject_id = $1
+RETURNING {ACCOUNT_COLUMNS}
+"""
+
+SQL_DISCREPANCIES = "SELECT * FROM credits.v_ledger_discrepancies"
+
+# connection-level failures worth another try: the statement either never ran or rolled back
+_TRANSIENT = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class Account:
+    subject_id: str
+    subject_type: str
+    tier: str
+    balance: int
+    held: int
+    monthly_cap: int | None
+    month_spend: int
+    status: str
+    display_name: str | None
+    created_at: datetime
+    updated_at: datetime
+    resets_at: datetime
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "user_id": self.subject_id,
+            "subject_type": self.subject_type,
+            "tier": self.tier,
+            "balance": format_credits(self.balance),
+            "held": format_credits(self.held),
+            "available": format_credits(self.available),
+            "monthly_cap": None if self.monthly_cap is None else format_credits(self.monthly_cap),
+            "month_spend": format_credits(self.month_spend),
+            "month_resets_at": self.resets_at.isoformat(),
+            "status": self.status,
+            "display_name": self.display_name,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class Transaction:
+    id: int
+    subject_id: str
+    amount: int
+    balance_after: int
+    type: str
+    idempotency_key: str
+    description: str | None
+    created_at: datetime
+    hold_id: uuid.UUID | None = None
+    model: str | None = None
+    provider: str | None = None
+    power_level: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    metadata: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "user_id": self.subject_id,
+            "type": self.type,
+            "amount": format_credits(self.amount),
+            "balance_after": format_credits(self.balance_after),
+            "description": self.description,
+            "idempotency_key": self.idempotency_key,
+            "model": self.model,
+            "provider": self.provider,
+            "power_level": self.power_level,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "metadata": self.metadata or {},
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class Hold:
+    id: uuid.UUID
+    subject_id: str
+    amount: int
+    debits: bool
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Settlement:
+    balance: int
+    charged: int
+    transaction_id: int | None
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """What a resolved hold records in ``usage_events``."""
+
+    service: Service = "chat"
+    model: str | None = None
+    provider: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: int | None = None  # full price; defaults to the charge
+    latency_ms: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def _account(row: asyncpg.Record) -> Account:
+    return Account(**dict(row))
+
+
+def _transaction(row: asyncpg.Record) -> Transaction:
+    return Transaction(**dict(row))
+
+
+class Ledger:
+    """Accounts, credits, holds and history on one asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool, *, retries: int = 3, retry_delay: float = 0.05) -> None:
+        self.pool = pool
+        self.retries = retries
+        self.retry_delay = retry_delay
+
+    async def _retry(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent statement again after a connection-level failure."""
+        for attempt in range(self.retries + 1):
+            try:
+                return await op()
+            except _TRANSIENT as exc:
+                if attempt == self.retries:
+                    raise ServiceUnavailable("the credit ledger is unavailable; try again") from exc
+                log.warning("ledger: transient database error (%s), retrying", type(exc).__name__)
+                await asyncio.sleep(self.retry_delay * 2**attempt)
+        raise AssertionError("unreachable")
+
+    # accounts ----------------------------------------------------------------------------
+
+    async def get_account(self, subject_id: str) -> Account | None:
+        row = await self._retry(lambda: self.pool.fetchrow(SQL_GET_ACCOUNT, subject_id))
+        return _account(row) if row else None
+
+    async def require_account(self, subject_id: str) -> Account:
+        account = await self.get_account(subject_id)
+        if account is None:
+            raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+        return account
+
+    async def create_account(
+        self,
+        subject_id: str,
+        *,
+        tier: str,
+        monthly_cap: int | None = None,
+        subject_type: str = "user",
+        display_name: str | None = None,
+        exist_ok: bool = False,
+    ) -> Account:
+        row = await self.pool.fetchrow(
+            SQL_CREATE_ACCOUNT, subject_id, subject_type, tier, monthly_cap, display_name
+        )
+        if row is not None:
+            return _account(row)
+        if exist_ok:
+            return await self.require_account(subject_id)
+        raise AccountExists(f"credit account {subject_id!r} already exists", param="user_id")
+
+    async def set_monthly_cap(self, subject_id: str, cap: int | None) -> Account:
+        row = await self.pool.fetchrow(SQL_SET_CAP, subject_id, cap)
+        if row is None:
+            raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+        return _account(row)
+
+    # credits -----------------------------------------------------------------------------
+
+    async def credit(
+        self,
+        subject_id: str,
+        amount: int,
+        *,
+        type: CreditType = "allocation",
+        idempotency_key: str | None = None,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Transaction:
+        """Add ``amount`` micro-credits; a repeated idempotency key returns the first result."""
+        if amount <= 0 and type != "adjustment":
+            raise InvalidRequest("amount must be positive", param="amount")
+        if amount == 0:
+            raise InvalidRequest("amount cannot be zero", param="amount")
+        key = idempotency_key or f"{type}:{uuid.uuid4()}"
+        try:
+            row = await self.pool.fetchrow(
+                SQL_CREDIT, subject_id, amount, type, key, description, metadata or {}
+            )
+        except asyncpg.UniqueViolationError:
+            row = await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key)
+            if row is None or row["amount"] != amount or row["type"] != type:
+                raise Conflict(
+                    "idempotency key already used for a different request", param="idempotency_key"
+                ) from None
+            return _transaction(row)
+        if row is None:
+            raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+        return _transaction(row)
+
+    # holds -------------------------------------------------------------------------------
+
+    async def hold(
+        self,
+        subject_id: str,
+        amount: int,
+        *,
+        ttl_seconds: int,
+        debits: bool = True,
+        model: str | None = None,
+        power_level: str | None = None,
+        hold_id: uuid.UUID | None = None,
+    ) -> Hold:
+        """Hold ``amount`` against the balance and the monthly cap, or raise a 402/403/404."""
+        hold_id = hold_id or uuid.uuid4()
+        expires_at = await self._retry(
+            lambda: self.pool.fetchval(
+                SQL_HOLD, subject_id, hold_id, amount, debits, float(ttl_seconds), model, power_level
+            )
+        )
+        if expires_at is not None:
+            return Hold(hold_id, subject_id, amount, debits, expires_at)
+        raise await self._refusal(subject_id, amount)
+
+    async def _refusal(self, subject_id: str, amount: int) -> Exception:
+        account = await self.get_account(subject_id)
+        if account is None:
+            return AccountNotFound(f"no credit account {subject_id!r}", param="user")
+        if account.status != "active":
+            return AccountDisabled(f"credit account {subject_id!r} is disabled")
+        common = {
+            "balance": format_credits(account.balance),
+            "held": format_credits(account.held),
+            "available": format_credits(account.available),
+            "required": format_credits(amount),
+        }
+        if account.available < amount:
+            return InsufficientCredits(
+                f"insufficient credits: {format_credits(amount)} required, "
+                f"{format_credits(account.available)} available",
+                **common,
+            )
+        cap = account.monthly_cap or 0
+        return MonthlyCapExceeded(
+            f"monthly cap of {format_credits(cap)} credits reached; it resets at "
+            f"{account.resets_at.isoformat()}",
+            monthly_cap=format_credits(cap),
+            month_spend=format_credits(account.month_spend),
+            resets_at=account.resets_at.isoformat(),
+            **common,
+        )
+
+    async def _resolve(
+        self,
+        subject_id: str,
+        hold_id: uuid.UUID,
+        charge: int | None,
+        hold_status: str,
+        usage_status: str,
+        usage: UsageRecord,
+    ) -> Settlement | None:
+        row = await self._retry(
+            lambda: self.pool.fetchrow(
+                SQL_RESOLVE,
+                subject_id,
+                hold_id,
+                charge,
+                hold_status,
+                usage_status,
+                usage.service,
+                usage.model,
+                usage.provider,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cached_tokens,
+                usage.reasoning_tokens,
+                usage.cost,
+                usage.latency_ms,
+                usage.metadata or {},
+            )
+        )
+        if row is None:
+            return None
+        return Settlement(row["balance"], row["charge"] if row["debits"] else 0, row["transaction_id"])
+
+    async def settle(
+        self, subject_id: str, hold_id: uuid.UUID, charge: int, usage: UsageRecord
+    ) -> Settlement | None:
+        """Charge the actual cost and end the hold; None if it had already ended."""
+        if charge < 0:
+            raise InvalidRequest("charge cannot be negative")
+        return await self._resolve(subject_id, hold_id, charge, "settled", "success", usage)
+
+    async def void(self, subject_id: str, hold_id: uuid.UUID, usage: UsageRecord | None = None) -> bool:
+        """Release the hold without a charge; False if it had already ended."""
+        result = await self._resolve(
+            subject_id, hold_id, 0, "voided", "failed", usage or UsageRecord(cost=0)
+        )
+        return result is not None
+
+    async def expire(self, *, policy: Literal["void", "capture"], batch: int = 500) -> int:
+        """Resolve holds past their expiry (database clock) by policy; returns how many."""
+        rows = await self.pool.fetch(SQL_EXPIRED_HOLDS, batch)
+        done = 0
+        for row in rows:
+            if policy == "capture":
+                result = await self._resolve(
+                    row["subject_id"], row["id"], None, "captured", "expired",
+                    UsageRecord(metadata={"expired": True}),
+                )
+            else:
+                result = await self._resolve(
+                    row["subject_id"], row["id"], 0, "expired", "expired",
+                    UsageRecord(cost=0, metadata={"expired": True}),
+                )
+            done += result is not None
+        return done
+
+    # reads -------------------------------------------------------------------------------
+
+    async def transactions(self, subject_id: str, *, limit: int, offset: int) -> tuple[list[Transaction], int]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(SQL_HISTORY, subject_id, limit, offset)
+            total = await conn.fetchval(SQL_HISTORY_COUNT, subject_id)
+        return [_transaction(r) for r in rows], total
+
+    async def discrepancies(self) -> list[dict[str, Any]]:
+        """Accounts whose balance or held amount disagrees with the ledger; empty when sound."""
+        return [dict(r) for r in await self.pool.fetch(SQL_DISCREPANCIES)]
+
+
+__all__ = ["Account", "Hold", "Ledger", "Settlement", "Transaction", "UsageRecord"]

@@ -1,0 +1,265 @@
+"""Model prices, power levels and tier markup, as exact decimals.
+
+Where a price comes from, strongest first:
+
+1. ``models:`` in ``credits.yaml`` (per model group or underlying model; field by field);
+2. the deployment in ``litellm_config.yaml`` (``input_cost_per_token`` … in ``litellm_params``
+   or ``model_info``);
+3. LiteLLM's price map (``litellm.model_cost``);
+4. ``unknown_model_price`` in ``credits.yaml``; otherwise the model is refused
+   (:class:`~litellm_credits.errors.ModelNotPriced`).
+
+A model whose name ends in a free suffix (``:free``) or that is marked ``free: true`` costs 0.
+Every float that LiteLLM or YAML hands over is read by its shortest repr (``1.1e-06`` is exactly
+``0.0000011``), so prices never drift.
+
+A charge in credits is ``usd × credits_per_usd × power multiplier × (1 + tier markup)``, rounded
+up to the micro-credit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal
+from typing import Any
+
+from .errors import InvalidRequest, ModelNotPriced
+from .money import micro_ceil, to_decimal
+from .settings import CreditsConfig, ModelPriceConfig, PowerLevel
+
+ZERO = Decimal(0)
+# price keys understood here, as LiteLLM names them
+PRICE_KEYS = (
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "cache_read_input_token_cost",
+    "cache_creation_input_token_cost",
+    "output_cost_per_reasoning_token",
+    "input_cost_per_image",
+    "output_cost_per_image",
+    "input_cost_per_second",
+    "output_cost_per_second",
+    "input_cost_per_character",
+)
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """USD prices of one model; ``None`` means the model has no such price."""
+
+    input_cost_per_token: Decimal | None = None
+    output_cost_per_token: Decimal | None = None
+    cache_read_input_token_cost: Decimal | None = None
+    cache_creation_input_token_cost: Decimal | None = None
+    output_cost_per_reasoning_token: Decimal | None = None
+    input_cost_per_image: Decimal | None = None
+    output_cost_per_image: Decimal | None = None
+    input_cost_per_second: Decimal | None = None
+    output_cost_per_second: Decimal | None = None
+    input_cost_per_character: Decimal | None = None
+    max_output_tokens: int | None = None
+    free: bool = False
+    source: str = "unknown"
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str) -> ModelPrice | None:
+        """Prices from a LiteLLM-style dict, or None when it carries no price at all."""
+        values: dict[str, Any] = {}
+        for key in PRICE_KEYS:
+            raw = data.get(key)
+            if raw is not None:
+                values[key] = to_decimal(raw)
+        if not values:
+            return None
+        return cls(**values, source=source)
+
+    def overlay(self, override: ModelPriceConfig) -> ModelPrice:
+        """This price with every field the override sets replaced."""
+        changes: dict[str, Any] = {
+            k: v for k, v in override.model_dump(exclude_none=True).items() if k in PRICE_KEYS
+        }
+        if override.max_output_tokens is not None:
+            changes["max_output_tokens"] = override.max_output_tokens
+        if override.free:
+            changes["free"] = True
+        return replace(self, **changes, source="config")
+
+    @property
+    def priced(self) -> bool:
+        return self.free or any(getattr(self, k) is not None for k in PRICE_KEYS)
+
+
+FREE = ModelPrice(free=True, source="free")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one request consumed. Token counts follow OpenAI: ``prompt_tokens`` includes cached
+    and cache-creation tokens, ``completion_tokens`` includes reasoning tokens."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+    images: int = 0
+    input_seconds: Decimal = ZERO
+    output_seconds: Decimal = ZERO
+    characters: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise InvalidRequest(f"{f.name} cannot be negative", param=f.name)
+
+
+def usd_cost(price: ModelPrice, usage: Usage) -> Decimal:
+    """The exact USD cost of ``usage`` at ``price``."""
+    if price.free:
+        return ZERO
+    inp = price.input_cost_per_token or ZERO
+    out = price.output_cost_per_token or ZERO
+    cached = min(usage.cached_tokens, usage.prompt_tokens)
+    creation = min(usage.cache_creation_tokens, usage.prompt_tokens - cached)
+    text_in = usage.prompt_tokens - cached - creation
+    cost = text_in * inp
+    cost += cached * (price.cache_read_input_token_cost if price.cache_read_input_token_cost is not None else inp)
+    cost += creation * (
+        price.cache_creation_input_token_cost if price.cache_creation_input_token_cost is not None else inp
+    )
+    reasoning = min(usage.reasoning_tokens, usage.completion_tokens)
+    cost += (usage.completion_tokens - reasoning) * out
+    cost += reasoning * (
+        price.output_cost_per_reasoning_token if price.output_cost_per_reasoning_token is not None else out
+    )
+    cost += usage.images * ((price.input_cost_per_image or ZERO) + (price.output_cost_per_image or ZERO))
+    cost += usage.input_seconds * (price.input_cost_per_second or ZERO)
+    cost += usage.output_seconds * (price.output_cost_per_second or ZERO)
+    cost += usage.characters * (price.input_cost_per_character or ZERO)
+    return cost
+
+
+def worst_case(price: ModelPrice, prompt_tokens: int, max_output_tokens: int, images: int = 0) -> Decimal:
+    """The most ``prompt_tokens`` in and ``max_output_tokens`` out can cost at ``price``."""
+    if price.free:
+        return ZERO
+    in_rates = [
+        r
+        for r in (price.input_cost_per_token, price.cache_creation_input_token_cost)
+        if r is not None
+    ]
+    out_rates = [r for r in (price.output_cost_per_token, price.output_cost_per_reasoning_token) if r is not None]
+    cost = prompt_tokens * max(in_rates, default=ZERO) + max_output_tokens * max(out_rates, default=ZERO)
+    cost += images * ((price.input_cost_per_image or ZERO) + (price.output_cost_per_image or ZERO))
+    return cost
+
+
+def max_price(prices: Iterable[ModelPrice]) -> ModelPrice:
+    """Field by field the highest of several prices (a model group's deployments)."""
+    prices = list(prices)
+    if len(prices) == 1:
+        return prices[0]
+    values: dict[str, Any] = {}
+    for key in PRICE_KEYS:
+        present = [getattr(p, key) for p in prices if getattr(p, key) is not None]
+        if present:
+            values[key] = max(present)
+    caps = [p.max_output_tokens for p in prices if p.max_output_tokens is not None]
+    return ModelPrice(
+        **values,
+        max_output_tokens=max(caps) if caps else None,
+        free=all(p.free for p in prices),
+        source="+".join(sorted({p.source for p in prices})),
+    )
+
+
+def _strip_provider(model: str) -> str:
+    return model.split("/", 1)[1] if "/" in model else model
+
+
+@dataclass
+class Pricing:
+    """Prices requests and converts USD to credits for a tier and power level."""
+
+    config: CreditsConfig
+    model_cost: Mapping[str, Mapping[str, Any]] | None = None
+    _map_cache: dict[str, ModelPrice | None] = field(default_factory=dict, repr=False)
+
+    def _litellm_map(self) -> Mapping[str, Mapping[str, Any]]:
+        if self.model_cost is None:
+            import litellm
+
+            self.model_cost = litellm.model_cost
+        return self.model_cost
+
+    def from_map(self, model: str) -> ModelPrice | None:
+        """LiteLLM's price for ``model`` (with or without a provider prefix)."""
+        if model not in self._map_cache:
+            table = self._litellm_map()
+            entry = table.get(model) or table.get(_strip_provider(model))
+            self._map_cache[model] = ModelPrice.from_mapping(entry, "litellm") if entry else None
+        return self._map_cache[model]
+
+    def is_free_name(self, *names: str | None) -> bool:
+        return any(n and n.endswith(tuple(self.config.free_model_suffixes)) for n in names)
+
+    def price(
+        self,
+        model_group: str,
+        model: str | None = None,
+        deployment_params: Mapping[str, Any] | None = None,
+    ) -> ModelPrice:
+        """The price of one deployment of ``model_group`` (``model`` is its LiteLLM model)."""
+        names = [n for n in (model_group, model, model and _strip_provider(model)) if n]
+        override = next((self.config.models[n] for n in names if n in self.config.models), None)
+        if self.is_free_name(*names) or (override is not None and override.free):
+            return FREE
+        base: ModelPrice | None = None
+        if deployment_params:
+            base = ModelPrice.from_mapping(deployment_params, "deployment")
+        if base is None:
+            base = next((p for p in (self.from_map(n) for n in names[1:] + names[:1]) if p), None)
+        if base is None and self.config.unknown_model_price is not None:
+            base = ModelPrice(source="unknown_model_price").overlay(self.config.unknown_model_price)
+        if override is not None:
+            base = (base or ModelPrice()).overlay(override)
+        if base is None or not base.priced:
+            raise ModelNotPriced(
+                f"model {model_group!r} has no price; set one in credits.yaml or on the deployment",
+                param="model",
+                model=model_group,
+            )
+        return base
+
+    def output_cap(self, price: ModelPrice, requested: int | None) -> int:
+        """Output tokens the estimate assumes: the request's max_tokens, else the model's cap."""
+        if requested is not None:
+            return requested
+        return price.max_output_tokens or self.config.default_max_output_tokens
+
+    def power_level(self, requested: str | None) -> PowerLevel:
+        if requested is None or requested == "":
+            return self.config.default_power_level
+        if requested not in self.config.power_levels:
+            raise InvalidRequest(
+                f"power_level must be one of {', '.join(self.config.power_levels)}", param="power_level"
+            )
+        return requested  # type: ignore[return-value]
+
+    def rate(self, tier: str, power_level: PowerLevel) -> Decimal:
+        """Credits charged per USD of upstream cost for this tier and power level."""
+        tier_cfg = self.config.tiers.get(tier) or self.config.tiers[self.config.default_tier]
+        return self.config.credits_per_usd * self.config.power_levels[power_level] * (1 + tier_cfg.markup)
+
+    def is_unlimited(self, tier: str) -> bool:
+        tier_cfg = self.config.tiers.get(tier) or self.config.tiers[self.config.default_tier]
+        return tier_cfg.unlimited
+
+    @staticmethod
+    def to_micro(usd: Decimal, rate: Decimal) -> int:
+        """Micro-credits for ``usd`` at ``rate`` credits per USD, rounded up."""
+        return micro_ceil(usd * rate)
+
+
+__all__ = ["FREE", "PRICE_KEYS", "ModelPrice", "Pricing", "Usage", "max_price", "usd_cost", "worst_case"]

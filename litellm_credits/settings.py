@@ -1,0 +1,143 @@
+"""Settings: connection details from the environment, behaviour from ``credits.yaml``.
+
+Both are read once at start-up into one :class:`Settings` object; request code never reads the
+environment.
+
+    >>> s = Settings.load()                     # CREDITS_* variables + the YAML at CREDITS_CONFIG
+    >>> s.config.credits_per_usd
+    Decimal('1000')
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import platformdirs
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .money import to_decimal
+
+Dec = Annotated[Decimal, BeforeValidator(to_decimal)]
+PowerLevel = Literal["eco", "balanced", "precision"]
+POWER_LEVELS: tuple[PowerLevel, ...] = ("eco", "balanced", "precision")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TierConfig(_Strict):
+    """A pricing tier: ``markup`` is a fraction added to every charge (0.1 = +10 %)."""
+
+    markup: Dec = Decimal(0)
+    unlimited: bool = Field(False, description="record usage at full cost, never debit")
+
+    @model_validator(mode="after")
+    def _check(self) -> TierConfig:
+        if self.markup < 0:
+            raise ValueError("markup cannot be negative")
+        return self
+
+
+class ModelPriceConfig(_Strict):
+    """Per-model override; any price left out falls back to the deployment or LiteLLM's map."""
+
+    input_cost_per_token: Dec | None = None
+    output_cost_per_token: Dec | None = None
+    cache_read_input_token_cost: Dec | None = None
+    cache_creation_input_token_cost: Dec | None = None
+    output_cost_per_reasoning_token: Dec | None = None
+    input_cost_per_image: Dec | None = None
+    output_cost_per_image: Dec | None = None
+    input_cost_per_second: Dec | None = None
+    output_cost_per_second: Dec | None = None
+    input_cost_per_character: Dec | None = None
+    max_output_tokens: int | None = Field(None, gt=0)
+    free: bool = False
+
+
+class HoldConfig(_Strict):
+    ttl_seconds: int = Field(900, ge=5, le=86_400)
+    # what happens to a hold nobody settled: release it, or charge its estimate
+    expiry_policy: Literal["void", "capture"] = "void"
+    sweep_interval_seconds: float = Field(30.0, gt=0)
+    sweep_batch: int = Field(500, gt=0)
+
+
+class CreditsConfig(_Strict):
+    """The contents of ``credits.yaml``."""
+
+    subject: Literal["user", "team", "end_user", "key"] = "user"
+    credits_per_usd: Dec = Decimal(1000)
+    default_tier: str = "free"
+    tiers: dict[str, TierConfig] = Field(default_factory=lambda: {"free": TierConfig()})
+    power_levels: dict[PowerLevel, Dec] = Field(
+        default_factory=lambda: {"eco": Decimal("0.5"), "balanced": Decimal(1), "precision": Decimal(2)}
+    )
+    default_power_level: PowerLevel = "balanced"
+    default_max_output_tokens: int = Field(4096, gt=0)
+    models: dict[str, ModelPriceConfig] = Field(default_factory=dict)
+    unknown_model_price: ModelPriceConfig | None = None
+    free_model_suffixes: tuple[str, ...] = (":free",)
+    holds: HoldConfig = Field(default_factory=HoldConfig)
+    max_amount: Dec = Decimal(1_000_000_000)
+
+    @model_validator(mode="after")
+    def _check(self) -> CreditsConfig:
+        if self.credits_per_usd <= 0:
+            raise ValueError("credits_per_usd must be positive")
+        if self.default_tier not in self.tiers:
+            raise ValueError(f"default_tier {self.default_tier!r} is not in tiers")
+        missing = [p for p in POWER_LEVELS if p not in self.power_levels]
+        if missing:
+            raise ValueError(f"power_levels is missing {missing}")
+        eco, bal, pre = (self.power_levels[p] for p in POWER_LEVELS)
+        if not (0 < eco < bal < pre):
+            raise ValueError("power level multipliers must satisfy 0 < eco < balanced < precision")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: Path | None) -> CreditsConfig:
+        if path is None:
+            return cls()
+        data: Any = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.model_validate(data.get("credits", data))
+
+
+def _default_data_dir() -> Path:
+    return platformdirs.user_data_path("litellm-credits")
+
+
+class Settings(BaseSettings):
+    """Process settings from ``CREDITS_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="CREDITS_", extra="ignore", frozen=True)
+
+    database_url: str | None = Field(None, description="PostgreSQL DSN; embedded server when unset")
+    redis_url: str | None = None
+    data_dir: Path = Field(default_factory=_default_data_dir, description="embedded PostgreSQL data")
+    config_path: Path | None = Field(None, alias="CREDITS_CONFIG")
+    auto_migrate: bool = True
+    db_pool_min: int = Field(2, ge=1)
+    db_pool_max: int = Field(20, ge=1)
+    sweeper: bool = True
+    config: CreditsConfig = Field(default_factory=CreditsConfig, exclude=True)
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        base = cls(**overrides)
+        path = base.config_path
+        if path is None and Path("config/credits.yaml").is_file():
+            path = Path("config/credits.yaml")
+        if "config" in overrides:
+            return base
+        return base.model_copy(update={"config": CreditsConfig.from_yaml(path), "config_path": path})
+
+
+__all__ = ["POWER_LEVELS", "CreditsConfig", "HoldConfig", "ModelPriceConfig", "PowerLevel", "Settings", "TierConfig"]
