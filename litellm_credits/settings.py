@@ -4,7 +4,7 @@ Both are read once at start-up into one :class:`Settings` object; request code n
 environment.
 
     >>> s = Settings.load()                     # CREDITS_* variables + the YAML at CREDITS_CONFIG
-    >>> s.config.credits_per_usd
+    >>> s.credits.credits_per_usd
     Decimal('1000')
 """
 
@@ -117,7 +117,9 @@ def _default_data_dir() -> Path:
 class Settings(BaseSettings):
     """Process settings from ``CREDITS_*`` environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix="CREDITS_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="CREDITS_", extra="ignore", frozen=True, populate_by_name=True
+    )
 
     database_url: str | None = Field(None, description="PostgreSQL DSN; embedded server when unset")
     redis_url: str | None = None
@@ -127,7 +129,7 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(2, ge=1)
     db_pool_max: int = Field(20, ge=1)
     sweeper: bool = True
-    config: CreditsConfig = Field(default_factory=CreditsConfig, exclude=True)
+    credits: CreditsConfig = Field(default_factory=CreditsConfig, exclude=True)
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
@@ -135,9 +137,9 @@ class Settings(BaseSettings):
         path = base.config_path
         if path is None and Path("config/credits.yaml").is_file():
             path = Path("config/credits.yaml")
-        if "config" in overrides:
+        if "credits" in overrides:
             return base
-        return base.model_copy(update={"config": CreditsConfig.from_yaml(path), "config_path": path})
+        return base.model_copy(update={"credits": CreditsConfig.from_yaml(path), "config_path": path})
 
 
 __all__ = ["POWER_LEVELS", "CreditsConfig", "HoldConfig", "ModelPriceConfig", "PowerLevel", "Settings", "TierConfig"]

@@ -1,0 +1,188 @@
+"""HTTP routes mounted on the proxy: users read their own account, admins manage accounts.
+
+Every route answers errors in the OpenAI shape with a machine-readable ``type``, never a stack
+trace or SQL, and sets the security headers below.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from litellm.proxy._types import LitellmUserRoles, ProxyException
+from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
+
+from .. import auth as keys
+from ..errors import AccountNotFound, CreditsError, InvalidRequest, PermissionDenied
+from ..money import format_credits, micro_ceil
+from ..runtime import Runtime
+from . import schemas
+
+log = logging.getLogger("litellm_credits.api")
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.ErrorBody} for code in (400, 401, 402, 403, 404, 409, 422, 429, 503)
+}
+
+
+def _error(status: int, type_: str, message: str, param: str | None = None, **extra: Any) -> JSONResponse:
+    body: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": str(status)}
+    body.update(extra)
+    return JSONResponse(status_code=status, content={"error": body})
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    fields = [
+        {
+            "loc": [str(p) for p in e.get("loc", ())],
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in exc.errors()
+    ]
+    first = fields[0] if fields else {"loc": [], "msg": "invalid request"}
+    param = ".".join(first["loc"][1:]) or None
+    return _error(422, "validation_error", f"{param or 'request'}: {first['msg']}", param, fields=fields)
+
+
+class CreditsRoute(APIRoute):
+    """Maps every error to one JSON shape and adds security headers."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        original = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                response = await original(request)
+            except CreditsError as err:
+                response = JSONResponse(status_code=err.status, content=err.to_body())
+            except RequestValidationError as exc:
+                response = _validation_error(exc)
+            except ProxyException as exc:
+                status = int(exc.code) if str(exc.code).isdigit() else 401
+                response = _error(status, exc.type or "authentication_error", exc.message, exc.param)
+            except HTTPException as exc:
+                response = _error(exc.status_code, "http_error", str(exc.detail))
+            except Exception:
+                log.exception("litellm-credits: unexpected error on %s", request.url.path)
+                response = _error(500, "internal_error", "internal error; the operator's logs have details")
+            response.headers.update(SECURITY_HEADERS)
+            return response
+
+        return handler
+
+
+@dataclass(frozen=True)
+class Caller:
+    subject_id: str | None
+    is_admin: bool
+
+
+async def _caller(auth: Annotated[Any, Depends(user_api_key_auth)]) -> Caller:
+    role = getattr(auth, "user_role", None)
+    is_admin = role == LitellmUserRoles.PROXY_ADMIN or str(role) == "proxy_admin"
+    subject = auth.user_id if auth.user_id not in (None, "default_user_id") else None
+    return Caller(subject_id=subject, is_admin=is_admin)
+
+
+async def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+    if not caller.is_admin:
+        raise PermissionDenied("this route needs the proxy's master key or an admin key")
+    return caller
+
+
+def _target(caller: Caller, user_id: str | None) -> str:
+    """The account a user route acts on: the caller's own, or any for an admin."""
+    if user_id is not None and user_id != caller.subject_id:
+        if not caller.is_admin:
+            raise PermissionDenied("you can only access your own account")
+        return user_id
+    if caller.subject_id is None:
+        raise InvalidRequest("pass user_id to act for an account with an admin key", param="user_id")
+    return caller.subject_id
+
+
+CallerDep = Annotated[Caller, Depends(_caller)]
+AdminDep = Annotated[Caller, Depends(_admin)]
+UserIdQuery = Annotated[str | None, Query(max_length=256, description="admin only: act for this account")]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0, le=10_000_000)]
+
+
+def build_router(runtime: Runtime) -> APIRouter:
+    router = APIRouter(prefix="/api/v1", tags=["credits"], route_class=CreditsRoute, responses=ERROR_RESPONSES)
+
+    @router.post("/admin/credits/accounts", status_code=201, response_model=schemas.AccountCreated)
+    async def create_account(body: schemas.CreateAccount, _: AdminDep) -> dict[str, Any]:
+        """Create a credit account and its first API key (shown once)."""
+        cfg = runtime.settings.credits
+        tier = body.tier or cfg.default_tier
+        if tier not in cfg.tiers:
+            raise InvalidRequest(f"unknown tier {tier!r}; configured: {', '.join(cfg.tiers)}", param="tier")
+        ledger = await runtime.ledger()
+        async with ledger.pool.acquire() as conn, conn.transaction():
+            account = await ledger.create_account(
+                body.user_id, tier=tier, monthly_cap=body.monthly_cap, display_name=body.display_name
+            )
+            issued = await keys.issue_key(conn, body.user_id)
+        return {**account.to_json(), "api_key": issued.key}
+
+    @router.post("/admin/credits/allocate", response_model=schemas.Allocated)
+    async def allocate(body: schemas.Allocate, _: AdminDep) -> dict[str, Any]:
+        """Add credits to an account (idempotent with ``idempotency_key``)."""
+        if body.amount > micro_ceil(runtime.settings.credits.max_amount):
+            raise InvalidRequest(
+                f"amount exceeds the maximum of {runtime.settings.credits.max_amount} credits", param="amount"
+            )
+        ledger = await runtime.ledger()
+        tx = await ledger.credit(
+            body.user_id,
+            body.amount,
+            type=body.type,
+            idempotency_key=body.idempotency_key,
+            description=body.reason,
+        )
+        return {
+            "user_id": body.user_id,
+            "balance": format_credits(tx.balance_after),
+            "transaction_id": tx.id,
+            "transaction": tx.to_json(),
+        }
+
+    @router.get("/credits/balance", response_model=schemas.Account)
+    async def balance(caller: CallerDep, user_id: UserIdQuery = None) -> dict[str, Any]:
+        """The caller's balance, held amount, tier and monthly cap."""
+        ledger = await runtime.ledger()
+        account = await ledger.get_account(_target(caller, user_id))
+        if account is None:
+            raise AccountNotFound("no credit account for this key", param="user_id")
+        return account.to_json()
+
+    @router.get("/credits/transactions", response_model=schemas.TransactionPage)
+    async def transactions(
+        caller: CallerDep,
+        limit: Limit = 50,
+        offset: Offset = 0,
+        user_id: UserIdQuery = None,
+    ) -> dict[str, Any]:
+        """The caller's ledger, newest first; amounts are signed decimal strings."""
+        ledger = await runtime.ledger()
+        items, total = await ledger.transactions(_target(caller, user_id), limit=limit, offset=offset)
+        return {"items": [t.to_json() for t in items], "total": total, "limit": limit, "offset": offset}
+
+    return router
+
+
+__all__ = ["SECURITY_HEADERS", "CreditsRoute", "build_router"]

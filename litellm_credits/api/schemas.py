@@ -1,0 +1,150 @@
+"""Request and response bodies of the credits API."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from ..money import AmountError, format_credits, parse_credits
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SUBJECT = re.compile(r"^[A-Za-z0-9._:@+\-]{1,256}$")
+
+
+def _amount(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError("amount must be a decimal string such as \"12.50\"")
+    try:
+        return parse_credits(value)
+    except AmountError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _positive(value: int) -> int:
+    if value <= 0:
+        raise ValueError("amount must be greater than zero")
+    return value
+
+
+def _non_negative(value: int) -> int:
+    if value < 0:
+        raise ValueError("amount cannot be negative")
+    return value
+
+
+def _text(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("control characters are not allowed")
+    return value
+
+
+def _subject(value: str) -> str:
+    if not _SUBJECT.match(value):
+        raise ValueError("user_id may contain letters, digits and . _ : @ + - (1 to 256 characters)")
+    return value
+
+
+# An amount of credits in micro-credits, written in the API as a decimal string.
+PositiveAmount = Annotated[int, BeforeValidator(_amount), AfterValidator(_positive)]
+NonNegativeAmount = Annotated[int, BeforeValidator(_amount), AfterValidator(_non_negative)]
+SubjectId = Annotated[str, AfterValidator(_subject)]
+Text = Annotated[str, Field(max_length=500), AfterValidator(_text)]
+Tier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class CreateAccount(_In):
+    user_id: SubjectId
+    tier: Tier | None = None
+    monthly_cap: NonNegativeAmount | None = Field(None, description="credits per calendar month (UTC)")
+    display_name: Text | None = None
+
+
+class Allocate(_In):
+    user_id: SubjectId
+    amount: PositiveAmount = Field(description="credits to add, a decimal string with up to 6 places")
+    reason: Text | None = None
+    type: Literal["allocation", "bonus"] = "allocation"
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_text)] | None = None
+
+
+class Account(BaseModel):
+    user_id: str
+    subject_type: str
+    tier: str
+    balance: str
+    held: str
+    available: str
+    monthly_cap: str | None
+    month_spend: str
+    month_resets_at: str
+    status: str
+    display_name: str | None
+    created_at: str
+
+
+class AccountCreated(Account):
+    api_key: str = Field(description="shown once; only its hash is stored")
+
+
+class Transaction(BaseModel):
+    id: int
+    user_id: str
+    type: str
+    amount: str = Field(description="signed: credits positive, usage negative")
+    balance_after: str
+    description: str | None
+    idempotency_key: str
+    model: str | None
+    provider: str | None
+    power_level: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    metadata: dict[str, Any]
+    created_at: str
+
+
+class Allocated(BaseModel):
+    user_id: str
+    balance: str
+    transaction_id: int
+    transaction: Transaction
+
+
+class TransactionPage(BaseModel):
+    items: list[Transaction]
+    total: int
+    limit: int
+    offset: int
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+__all__ = [
+    "Account",
+    "AccountCreated",
+    "Allocate",
+    "Allocated",
+    "CreateAccount",
+    "ErrorBody",
+    "NonNegativeAmount",
+    "PositiveAmount",
+    "Transaction",
+    "TransactionPage",
+    "format_credits",
+]

@@ -1,0 +1,119 @@
+"""API keys issued by this plugin, and a ``custom_auth`` function for the proxy.
+
+Use it when the proxy has no LiteLLM key database::
+
+    general_settings:
+      master_key: os.environ/LITELLM_MASTER_KEY
+      custom_auth: litellm_credits.auth.custom_auth
+
+A key is ``sk-cr-`` followed by 32 random bytes (URL-safe base64). It is shown once, when it is
+created; the database keeps only its SHA-256. The proxy's master key authenticates as proxy
+admin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from .errors import AuthenticationError, CreditsError, to_proxy_exception
+
+KEY_PREFIX = "sk-cr-"
+ROLE_ADMIN = "admin"
+ROLE_SERVICE = "service"
+ROLE_USER = "user"
+
+SQL_INSERT_KEY = """
+INSERT INTO credits.api_keys (key_hash, subject_id, key_prefix, role, name)
+VALUES ($1, $2, $3, $4, $5)
+"""
+SQL_LOOKUP_KEY = """
+SELECT subject_id, role FROM credits.api_keys WHERE key_hash = $1 AND revoked_at IS NULL
+"""
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    key: str
+    subject_id: str
+    role: str
+    prefix: str
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+async def issue_key(
+    conn: asyncpg.Pool | asyncpg.Connection, subject_id: str, *, role: str = ROLE_USER, name: str | None = None
+) -> IssuedKey:
+    key = new_key()
+    prefix = key[: len(KEY_PREFIX) + 6]
+    await conn.execute(SQL_INSERT_KEY, hash_key(key), subject_id, prefix, role, name)
+    return IssuedKey(key=key, subject_id=subject_id, role=role, prefix=prefix)
+
+
+async def lookup_key(conn: asyncpg.Pool | asyncpg.Connection, key: str) -> tuple[str, str] | None:
+    """(subject_id, role) for a live key, else None."""
+    row = await conn.fetchrow(SQL_LOOKUP_KEY, hash_key(key))
+    return (row["subject_id"], row["role"]) if row else None
+
+
+def _master_key() -> str | None:
+    from litellm.proxy import proxy_server
+
+    key = proxy_server.master_key
+    return key if isinstance(key, str) and key else None
+
+
+def is_master_key(api_key: str, master_key: str | None) -> bool:
+    return bool(master_key) and hmac.compare_digest(api_key.encode(), str(master_key).encode())
+
+
+def _strip_bearer(api_key: str | None) -> str:
+    key = (api_key or "").strip()
+    if key.lower().startswith("bearer "):
+        key = key[7:].strip()
+    return key
+
+
+async def custom_auth(request: Any, api_key: str) -> Any:
+    """LiteLLM ``custom_auth``: the master key is admin, plugin keys are their account."""
+    from litellm.proxy._types import LitellmUserRoles, UserAPIKeyAuth
+
+    from .proxy import runtime
+
+    key = _strip_bearer(api_key)
+    try:
+        if not key:
+            raise AuthenticationError("missing API key; send 'Authorization: Bearer <key>'")
+        if is_master_key(key, _master_key()):
+            return UserAPIKeyAuth(api_key=key, user_role=LitellmUserRoles.PROXY_ADMIN)
+        if not key.startswith(KEY_PREFIX):
+            raise AuthenticationError("invalid API key")
+        ledger = await runtime.ledger()
+        found = await lookup_key(ledger.pool, key)
+        if found is None:
+            raise AuthenticationError("invalid API key")
+    except CreditsError as err:
+        raise to_proxy_exception(err) from None
+    subject_id, role = found
+    return UserAPIKeyAuth(
+        api_key=hash_key(key).hex(),
+        token=hash_key(key).hex(),
+        user_id=subject_id,
+        user_role=LitellmUserRoles.PROXY_ADMIN if role == ROLE_ADMIN else LitellmUserRoles.INTERNAL_USER,
+        metadata={"credits_role": role},
+    )
+
+
+__all__ = ["KEY_PREFIX", "IssuedKey", "custom_auth", "hash_key", "issue_key", "lookup_key", "new_key"]

@@ -1,0 +1,126 @@
+"""``litellm-credits``: operate the ledger from a shell.
+
+    litellm-credits migrate [--check]
+    litellm-credits accounts create USER [--tier T] [--monthly-cap N]
+    litellm-credits allocate USER AMOUNT [--reason TEXT] [--idempotency-key K]
+    litellm-credits balance USER
+    litellm-credits verify          # balance = sum(ledger) and held = open holds, for every account
+    litellm-credits sweep           # resolve expired holds now
+    litellm-credits dsn             # the database in use (starts the embedded one if needed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import auth, db, migrations
+from .errors import CreditsError
+from .ledger import Ledger
+from .money import AmountError, parse_credits
+from .settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="litellm-credits", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("migrate", help="apply pending migrations")
+    m.add_argument("--check", action="store_true", help="list pending migrations and verify the schema")
+    acc = sub.add_parser("accounts", help="manage accounts").add_subparsers(dest="action", required=True)
+    c = acc.add_parser("create", help="create an account and print its API key (shown once)")
+    c.add_argument("user_id")
+    c.add_argument("--tier")
+    c.add_argument("--monthly-cap")
+    c.add_argument("--admin", action="store_true", help="the key is an admin key")
+    a = sub.add_parser("allocate", help="add credits to an account")
+    a.add_argument("user_id")
+    a.add_argument("amount")
+    a.add_argument("--reason")
+    a.add_argument("--idempotency-key")
+    b = sub.add_parser("balance", help="show an account")
+    b.add_argument("user_id")
+    sub.add_parser("verify", help="check every balance against the ledger")
+    sub.add_parser("sweep", help="resolve expired holds now")
+    sub.add_parser("dsn", help="print the database DSN in use")
+    return p
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    dsn = await db.resolve_dsn(settings.database_url, settings.data_dir)
+    if args.command == "dsn":
+        print(dsn)
+        return 0
+    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            if args.command == "migrate":
+                if args.check:
+                    report = await migrations.check(conn)
+                    for m in report.pending:
+                        print(f"pending  {m.version:04d}_{m.name}")
+                    for v in report.changed:
+                        print(f"changed  {v:04d} (file differs from what was applied)")
+                    for name in report.missing:
+                        print(f"missing  {name}")
+                    print("ok" if report.ok else "schema is not up to date")
+                    return 0 if report.ok else 1
+                applied = await migrations.migrate(conn)
+                for m in applied:
+                    print(f"applied  {m.version:04d}_{m.name}")
+                if not applied:
+                    print("nothing to apply")
+                return 0
+            if settings.auto_migrate:
+                await migrations.migrate(conn)
+        ledger = Ledger(pool)
+        cfg = settings.credits
+        if args.command == "accounts":
+            tier = args.tier or cfg.default_tier
+            if tier not in cfg.tiers:
+                raise CreditsError(f"unknown tier {tier!r}")
+            cap = parse_credits(args.monthly_cap) if args.monthly_cap else None
+            async with pool.acquire() as conn, conn.transaction():
+                account = await ledger.create_account(args.user_id, tier=tier, monthly_cap=cap)
+                issued = await auth.issue_key(conn, args.user_id, role="admin" if args.admin else "user")
+            _print({**account.to_json(), "api_key": issued.key})
+        elif args.command == "allocate":
+            tx = await ledger.credit(
+                args.user_id,
+                parse_credits(args.amount),
+                description=args.reason,
+                idempotency_key=args.idempotency_key,
+            )
+            _print(tx.to_json())
+        elif args.command == "balance":
+            _print((await ledger.require_account(args.user_id)).to_json())
+        elif args.command == "verify":
+            bad = await ledger.discrepancies()
+            _print(bad)
+            return 1 if bad else 0
+        elif args.command == "sweep":
+            n = await ledger.expire(policy=cfg.holds.expiry_policy, batch=cfg.holds.sweep_batch)
+            print(f"resolved {n} expired holds ({cfg.holds.expiry_policy})")
+        return 0
+    finally:
+        await pool.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return asyncio.run(_run(args, Settings.load()))
+    except (CreditsError, AmountError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The LiteLLM callback: identity → pricing → ledger, and nothing else.
+
+pre-call   price the worst case, hold it (402 when it does not fit), pass a signed hold token
+           to the later hooks in ``data["metadata"]``;
+success    price the actual usage and settle the hold, exactly once;
+failure    void the hold.
+
+The hold token is signed with a per-process key, so an id that a client smuggles into its
+own metadata is never acted on.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from litellm.integrations.custom_logger import CustomLogger
+
+from .errors import CreditsError, InvalidRequest, PermissionDenied, to_proxy_exception
+from .ledger import Service, UsageRecord
+from .pricing import ModelPrice, Usage, max_price, usd_cost, worst_case
+from .runtime import Runtime
+
+log = logging.getLogger("litellm_credits.hooks")
+
+HOLD_KEY = "credits_hold"
+POWER_LEVEL_HEADER = "x-power-level"
+
+_SERVICES: dict[str, Service] = {
+    "completion": "chat",
+    "acompletion": "chat",
+    "text_completion": "chat",
+    "atext_completion": "chat",
+    "responses": "chat",
+    "aresponses": "chat",
+    "anthropic_messages": "chat",
+    "embeddings": "embedding",
+    "aembedding": "embedding",
+    "image_generation": "image",
+    "aimage_generation": "image",
+    "speech": "audio_speech",
+    "aspeech": "audio_speech",
+    "transcription": "audio_transcription",
+    "atranscription": "audio_transcription",
+}
+
+DeploymentLookup = Callable[[str], list[dict[str, Any]]]
+
+
+def proxy_deployments(model_group: str) -> list[dict[str, Any]]:
+    """The proxy router's deployments for a model group (empty when there is no router)."""
+    from litellm.proxy import proxy_server
+
+    router = proxy_server.llm_router
+    if router is None:
+        return []
+    return list(router.get_model_list(model_name=model_group) or [])
+
+
+def deployment_prices(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """Price keys set on a deployment, ``model_info`` first, ``litellm_params`` winning."""
+    merged: dict[str, Any] = {}
+    merged.update(deployment.get("model_info") or {})
+    merged.update(deployment.get("litellm_params") or {})
+    return merged
+
+
+@dataclass(frozen=True)
+class HoldClaim:
+    """What the pre-call hook promised the settlement: who, which hold, at what rate."""
+
+    hold_id: uuid.UUID
+    subject_id: str
+    rate: Decimal
+    power_level: str
+    service: Service
+
+
+class HoldSigner:
+    """Signs hold claims so that only this process's pre-call hook can mint them."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key or secrets.token_bytes(32)
+
+    def sign(self, claim: HoldClaim) -> str:
+        body = json.dumps(
+            [str(claim.hold_id), claim.subject_id, str(claim.rate), claim.power_level, claim.service],
+            separators=(",", ":"),
+        ).encode()
+        mac = hmac.new(self._key, body, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(body).decode() + "." + base64.urlsafe_b64encode(mac).decode()
+
+    def verify(self, token: Any) -> HoldClaim | None:
+        if not isinstance(token, str) or "." not in token:
+            return None
+        try:
+            body_b64, mac_b64 = token.split(".", 1)
+            body = base64.urlsafe_b64decode(body_b64)
+            mac = base64.urlsafe_b64decode(mac_b64)
+        except (ValueError, TypeError):
+            return None
+        if not hmac.compare_digest(mac, hmac.new(self._key, body, hashlib.sha256).digest()):
+            return None
+        hold_id, subject_id, rate, power_level, service = json.loads(body)
+        return HoldClaim(uuid.UUID(hold_id), subject_id, Decimal(rate), power_level, service)
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def usage_from_response(response: Any, kwargs: Mapping[str, Any], service: Service) -> Usage:
+    """Token and unit counts of a finished call, as the provider (or LiteLLM) reported them."""
+    usage = _get(response, "usage")
+    prompt_details = _get(usage, "prompt_tokens_details")
+    completion_details = _get(usage, "completion_tokens_details")
+    images = 0
+    characters = 0
+    seconds = Decimal(0)
+    if service == "image":
+        images = len(_get(response, "data") or [])
+    elif service == "audio_speech":
+        characters = len(str(kwargs.get("input") or ""))
+    elif service == "audio_transcription":
+        duration = _get(response, "duration")
+        seconds = Decimal(str(duration)) if duration else Decimal(0)
+    return Usage(
+        prompt_tokens=int(_get(usage, "prompt_tokens") or 0),
+        completion_tokens=int(_get(usage, "completion_tokens") or 0),
+        cached_tokens=int(_get(prompt_details, "cached_tokens") or 0),
+        cache_creation_tokens=int(_get(usage, "cache_creation_input_tokens") or 0),
+        reasoning_tokens=int(_get(completion_details, "reasoning_tokens") or 0),
+        images=images,
+        input_seconds=seconds,
+        characters=characters,
+    )
+
+
+class CreditsHandler(CustomLogger):
+    """Holds credits before each call, settles after it, voids on failure."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        deployments: DeploymentLookup = proxy_deployments,
+        signer: HoldSigner | None = None,
+    ) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.deployments = deployments
+        self.signer = signer or HoldSigner()
+
+    # identity ----------------------------------------------------------------------------
+
+    def subject_of(self, auth: Any, data: Mapping[str, Any]) -> str | None:
+        """The account a request spends from; None for unmetered admin traffic."""
+        role = str(_get(auth, "user_role") or "")
+        is_admin = role.endswith("proxy_admin") and _get(auth, "user_id") in (None, "default_user_id")
+        if is_admin:
+            # the master key acting for a customer (a trusted backend) names them in `user`
+            user = data.get("user")
+            return str(user) if user else None
+        mode = self.runtime.settings.credits.subject
+        subject = {
+            "user": _get(auth, "user_id"),
+            "team": _get(auth, "team_id"),
+            "end_user": _get(auth, "end_user_id") or data.get("user"),
+            "key": _get(auth, "token") or _get(auth, "api_key"),
+        }[mode]
+        if not subject:
+            raise PermissionDenied(f"this key has no {mode} to charge credits to")
+        return str(subject)
+
+    # pricing -----------------------------------------------------------------------------
+
+    def _requested_power_level(self, data: Mapping[str, Any]) -> str | None:
+        metadata = data.get("metadata") or {}
+        if metadata.get("power_level"):
+            return str(metadata["power_level"])
+        headers = (data.get("proxy_server_request") or {}).get("headers") or {}
+        value = headers.get(POWER_LEVEL_HEADER)
+        return str(value) if value else None
+
+    def group_price(self, model_group: str) -> ModelPrice:
+        """The worst price among the deployments a model group may route to."""
+        pricing = self.runtime.pricing
+        deployments = self.deployments(model_group)
+        if not deployments:
+            return pricing.price(model_group)
+        return max_price(
+            pricing.price(model_group, (d.get("litellm_params") or {}).get("model"), deployment_prices(d))
+            for d in deployments
+        )
+
+    def _prompt_tokens(self, data: Mapping[str, Any], model: str, service: Service) -> int:
+        import litellm
+
+        try:
+            if data.get("messages"):
+                return int(litellm.token_counter(model=model, messages=data["messages"]))
+            text = data.get("input") if service in ("embedding", "chat") else data.get("prompt")
+            if isinstance(text, list):
+                text = " ".join(str(t) for t in text)
+            return int(litellm.token_counter(model=model, text=str(text or "")))
+        except Exception:
+            # a tokenizer failure must not let the request through unpriced
+            return len(json.dumps(data.get("messages") or data.get("input") or "", default=str))
+
+    @staticmethod
+    def _requested_output(data: Mapping[str, Any]) -> int | None:
+        for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            value = data.get(key)
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise InvalidRequest(f"{key} must be a non-negative integer", param=key)
+                return value
+        return None
+
+    # hooks -------------------------------------------------------------------------------
+
+    async def async_pre_call_hook(
+        self, user_api_key_dict: Any, cache: Any, data: dict, call_type: Any
+    ) -> dict:
+        try:
+            return await self._pre_call(user_api_key_dict, data, str(call_type))
+        except CreditsError as err:
+            raise to_proxy_exception(err) from None
+
+    async def _pre_call(self, auth: Any, data: dict, call_type: str) -> dict:
+        model_group = data.get("model")
+        if not model_group:
+            return data
+        subject = self.subject_of(auth, data)
+        metadata = data.setdefault("metadata", {})
+        metadata.pop(HOLD_KEY, None)  # never carry a client's value forward
+        if subject is None:
+            return data
+        service = _SERVICES.get(call_type.rsplit(".", 1)[-1], "other")
+        pricing = self.runtime.pricing
+        power_level = pricing.power_level(self._requested_power_level(data))
+        price = self.group_price(str(model_group))
+        output = pricing.output_cap(price, self._requested_output(data))
+        images = int(data.get("n") or 1) if service == "image" else 0
+        estimate_usd = worst_case(price, self._prompt_tokens(data, str(model_group), service), output, images)
+
+        ledger = await self.runtime.ledger()
+        cfg = self.runtime.settings.credits
+        account = await ledger.get_account(subject)
+        if account is None:
+            account = await ledger.create_account(
+                subject, tier=cfg.default_tier, subject_type=cfg.subject, exist_ok=True
+            )
+        rate = pricing.rate(account.tier, power_level)
+        hold = await ledger.hold(
+            subject,
+            pricing.to_micro(estimate_usd, rate),
+            ttl_seconds=cfg.holds.ttl_seconds,
+            debits=not pricing.is_unlimited(account.tier),
+            model=str(model_group),
+            power_level=power_level,
+        )
+        metadata[HOLD_KEY] = self.signer.sign(HoldClaim(hold.id, subject, rate, power_level, service))
+        return data
+
+    async def async_log_success_event(
+        self, kwargs: dict, response_obj: Any, start_time: datetime, end_time: datetime
+    ) -> None:
+        params = kwargs.get("litellm_params") or {}
+        claim = self.signer.verify((params.get("metadata") or {}).get(HOLD_KEY))
+        if claim is None:
+            return
+        if kwargs.get("stream") and "async_complete_streaming_response" not in kwargs:
+            return  # a chunk, not the end of the stream
+        try:
+            await self._settle(claim, kwargs, response_obj, start_time, end_time)
+        except Exception:
+            # LiteLLM swallows callback errors; the hold stays open for the sweeper
+            log.exception("litellm-credits: settling hold %s failed", claim.hold_id)
+
+    async def _settle(
+        self, claim: HoldClaim, kwargs: dict, response: Any, start: datetime, end: datetime
+    ) -> None:
+        params = kwargs.get("litellm_params") or {}
+        slo = kwargs.get("standard_logging_object") or {}
+        model_group = slo.get("model_group") or kwargs.get("model") or ""
+        provider = kwargs.get("custom_llm_provider") or slo.get("custom_llm_provider")
+        model = f"{provider}/{kwargs.get('model')}" if provider and kwargs.get("model") else kwargs.get("model")
+        usage = usage_from_response(response, kwargs, claim.service)
+        ledger = await self.runtime.ledger()
+        try:
+            price = self.runtime.pricing.price(model_group, model, deployment_prices({
+                "model_info": params.get("model_info"), "litellm_params": params,
+            }))
+        except CreditsError:
+            price = self.group_price(model_group)
+        cost = self.runtime.pricing.to_micro(usd_cost(price, usage), claim.rate)
+        latency = int((end - start).total_seconds() * 1000) if start and end else None
+        result = await ledger.settle(
+            claim.subject_id,
+            claim.hold_id,
+            cost,
+            UsageRecord(
+                service=claim.service,
+                model=model_group or model,
+                provider=provider,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
+                cost=cost,
+                latency_ms=max(latency, 0) if latency is not None else None,
+                metadata={"deployment": model, "call_id": kwargs.get("litellm_call_id")},
+            ),
+        )
+        if result is None:
+            log.warning("litellm-credits: hold %s was already resolved; usage not charged again", claim.hold_id)
+
+    async def async_post_call_failure_hook(
+        self, request_data: dict, original_exception: Exception, user_api_key_dict: Any, traceback_str: Any = None
+    ) -> None:
+        claim = self.signer.verify((request_data.get("metadata") or {}).get(HOLD_KEY))
+        if claim is None:
+            return
+        try:
+            ledger = await self.runtime.ledger()
+            await ledger.void(
+                claim.subject_id,
+                claim.hold_id,
+                UsageRecord(
+                    service=claim.service,
+                    model=request_data.get("model"),
+                    cost=0,
+                    metadata={"error": type(original_exception).__name__},
+                ),
+            )
+        except Exception:
+            log.exception("litellm-credits: voiding hold %s failed", claim.hold_id)
+
+
+__all__ = ["HOLD_KEY", "CreditsHandler", "HoldClaim", "HoldSigner", "usage_from_response"]

@@ -1,0 +1,35 @@
+"""The entry point the proxy config names.
+
+    litellm_settings:
+      callbacks: ["litellm_credits.proxy.handler"]
+
+Importing this module builds the process's :class:`Runtime`, the callback instance, and mounts
+the credits API on the proxy app (once, however often it is imported).
+"""
+
+from __future__ import annotations
+
+from .api import build_router
+from .hooks import CreditsHandler
+from .runtime import Runtime
+
+runtime = Runtime()
+handler = CreditsHandler(runtime)
+
+
+def mount(app: object | None = None) -> None:
+    """Mount the credits API on the proxy app; a second call does nothing."""
+    if app is None:
+        from litellm.proxy.proxy_server import app as proxy_app
+
+        app = proxy_app
+    if getattr(app, "_litellm_credits_mounted", False):
+        return
+    app.include_router(build_router(runtime))  # type: ignore[attr-defined]
+    app._litellm_credits_mounted = True  # type: ignore[attr-defined]
+
+
+mount()
+runtime.start_soon()
+
+__all__ = ["handler", "mount", "runtime"]

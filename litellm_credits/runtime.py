@@ -1,0 +1,119 @@
+"""The plugin's running state: settings, pricing, and a ledger per event loop.
+
+The proxy runs one event loop per worker process, but tests (and FastAPI's TestClient) may run
+several loops one after another in a process; an asyncpg pool belongs to the loop that made it,
+so pools are kept per loop. The DSN is resolved once per process (starting the embedded server
+if no ``CREDITS_DATABASE_URL`` is set), and migrations run once per process under the
+database's advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from . import db, migrations
+from .ledger import Ledger
+from .pricing import Pricing
+from .settings import Settings
+
+log = logging.getLogger("litellm_credits")
+
+
+@dataclass
+class _LoopState:
+    ready: asyncio.Task[Ledger]
+    sweeper: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Runtime:
+    """Everything the hook, the auth function and the routes share in one process."""
+
+    settings: Settings = field(default_factory=Settings.load)
+    _pricing: Pricing | None = None
+    _dsn: str | None = None
+    _migrated: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _loops: dict[asyncio.AbstractEventLoop, _LoopState] = field(default_factory=dict)
+
+    @property
+    def pricing(self) -> Pricing:
+        if self._pricing is None:
+            self._pricing = Pricing(self.settings.credits)
+        return self._pricing
+
+    def _resolve_dsn(self) -> str:
+        with self._lock:
+            if self._dsn is None:
+                self._dsn = self.settings.database_url or db.start_embedded(self.settings.data_dir)
+            return self._dsn
+
+    async def _start(self) -> Ledger:
+        dsn = await asyncio.to_thread(self._resolve_dsn)
+        s = self.settings
+        pool = await db.create_pool(dsn, min_size=s.db_pool_min, max_size=max(s.db_pool_min, s.db_pool_max))
+        if s.auto_migrate and not self._migrated:
+            async with pool.acquire() as conn:
+                applied = await migrations.migrate(conn)
+            self._migrated = True
+            if applied:
+                log.info("litellm-credits: applied migrations %s", [m.version for m in applied])
+        return Ledger(pool)
+
+    async def ledger(self) -> Ledger:
+        """The ledger for the running loop, starting it on first use."""
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None or (state.ready.done() and state.ready.exception() is not None):
+            state = _LoopState(ready=loop.create_task(self._start()))
+            self._loops[loop] = state
+        ledger = await asyncio.shield(state.ready)
+        if self.settings.sweeper and state.sweeper is None:
+            state.sweeper = loop.create_task(self._sweep(ledger))
+        return ledger
+
+    def start_soon(self) -> None:
+        """Begin start-up on the running loop, if any, so the first request does not pay for it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(self.ledger())
+        task.add_done_callback(_log_start_failure)
+
+    async def _sweep(self, ledger: Ledger) -> None:
+        cfg = self.settings.credits.holds
+        while True:
+            await asyncio.sleep(cfg.sweep_interval_seconds)
+            try:
+                n = await ledger.expire(policy=cfg.expiry_policy, batch=cfg.sweep_batch)
+                if n:
+                    log.warning("litellm-credits: resolved %d expired holds by policy %r", n, cfg.expiry_policy)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("litellm-credits: hold sweeper failed; will retry")
+
+    async def close(self) -> None:
+        """Stop the sweeper and close the pool of the running loop."""
+        state = self._loops.pop(asyncio.get_running_loop(), None)
+        if state is None:
+            return
+        if state.sweeper is not None:
+            state.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state.sweeper
+        if state.ready.done() and state.ready.exception() is None:
+            await state.ready.result().pool.close()
+
+
+def _log_start_failure(task: asyncio.Task[Ledger]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("litellm-credits: start-up failed: %s", task.exception())
+
+
+__all__ = ["Runtime"]

