@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -63,12 +64,18 @@ def pg_server_dsn() -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def _admin(dsn: str, sql: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+def _admin(dsn: str, sql: str) -> None:
+    """Run one statement on its own loop in a thread (callable from sync and async tests)."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
 
 
 @pytest.fixture(scope="session")
@@ -78,14 +85,14 @@ def fresh_database(pg_server_dsn: str) -> Iterator[Callable[[], str]]:
 
     def make() -> str:
         name = f"credits_test_{os.getpid()}_{secrets.token_hex(4)}"
-        asyncio.run(_admin(pg_server_dsn, f'CREATE DATABASE "{name}"'))
+        _admin(pg_server_dsn, f'CREATE DATABASE "{name}"')
         made.append(name)
         return with_database(pg_server_dsn, name)
 
     yield make
     for name in made:
         try:
-            asyncio.run(_admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            _admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         except Exception as exc:  # the run's result matters more than its clean-up
             print(f"could not drop {name}: {exc}", file=sys.stderr)
 

@@ -1,0 +1,34 @@
+# One task runner: make serve | test | lint | bench
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PORT   ?= 4000
+
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+export CREDITS_DATA_DIR ?= $(CURDIR)/.credits-data
+
+.PHONY: install serve test lint bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install  ## run the proxy with the plugin on 127.0.0.1:$(PORT), demo models, embedded database
+	$(BIN)/litellm-credits serve --config litellm_config.yaml --port $(PORT)
+
+test: install  ## the whole suite against PostgreSQL (CREDITS_DATABASE_URL or embedded)
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,219 @@
+"""The callback without the proxy: its collaborators are passed in, the database is real."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from litellm.proxy._types import ProxyException
+
+from litellm_credits.hooks import HOLD_KEY, CreditsHandler, HoldClaim, HoldSigner
+from litellm_credits.ledger import Ledger
+from litellm_credits.money import parse_credits as c
+from litellm_credits.runtime import Runtime
+from litellm_credits.settings import CreditsConfig, Settings
+
+# 1 USD = 1000 credits; 1 token in = 0.001 credits, 1 token out = 0.002 credits at balanced
+CONFIG = {
+    "credits_per_usd": 1000,
+    "tiers": {"free": {}, "pro": {"markup": "0.1"}, "sponsored": {"unlimited": True}},
+    "default_max_output_tokens": 100,
+    "models": {"house": {"input_cost_per_token": "0.000001", "output_cost_per_token": "0.000002"}},
+}
+START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+END = START + dt.timedelta(milliseconds=250)
+
+
+@pytest.fixture(scope="module")
+async def handler(settings: Settings) -> AsyncIterator[CreditsHandler]:
+    rt = Runtime(settings.model_copy(update={"credits": CreditsConfig.model_validate(CONFIG)}))
+    yield CreditsHandler(rt, deployments=lambda group: [])
+    await rt.close()
+
+
+def auth(user_id: str | None = None, *, role: str = "internal_user", team_id: str | None = None) -> Any:
+    return SimpleNamespace(user_id=user_id, team_id=team_id, end_user_id=None, token="hashed", user_role=role)
+
+
+def request(model: str = "house", content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 50, **extra}
+
+
+def success_kwargs(data: dict[str, Any], *, stream: bool = False, **more: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "litellm_params": {"metadata": data["metadata"], "model_info": {}},
+        "standard_logging_object": {"model_group": data["model"]},
+        "model": data["model"],
+        "custom_llm_provider": "openai",
+        "stream": stream,
+        **more,
+    }
+    return kwargs
+
+
+def response(prompt: int, completion: int) -> dict[str, Any]:
+    return {"usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
+
+
+async def new_account(handler: CreditsHandler, balance: str, tier: str = "free") -> str:
+    ledger = await handler.runtime.ledger()
+    subject = "hook-" + secrets.token_hex(5)
+    await ledger.create_account(subject, tier=tier)
+    if c(balance):
+        await ledger.credit(subject, c(balance))
+    return subject
+
+
+async def balance_of(handler: CreditsHandler, subject: str) -> tuple[int, int]:
+    account = await (await handler.runtime.ledger()).require_account(subject)
+    return account.balance, account.held
+
+
+async def test_success_settles_once_even_if_delivered_twice(handler: CreditsHandler) -> None:
+    subject = await new_account(handler, "10")
+    data = await handler.async_pre_call_hook(auth(subject), None, request(), "acompletion")
+    assert isinstance(data["metadata"][HOLD_KEY], str)
+    balance, held = await balance_of(handler, subject)
+    assert held > 0  # the worst case: counted prompt + 50 output tokens
+    kwargs = success_kwargs(data)
+    await handler.async_log_success_event(kwargs, response(100, 20), START, END)
+    await handler.async_log_success_event(kwargs, response(100, 20), START, END)
+    # 100 × 0.001 + 20 × 0.002 = 0.14 credits
+    assert await balance_of(handler, subject) == (c("10") - c("0.14"), 0)
+    ledger: Ledger = await handler.runtime.ledger()
+    rows = await ledger.pool.fetch("SELECT latency_ms FROM credits.usage_events WHERE subject_id = $1", subject)
+    assert [r["latency_ms"] for r in rows] == [250]
+
+
+async def test_success_after_void_changes_nothing(handler: CreditsHandler) -> None:
+    subject = await new_account(handler, "10")
+    data = await handler.async_pre_call_hook(auth(subject), None, request(), "acompletion")
+    await handler.async_post_call_failure_hook(data, RuntimeError("upstream 500"), auth(subject))
+    assert await balance_of(handler, subject) == (c("10"), 0)
+    await handler.async_log_success_event(success_kwargs(data), response(100, 20), START, END)
+    assert await balance_of(handler, subject) == (c("10"), 0)
+
+
+async def test_stream_chunks_do_not_settle(handler: CreditsHandler) -> None:
+    subject = await new_account(handler, "10")
+    data = await handler.async_pre_call_hook(auth(subject), None, request(stream=True), "acompletion")
+    await handler.async_log_success_event(success_kwargs(data, stream=True), response(5, 1), START, END)
+    assert (await balance_of(handler, subject))[1] > 0  # still held
+    done = success_kwargs(data, stream=True, async_complete_streaming_response=object())
+    await handler.async_log_success_event(done, response(100, 20), START, END)
+    assert await balance_of(handler, subject) == (c("10") - c("0.14"), 0)
+
+
+async def test_forged_hold_tokens_are_ignored(handler: CreditsHandler) -> None:
+    victim = await new_account(handler, "10")
+    victim_data = await handler.async_pre_call_hook(auth(victim), None, request(), "acompletion")
+    claim = handler.signer.verify(victim_data["metadata"][HOLD_KEY])
+    assert claim is not None
+    forged = HoldSigner().sign(HoldClaim(claim.hold_id, victim, claim.rate, "balanced", "chat"))
+    # a client that sends a token (its own or a copy) gets it stripped before the hold
+    attacker = await new_account(handler, "10")
+    sent = request(metadata={HOLD_KEY: victim_data["metadata"][HOLD_KEY]})
+    data = await handler.async_pre_call_hook(auth(attacker), None, sent, "acompletion")
+    assert data["metadata"][HOLD_KEY] != victim_data["metadata"][HOLD_KEY]
+    # a token signed by anyone else is never acted on
+    await handler.async_post_call_failure_hook({"metadata": {HOLD_KEY: forged}}, RuntimeError(), auth(attacker))
+    await handler.async_log_success_event(
+        success_kwargs({"model": "house", "metadata": {HOLD_KEY: forged}}), response(1, 1), START, END
+    )
+    assert (await balance_of(handler, victim))[1] > 0  # the victim's hold is untouched
+
+
+async def test_unlimited_tier_records_full_cost_without_debit(handler: CreditsHandler) -> None:
+    subject = await new_account(handler, "0", tier="sponsored")
+    data = await handler.async_pre_call_hook(auth(subject), None, request(), "acompletion")
+    await handler.async_log_success_event(success_kwargs(data), response(100, 20), START, END)
+    assert await balance_of(handler, subject) == (0, 0)
+    ledger: Ledger = await handler.runtime.ledger()
+    cost = await ledger.pool.fetchval("SELECT cost FROM credits.usage_events WHERE subject_id = $1", subject)
+    assert cost == c("0.14")
+
+
+async def test_power_level_and_markup_change_the_charge(handler: CreditsHandler) -> None:
+    charges = {}
+    for tier, level, how in [
+        ("free", "eco", "metadata"),
+        ("free", "balanced", None),
+        ("free", "precision", "header"),
+        ("pro", "balanced", "metadata"),
+    ]:
+        subject = await new_account(handler, "10", tier)
+        extra: dict[str, Any] = {}
+        if how == "metadata":
+            extra["metadata"] = {"power_level": level}
+        elif how == "header":
+            extra["proxy_server_request"] = {"headers": {"x-power-level": level}}
+        data = await handler.async_pre_call_hook(auth(subject), None, request(**extra), "acompletion")
+        await handler.async_log_success_event(success_kwargs(data), response(100, 20), START, END)
+        charges[(tier, level)] = c("10") - (await balance_of(handler, subject))[0]
+    assert charges[("free", "eco")] == c("0.07")
+    assert charges[("free", "balanced")] == c("0.14")
+    assert charges[("free", "precision")] == c("0.28")
+    assert charges[("pro", "balanced")] == c("0.154")
+
+
+async def test_bad_power_level_is_a_400(handler: CreditsHandler) -> None:
+    subject = await new_account(handler, "10")
+    with pytest.raises(ProxyException) as err:
+        await handler.async_pre_call_hook(auth(subject), None, request(metadata={"power_level": "turbo"}),
+                                          "acompletion")
+    assert (err.value.code, err.value.type) == ("400", "invalid_request")
+
+
+async def test_unpriced_model_is_refused_before_the_call(handler: CreditsHandler) -> None:
+    subject = await new_account(handler, "10")
+    with pytest.raises(ProxyException) as err:
+        await handler.async_pre_call_hook(auth(subject), None, request(model="nobody-knows-me"), "acompletion")
+    assert (err.value.code, err.value.type) == ("400", "model_not_priced")
+    assert await balance_of(handler, subject) == (c("10"), 0)
+
+
+async def test_insufficient_credits_is_a_402_with_details(handler: CreditsHandler) -> None:
+    subject = await new_account(handler, "0.01")
+    with pytest.raises(ProxyException) as err:
+        await handler.async_pre_call_hook(auth(subject), None, request(), "acompletion")
+    assert (err.value.code, err.value.type) == ("402", "insufficient_credits")
+    body = err.value.to_dict()
+    assert body["details"]["balance"] == "0.010000"
+    assert c(body["details"]["required"]) > c("0.01")
+
+
+async def test_new_subject_gets_an_empty_account(handler: CreditsHandler) -> None:
+    subject = "new-" + secrets.token_hex(5)
+    with pytest.raises(ProxyException) as err:
+        await handler.async_pre_call_hook(auth(subject), None, request(), "acompletion")
+    assert err.value.type == "insufficient_credits"
+    account = await (await handler.runtime.ledger()).require_account(subject)
+    assert (account.balance, account.tier) == (0, "free")
+
+
+async def test_master_key_is_unmetered_unless_acting_for_a_user(handler: CreditsHandler) -> None:
+    admin = auth(None, role="proxy_admin")
+    data = await handler.async_pre_call_hook(admin, None, request(), "acompletion")
+    assert HOLD_KEY not in data["metadata"]
+    subject = await new_account(handler, "10")
+    data = await handler.async_pre_call_hook(admin, None, request(user=subject), "acompletion")
+    assert handler.signer.verify(data["metadata"][HOLD_KEY]).subject_id == subject  # type: ignore[union-attr]
+
+
+async def test_team_subject(handler: CreditsHandler) -> None:
+    team_handler = CreditsHandler(
+        Runtime(handler.runtime.settings.model_copy(update={"credits": CreditsConfig.model_validate(
+            {**CONFIG, "subject": "team"})})),
+        deployments=lambda group: [],
+    )
+    team = await new_account(handler, "10")
+    data = await team_handler.async_pre_call_hook(auth("someone", team_id=team), None, request(), "acompletion")
+    assert team_handler.signer.verify(data["metadata"][HOLD_KEY]).subject_id == team  # type: ignore[union-attr]
+    with pytest.raises(ProxyException) as err:
+        await team_handler.async_pre_call_hook(auth("someone"), None, request(), "acompletion")
+    assert (err.value.code, err.value.type) == ("403", "permission_denied")
+    await team_handler.runtime.close()

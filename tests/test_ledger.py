@@ -1,0 +1,279 @@
+"""The ledger on a real PostgreSQL: credits, holds, settlement, caps, expiry, invariants."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+
+import asyncpg
+import pytest
+
+from litellm_credits.errors import (
+    AccountDisabled,
+    AccountNotFound,
+    Conflict,
+    InsufficientCredits,
+    MonthlyCapExceeded,
+)
+from litellm_credits.ledger import Ledger, UsageRecord
+from litellm_credits.money import parse_credits as c
+
+from .conftest import AccountFactory
+
+USAGE = UsageRecord(model="m", prompt_tokens=10, completion_tokens=5)
+
+
+async def ledger_total(ledger: Ledger, subject: str) -> int:
+    return await ledger.pool.fetchval(
+        "SELECT coalesce(sum(amount), 0) FROM credits.credit_transactions WHERE subject_id = $1", subject
+    )
+
+
+async def assert_sound(ledger: Ledger, subject: str) -> None:
+    account = await ledger.require_account(subject)
+    assert account.balance == await ledger_total(ledger, subject)
+    open_holds = await ledger.pool.fetchval(
+        "SELECT coalesce(sum(amount), 0) FROM credits.holds WHERE subject_id = $1 AND status = 'open' AND debits",
+        subject,
+    )
+    assert account.held == open_holds
+    assert await ledger.discrepancies() == []
+
+
+async def test_credit_is_idempotent_by_key(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("0")
+    first = await ledger.credit(subject, c("5"), idempotency_key="grant-1", description="welcome")
+    again = await ledger.credit(subject, c("5"), idempotency_key="grant-1")
+    assert again.id == first.id
+    assert (await ledger.require_account(subject)).balance == c("5")
+    with pytest.raises(Conflict):
+        await ledger.credit(subject, c("6"), idempotency_key="grant-1")
+    await assert_sound(ledger, subject)
+
+
+async def test_credit_to_missing_account(ledger: Ledger) -> None:
+    with pytest.raises(AccountNotFound):
+        await ledger.credit("nobody-" + uuid.uuid4().hex, c("1"))
+
+
+async def test_hold_settle_exactly_once(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("10")
+    hold = await ledger.hold(subject, c("3"), ttl_seconds=60)
+    account_now = await ledger.require_account(subject)
+    assert (account_now.balance, account_now.held, account_now.available) == (c("10"), c("3"), c("7"))
+
+    settled = await ledger.settle(subject, hold.id, c("1.25"), USAGE)
+    assert settled is not None and settled.charged == c("1.25") and settled.balance == c("8.75")
+    # a duplicate, a late void and a late settle change nothing
+    assert await ledger.settle(subject, hold.id, c("1.25"), USAGE) is None
+    assert await ledger.void(subject, hold.id) is False
+    assert await ledger.settle(subject, hold.id, c("2"), USAGE) is None
+
+    after = await ledger.require_account(subject)
+    assert (after.balance, after.held, after.month_spend) == (c("8.75"), 0, c("1.25"))
+    rows = await ledger.pool.fetch(
+        "SELECT amount, type, hold_id FROM credits.credit_transactions WHERE subject_id = $1 ORDER BY id", subject
+    )
+    assert [(r["amount"], r["type"]) for r in rows] == [(c("10"), "allocation"), (-c("1.25"), "usage")]
+    events = await ledger.pool.fetch("SELECT status, cost, charged FROM credits.usage_events WHERE subject_id = $1",
+                                     subject)
+    assert [(e["status"], e["cost"], e["charged"]) for e in events] == [("success", c("1.25"), c("1.25"))]
+    await assert_sound(ledger, subject)
+
+
+async def test_void_releases_without_charge(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("2")
+    hold = await ledger.hold(subject, c("2"), ttl_seconds=60)
+    with pytest.raises(InsufficientCredits):
+        await ledger.hold(subject, c("0.000001"), ttl_seconds=60)
+    assert await ledger.void(subject, hold.id) is True
+    assert await ledger.void(subject, hold.id) is False
+    assert await ledger.settle(subject, hold.id, c("2"), USAGE) is None
+    after = await ledger.require_account(subject)
+    assert (after.balance, after.held) == (c("2"), 0)
+    status = await ledger.pool.fetchval("SELECT status FROM credits.usage_events WHERE request_id = $1", str(hold.id))
+    assert status == "failed"
+    await assert_sound(ledger, subject)
+
+
+async def test_refusal_details(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("1")
+    with pytest.raises(InsufficientCredits) as err:
+        await ledger.hold(subject, c("1.5"), ttl_seconds=60)
+    body = err.value.to_body()["error"]
+    assert body["type"] == "insufficient_credits" and body["code"] == "402"
+    assert body["details"]["balance"] == "1.000000"
+    assert body["details"]["required"] == "1.500000"
+    with pytest.raises(AccountNotFound):
+        await ledger.hold("missing-" + uuid.uuid4().hex, 1, ttl_seconds=60)
+    await ledger.pool.execute("UPDATE credits.credit_accounts SET status = 'disabled' WHERE subject_id = $1", subject)
+    with pytest.raises(AccountDisabled):
+        await ledger.hold(subject, 1, ttl_seconds=60)
+
+
+async def test_overrun_is_charged_and_blocks_the_next_call(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("1")
+    hold = await ledger.hold(subject, c("0.5"), ttl_seconds=60)
+    settled = await ledger.settle(subject, hold.id, c("1.2"), USAGE)
+    assert settled is not None and settled.balance == -c("0.2")
+    with pytest.raises(InsufficientCredits):
+        await ledger.hold(subject, c("0.01"), ttl_seconds=60)
+    # a free request (estimate 0) is still allowed
+    free = await ledger.hold(subject, 0, ttl_seconds=60)
+    await ledger.settle(subject, free.id, 0, USAGE)
+    await assert_sound(ledger, subject)
+
+
+async def test_monthly_cap_counts_open_holds(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("100", monthly_cap="5")
+    first = await ledger.hold(subject, c("3"), ttl_seconds=60)
+    with pytest.raises(MonthlyCapExceeded) as err:
+        await ledger.hold(subject, c("3"), ttl_seconds=60)
+    details = err.value.details
+    assert details["monthly_cap"] == "5.000000"
+    assert details["resets_at"].endswith("T00:00:00+00:00")
+    await ledger.settle(subject, first.id, c("4"), USAGE)
+    assert (await ledger.require_account(subject)).month_spend == c("4")
+    await ledger.hold(subject, c("1"), ttl_seconds=60)
+    with pytest.raises(MonthlyCapExceeded):
+        await ledger.hold(subject, c("0.000001"), ttl_seconds=60)
+
+
+async def test_lowering_the_cap_below_spend_blocks(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("100")
+    hold = await ledger.hold(subject, c("2"), ttl_seconds=60)
+    await ledger.settle(subject, hold.id, c("2"), USAGE)
+    await ledger.set_monthly_cap(subject, c("1"))
+    with pytest.raises(MonthlyCapExceeded):
+        await ledger.hold(subject, 1, ttl_seconds=60)
+    await ledger.set_monthly_cap(subject, None)
+    await ledger.hold(subject, 1, ttl_seconds=60)
+
+
+async def test_month_spend_resets_at_the_start_of_a_month(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("100", monthly_cap="5")
+    hold = await ledger.hold(subject, c("5"), ttl_seconds=60)
+    await ledger.settle(subject, hold.id, c("5"), USAGE)
+    with pytest.raises(MonthlyCapExceeded):
+        await ledger.hold(subject, 1, ttl_seconds=60)
+    # the spend was made last month (as the database clock sees it)
+    await ledger.pool.execute(
+        "UPDATE credits.credit_accounts SET month_start = month_start - interval '1 month' WHERE subject_id = $1",
+        subject,
+    )
+    assert (await ledger.require_account(subject)).month_spend == 0
+    fresh = await ledger.hold(subject, c("5"), ttl_seconds=60)
+    await ledger.settle(subject, fresh.id, c("1"), USAGE)
+    assert (await ledger.require_account(subject)).month_spend == c("1")
+
+
+async def test_unlimited_hold_records_usage_without_debit(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("0", tier="sponsored")
+    hold = await ledger.hold(subject, c("50"), ttl_seconds=60, debits=False)
+    settled = await ledger.settle(subject, hold.id, c("7.5"), USAGE)
+    assert settled is not None and settled.charged == 0
+    after = await ledger.require_account(subject)
+    assert (after.balance, after.held) == (0, 0)
+    row = await ledger.pool.fetchrow(
+        "SELECT cost, charged, transaction_id FROM credits.usage_events WHERE request_id = $1", str(hold.id)
+    )
+    assert (row["cost"], row["charged"], row["transaction_id"]) == (c("7.5"), 0, None)
+    await assert_sound(ledger, subject)
+
+
+@pytest.mark.parametrize("policy", ["void", "capture"])
+async def test_sweeper_resolves_expired_holds(ledger: Ledger, account: AccountFactory, policy: str) -> None:
+    subject = await account("10")
+    stale = await ledger.hold(subject, c("4"), ttl_seconds=1)
+    live = await ledger.hold(subject, c("1"), ttl_seconds=600)
+    await asyncio.sleep(1.2)
+    resolved = 0
+    # other tests' holds may expire too; resolve until ours is done
+    for _ in range(5):
+        resolved += await ledger.expire(policy=policy, batch=1000)  # type: ignore[arg-type]
+        status = await ledger.pool.fetchval("SELECT status FROM credits.holds WHERE id = $1", stale.id)
+        if status != "open":
+            break
+    assert resolved >= 1
+    assert status == ("expired" if policy == "void" else "captured")
+    after = await ledger.require_account(subject)
+    assert after.held == c("1")
+    assert after.balance == (c("10") if policy == "void" else c("6"))
+    assert await ledger.settle(subject, stale.id, c("1"), USAGE) is None  # late callback: nothing
+    assert await ledger.pool.fetchval("SELECT status FROM credits.holds WHERE id = $1", live.id) == "open"
+    await assert_sound(ledger, subject)
+
+
+async def test_ledger_rows_cannot_change(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("1")
+    for sql in (
+        "UPDATE credits.credit_transactions SET amount = 999 WHERE subject_id = $1",
+        "DELETE FROM credits.credit_transactions WHERE subject_id = $1",
+    ):
+        with pytest.raises(asyncpg.PostgresError) as err:
+            await ledger.pool.execute(sql, subject)
+        assert err.value.sqlstate == "CR001"
+    with pytest.raises(asyncpg.PostgresError):
+        await ledger.pool.execute("TRUNCATE credits.credit_transactions CASCADE")
+    assert await ledger_total(ledger, subject) == c("1")
+
+
+async def test_concurrent_holds_never_overspend(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("10")
+
+    async def attempt() -> bool:
+        try:
+            hold = await ledger.hold(subject, c("1"), ttl_seconds=60)
+        except InsufficientCredits:
+            return False
+        await ledger.settle(subject, hold.id, c("1"), USAGE)
+        return True
+
+    results = await asyncio.gather(*(attempt() for _ in range(100)))
+    assert sum(results) == 10
+    after = await ledger.require_account(subject)
+    assert (after.balance, after.held) == (0, 0)
+    await assert_sound(ledger, subject)
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_random_operations_match_a_model(ledger: Ledger, account: AccountFactory, seed: int) -> None:
+    """Model-based: a random mix of operations; the database agrees with a plain model."""
+    rng = random.Random(seed)
+    subject = await account("0", monthly_cap=str(rng.choice([20, 50, 1000])))
+    cap = (await ledger.require_account(subject)).monthly_cap
+    assert cap is not None
+    balance = held = spend = 0
+    open_holds: dict[uuid.UUID, int] = {}
+    for _ in range(120):
+        op = rng.choice(["credit", "hold", "hold", "settle", "void"])
+        if op == "credit":
+            amount = rng.randint(1, 5_000_000)
+            await ledger.credit(subject, amount)
+            balance += amount
+        elif op == "hold":
+            amount = rng.randint(0, 3_000_000)
+            fits = amount == 0 or (balance - held >= amount and spend + held + amount <= cap)
+            try:
+                hold = await ledger.hold(subject, amount, ttl_seconds=600)
+            except (InsufficientCredits, MonthlyCapExceeded):
+                assert not fits
+            else:
+                assert fits
+                open_holds[hold.id] = amount
+                held += amount
+        elif open_holds:
+            hold_id = rng.choice(list(open_holds))
+            amount = open_holds.pop(hold_id)
+            held -= amount
+            if op == "settle":
+                charge = rng.randint(0, amount * 2)  # sometimes an overrun
+                await ledger.settle(subject, hold_id, charge, USAGE)
+                balance -= charge
+                spend += charge
+            else:
+                await ledger.void(subject, hold_id)
+        now = await ledger.require_account(subject)
+        assert (now.balance, now.held, now.month_spend) == (balance, held, spend)
+    await assert_sound(ledger, subject)
