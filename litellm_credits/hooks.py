@@ -324,7 +324,12 @@ class CreditsHandler(CustomLogger):
                 reasoning_tokens=usage.reasoning_tokens,
                 cost=cost,
                 latency_ms=max(latency, 0) if latency is not None else None,
-                metadata={"deployment": model, "call_id": kwargs.get("litellm_call_id")},
+                metadata={
+                    "deployment": model,
+                    "call_id": kwargs.get("litellm_call_id"),
+                    # LiteLLM's own float estimate, kept for audit; never used to charge
+                    "litellm_response_cost": str(slo.get("response_cost")),
+                },
             ),
         )
         if result is None:

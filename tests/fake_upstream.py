@@ -8,6 +8,7 @@ The last user message is a list of directives, for example ``"usage=120,40 cache
     error=CODE    answer with that HTTP status
     sleep=S       wait S seconds before answering
     words=N       stream N one-word chunks (default 5)
+    chunkdelay=S  wait S seconds after each streamed chunk
     die=clean     stream, then drop the connection on a stream with no chunked encoding
                   (the client sees an ordinary end of stream, with no usage chunk)
     die=chunked   stream with chunked encoding, then drop the connection mid-chunk
@@ -136,8 +137,11 @@ class _Handler(BaseHTTPRequestHandler):
             }
 
         send(chunk({"role": "assistant", "content": ""}))
+        delay = float(d.get("chunkdelay", "0"))
         for i in range(words):
             send(chunk({"content": f"word{i} "}))
+            if delay:
+                time.sleep(delay)
         if die == "clean":
             self.close_connection = True
             return
