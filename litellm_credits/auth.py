@@ -54,7 +54,11 @@ def new_key() -> str:
 
 
 async def issue_key(
-    conn: asyncpg.Pool | asyncpg.Connection, subject_id: str, *, role: str = ROLE_USER, name: str | None = None
+    conn: asyncpg.Pool | asyncpg.Connection,
+    subject_id: str,
+    *,
+    role: str = ROLE_USER,
+    name: str | None = None,
 ) -> IssuedKey:
     key = new_key()
     prefix = key[: len(KEY_PREFIX) + 6]

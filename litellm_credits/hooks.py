@@ -64,7 +64,7 @@ def proxy_deployments(model_group: str) -> list[dict[str, Any]]:
     router = proxy_server.llm_router
     if router is None:
         return []
-    return list(router.get_model_list(model_name=model_group) or [])
+    return [dict(d) for d in router.get_model_list(model_name=model_group) or []]
 
 
 def deployment_prices(deployment: Mapping[str, Any]) -> dict[str, Any]:
@@ -299,13 +299,22 @@ class CreditsHandler(CustomLogger):
         slo = kwargs.get("standard_logging_object") or {}
         model_group = slo.get("model_group") or kwargs.get("model") or ""
         provider = kwargs.get("custom_llm_provider") or slo.get("custom_llm_provider")
-        model = f"{provider}/{kwargs.get('model')}" if provider and kwargs.get("model") else kwargs.get("model")
+        model = (
+            f"{provider}/{kwargs.get('model')}" if provider and kwargs.get("model") else kwargs.get("model")
+        )
         usage = usage_from_response(response, kwargs, claim.service)
         ledger = await self.runtime.ledger()
         try:
-            price = self.runtime.pricing.price(model_group, model, deployment_prices({
-                "model_info": params.get("model_info"), "litellm_params": params,
-            }))
+            price = self.runtime.pricing.price(
+                model_group,
+                model,
+                deployment_prices(
+                    {
+                        "model_info": params.get("model_info"),
+                        "litellm_params": params,
+                    }
+                ),
+            )
         except CreditsError:
             price = self.group_price(model_group)
         cost = self.runtime.pricing.to_micro(usd_cost(price, usage), claim.rate)
@@ -333,10 +342,16 @@ class CreditsHandler(CustomLogger):
             ),
         )
         if result is None:
-            log.warning("litellm-credits: hold %s was already resolved; usage not charged again", claim.hold_id)
+            log.warning(
+                "litellm-credits: hold %s was already resolved; usage not charged again", claim.hold_id
+            )
 
     async def async_post_call_failure_hook(
-        self, request_data: dict, original_exception: Exception, user_api_key_dict: Any, traceback_str: Any = None
+        self,
+        request_data: dict,
+        original_exception: Exception,
+        user_api_key_dict: Any,
+        traceback_str: Any = None,
     ) -> None:
         claim = self.signer.verify((request_data.get("metadata") or {}).get(HOLD_KEY))
         if claim is None:

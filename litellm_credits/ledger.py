@@ -473,9 +473,7 @@ class Ledger:
 
     async def void(self, subject_id: str, hold_id: uuid.UUID, usage: UsageRecord | None = None) -> bool:
         """Release the hold without a charge; False if it had already ended."""
-        result = await self._resolve(
-            subject_id, hold_id, 0, "voided", "failed", usage or UsageRecord(cost=0)
-        )
+        result = await self._resolve(subject_id, hold_id, 0, "voided", "failed", usage or UsageRecord(cost=0))
         return result is not None
 
     async def expire(self, *, policy: Literal["void", "capture"], batch: int = 500) -> int:
@@ -485,12 +483,20 @@ class Ledger:
         for row in rows:
             if policy == "capture":
                 result = await self._resolve(
-                    row["subject_id"], row["id"], None, "captured", "expired",
+                    row["subject_id"],
+                    row["id"],
+                    None,
+                    "captured",
+                    "expired",
                     UsageRecord(metadata={"expired": True}),
                 )
             else:
                 result = await self._resolve(
-                    row["subject_id"], row["id"], 0, "expired", "expired",
+                    row["subject_id"],
+                    row["id"],
+                    0,
+                    "expired",
+                    "expired",
                     UsageRecord(cost=0, metadata={"expired": True}),
                 )
             done += result is not None
@@ -498,7 +504,9 @@ class Ledger:
 
     # reads -------------------------------------------------------------------------------
 
-    async def transactions(self, subject_id: str, *, limit: int, offset: int) -> tuple[list[Transaction], int]:
+    async def transactions(
+        self, subject_id: str, *, limit: int, offset: int
+    ) -> tuple[list[Transaction], int]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(SQL_HISTORY, subject_id, limit, offset)
             total = await conn.fetchval(SQL_HISTORY_COUNT, subject_id)

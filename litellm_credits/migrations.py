@@ -138,4 +138,12 @@ async def check(conn: asyncpg.Connection, migrations: list[Migration] | None = N
     return CheckReport(pending=pending, changed=changed, missing=missing)
 
 
-__all__ = ["CheckReport", "Migration", "check", "expected_objects", "load_migrations", "migrate", "migrations_dir"]
+__all__ = [
+    "CheckReport",
+    "Migration",
+    "check",
+    "expected_objects",
+    "load_migrations",
+    "migrate",
+    "migrations_dir",
+]

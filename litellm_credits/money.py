@@ -9,12 +9,15 @@ under-collects by a rounding error.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 MICRO = 1_000_000
 PLACES = 6
 _QUANTUM = Decimal(1).scaleb(-PLACES)
+# the largest amount a PostgreSQL bigint column holds, in micro-credits (about 9.2 million million credits)
+MAX_MICRO = 2**63 - 1
+MAX_DIGITS = len(str(MAX_MICRO))  # 19
 
 
 class AmountError(ValueError):
@@ -48,17 +51,35 @@ def to_decimal(value: Any) -> Decimal:
 
 
 def parse_credits(value: Any) -> int:
-    """Micro-credits for an amount of credits; more than six decimal places is an error."""
+    """Micro-credits for an amount of credits; more than six decimal places is an error, and so
+    is an amount beyond what a PostgreSQL bigint holds.
+
+    Exact: the decimal's digits are read directly, never rounded to the 28-digit decimal context,
+    and an absurd exponent (``"1e999999"``) is refused before any big integer is built.
+    """
     d = to_decimal(value)
-    scaled = d.scaleb(PLACES)
-    if scaled != scaled.to_integral_value():
+    if d.is_zero():
+        return 0
+    if d.adjusted() > MAX_DIGITS - PLACES:
+        raise AmountError("amount is too large")
+    sign, digits, exponent = d.as_tuple()
+    assert isinstance(exponent, int)  # finite: checked by to_decimal
+    text = "".join(map(str, digits))
+    significant = text.rstrip("0")  # trailing zeros are no decimal places: "1.50000000" is fine
+    exponent += len(text) - len(significant)
+    if exponent < -PLACES:
         raise AmountError(f"at most {PLACES} decimal places are allowed")
-    return int(scaled)
+    micro = int(significant) * 10 ** (exponent + PLACES)  # at most 20 digits here
+    if micro > MAX_MICRO:
+        raise AmountError("amount is too large")
+    return -micro if sign else micro
 
 
 def micro_ceil(credits: Decimal) -> int:
-    """Micro-credits for an exact credit amount, rounded up to the smallest unit."""
-    return int(credits.scaleb(PLACES).to_integral_value(rounding=ROUND_CEILING))
+    """Micro-credits for an exact credit amount, rounded up (toward +infinity) to the smallest
+    unit. Exact for any finite Decimal: no rounding to the decimal context happens first."""
+    numerator, denominator = credits.as_integer_ratio()
+    return -((-numerator * MICRO) // denominator)
 
 
 def format_credits(micro: int) -> str:
@@ -66,4 +87,13 @@ def format_credits(micro: int) -> str:
     return str((Decimal(micro).scaleb(-PLACES)).quantize(_QUANTUM))
 
 
-__all__ = ["MICRO", "PLACES", "AmountError", "format_credits", "micro_ceil", "parse_credits", "to_decimal"]
+__all__ = [
+    "MAX_MICRO",
+    "MICRO",
+    "PLACES",
+    "AmountError",
+    "format_credits",
+    "micro_ceil",
+    "parse_credits",
+    "to_decimal",
+]

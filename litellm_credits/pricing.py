@@ -29,6 +29,8 @@ from .money import micro_ceil, to_decimal
 from .settings import CreditsConfig, ModelPriceConfig, PowerLevel
 
 ZERO = Decimal(0)
+# litellm.constants.FIREWORKS_AI_DEFAULT_CACHE_READ_RATE_RATIO
+FIREWORKS_CACHE_READ_RATIO = Decimal("0.5")
 # price keys understood here, as LiteLLM names them
 PRICE_KEYS = (
     "input_cost_per_token",
@@ -124,7 +126,9 @@ def usd_cost(price: ModelPrice, usage: Usage) -> Decimal:
     creation = min(usage.cache_creation_tokens, usage.prompt_tokens - cached)
     text_in = usage.prompt_tokens - cached - creation
     cost = text_in * inp
-    cost += cached * (price.cache_read_input_token_cost if price.cache_read_input_token_cost is not None else inp)
+    cost += cached * (
+        price.cache_read_input_token_cost if price.cache_read_input_token_cost is not None else inp
+    )
     cost += creation * (
         price.cache_creation_input_token_cost if price.cache_creation_input_token_cost is not None else inp
     )
@@ -145,11 +149,11 @@ def worst_case(price: ModelPrice, prompt_tokens: int, max_output_tokens: int, im
     if price.free:
         return ZERO
     in_rates = [
-        r
-        for r in (price.input_cost_per_token, price.cache_creation_input_token_cost)
-        if r is not None
+        r for r in (price.input_cost_per_token, price.cache_creation_input_token_cost) if r is not None
     ]
-    out_rates = [r for r in (price.output_cost_per_token, price.output_cost_per_reasoning_token) if r is not None]
+    out_rates = [
+        r for r in (price.output_cost_per_token, price.output_cost_per_reasoning_token) if r is not None
+    ]
     cost = prompt_tokens * max(in_rates, default=ZERO) + max_output_tokens * max(out_rates, default=ZERO)
     cost += images * ((price.input_cost_per_image or ZERO) + (price.output_cost_per_image or ZERO))
     return cost
@@ -198,7 +202,20 @@ class Pricing:
         if model not in self._map_cache:
             table = self._litellm_map()
             entry = table.get(model) or table.get(_strip_provider(model))
-            self._map_cache[model] = ModelPrice.from_mapping(entry, "litellm") if entry else None
+            price = ModelPrice.from_mapping(entry, "litellm") if entry else None
+            if (
+                price is not None
+                and entry is not None
+                and entry.get("litellm_provider") == "fireworks_ai"
+                and price.cache_read_input_token_cost is None
+                and price.input_cost_per_token is not None
+            ):
+                # LiteLLM bills Fireworks cached prompt tokens at half the input rate when the map
+                # gives no cache price (``with_default_cache_read_rate``); so do we.
+                price = replace(
+                    price, cache_read_input_token_cost=price.input_cost_per_token * FIREWORKS_CACHE_READ_RATIO
+                )
+            self._map_cache[model] = price
         return self._map_cache[model]
 
     def is_free_name(self, *names: str | None) -> bool:

@@ -92,7 +92,9 @@ class Runtime:
             try:
                 n = await ledger.expire(policy=cfg.expiry_policy, batch=cfg.sweep_batch)
                 if n:
-                    log.warning("litellm-credits: resolved %d expired holds by policy %r", n, cfg.expiry_policy)
+                    log.warning(
+                        "litellm-credits: resolved %d expired holds by policy %r", n, cfg.expiry_policy
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -68,6 +68,10 @@ class HoldConfig(_Strict):
     sweep_batch: int = Field(500, gt=0)
 
 
+def _default_power_levels() -> dict[PowerLevel, Decimal]:
+    return {"eco": Decimal("0.5"), "balanced": Decimal(1), "precision": Decimal(2)}
+
+
 class CreditsConfig(_Strict):
     """The contents of ``credits.yaml``."""
 
@@ -75,9 +79,7 @@ class CreditsConfig(_Strict):
     credits_per_usd: Dec = Decimal(1000)
     default_tier: str = "free"
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: {"free": TierConfig()})
-    power_levels: dict[PowerLevel, Dec] = Field(
-        default_factory=lambda: {"eco": Decimal("0.5"), "balanced": Decimal(1), "precision": Decimal(2)}
-    )
+    power_levels: dict[PowerLevel, Dec] = Field(default_factory=_default_power_levels)
     default_power_level: PowerLevel = "balanced"
     default_max_output_tokens: int = Field(4096, gt=0)
     models: dict[str, ModelPriceConfig] = Field(default_factory=dict)
@@ -142,4 +144,12 @@ class Settings(BaseSettings):
         return base.model_copy(update={"credits": CreditsConfig.from_yaml(path), "config_path": path})
 
 
-__all__ = ["POWER_LEVELS", "CreditsConfig", "HoldConfig", "ModelPriceConfig", "PowerLevel", "Settings", "TierConfig"]
+__all__ = [
+    "POWER_LEVELS",
+    "CreditsConfig",
+    "HoldConfig",
+    "ModelPriceConfig",
+    "PowerLevel",
+    "Settings",
+    "TierConfig",
+]

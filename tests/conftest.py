@@ -28,13 +28,12 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from litellm_credits import db  # noqa: E402
-from litellm_credits.ledger import Ledger  # noqa: E402
-from litellm_credits.money import parse_credits  # noqa: E402
-from litellm_credits.runtime import Runtime  # noqa: E402
-from litellm_credits.settings import CreditsConfig, Settings  # noqa: E402
+from litellm_credits.ledger import Ledger
+from litellm_credits.money import parse_credits
+from litellm_credits.runtime import Runtime
+from litellm_credits.settings import CreditsConfig, Settings
 
-from .fake_upstream import FakeUpstream  # noqa: E402
+from .fake_upstream import FakeUpstream
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -173,8 +172,9 @@ class Proxy:
             base_url=self.url, headers={"Authorization": f"Bearer {self.master_key}"}, timeout=60
         )
 
-    def create_account(self, balance: str = "10", *, tier: str | None = None, monthly_cap: str | None = None
-                       ) -> tuple[str, str]:
+    def create_account(
+        self, balance: str = "10", *, tier: str | None = None, monthly_cap: str | None = None
+    ) -> tuple[str, str]:
         """A new account with an opening balance: (user_id, api_key)."""
         user_id = "user-" + secrets.token_hex(6)
         body: dict[str, object] = {"user_id": user_id}
@@ -192,8 +192,9 @@ class Proxy:
         return user_id, key
 
 
-def start_proxy(config: Path, env: dict[str, str], log_path: Path, *, port: int | None = None,
-                workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
+def start_proxy(
+    config: Path, env: dict[str, str], log_path: Path, *, port: int | None = None, workers: int = 1
+) -> tuple[subprocess.Popen[bytes], str]:
     port = port or free_port()
     exe = Path(sys.executable).parent / "litellm"
     cmd = [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
@@ -240,7 +241,9 @@ def proxy_env(database_url: str, master_key: str, upstream_url: str, **extra: st
 
 
 @pytest.fixture(scope="session")
-def proxy(database_url: str, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+def proxy(
+    database_url: str, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Proxy]:
     """The real LiteLLM proxy (a subprocess) with the plugin, on the test database."""
     master = "sk-master-" + secrets.token_urlsafe(24)
     log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"

@@ -92,7 +92,11 @@ class _Handler(BaseHTTPRequestHandler):
                 "created": int(time.time()),
                 "model": body.get("model"),
                 "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "hello"},
+                        "finish_reason": "stop",
+                    }
                 ],
                 "usage": usage,
             }
@@ -147,14 +151,22 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if die == "chunked":
             # a chunk header that promises more than ever arrives, then the connection drops
-            self.wfile.write(b"400\r\ndata: {\"partial")
+            self.wfile.write(b'400\r\ndata: {"partial')
             self.wfile.flush()
             self.close_connection = True
             return
         send(chunk({}, "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
-            send({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                  "model": body.get("model"), "choices": [], "usage": usage})
+            send(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": body.get("model"),
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
         send("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()

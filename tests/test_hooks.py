@@ -77,7 +77,7 @@ async def test_success_settles_once_even_if_delivered_twice(handler: CreditsHand
     subject = await new_account(handler, "10")
     data = await handler.async_pre_call_hook(auth(subject), None, request(), "acompletion")
     assert isinstance(data["metadata"][HOLD_KEY], str)
-    balance, held = await balance_of(handler, subject)
+    _, held = await balance_of(handler, subject)
     assert held > 0  # the worst case: counted prompt + 50 output tokens
     kwargs = success_kwargs(data)
     await handler.async_log_success_event(kwargs, response(100, 20), START, END)
@@ -85,7 +85,9 @@ async def test_success_settles_once_even_if_delivered_twice(handler: CreditsHand
     # 100 × 0.001 + 20 × 0.002 = 0.14 credits
     assert await balance_of(handler, subject) == (c("10") - c("0.14"), 0)
     ledger: Ledger = await handler.runtime.ledger()
-    rows = await ledger.pool.fetch("SELECT latency_ms FROM credits.usage_events WHERE subject_id = $1", subject)
+    rows = await ledger.pool.fetch(
+        "SELECT latency_ms FROM credits.usage_events WHERE subject_id = $1", subject
+    )
     assert [r["latency_ms"] for r in rows] == [250]
 
 
@@ -120,7 +122,9 @@ async def test_forged_hold_tokens_are_ignored(handler: CreditsHandler) -> None:
     data = await handler.async_pre_call_hook(auth(attacker), None, sent, "acompletion")
     assert data["metadata"][HOLD_KEY] != victim_data["metadata"][HOLD_KEY]
     # a token signed by anyone else is never acted on
-    await handler.async_post_call_failure_hook({"metadata": {HOLD_KEY: forged}}, RuntimeError(), auth(attacker))
+    await handler.async_post_call_failure_hook(
+        {"metadata": {HOLD_KEY: forged}}, RuntimeError(), auth(attacker)
+    )
     await handler.async_log_success_event(
         success_kwargs({"model": "house", "metadata": {HOLD_KEY: forged}}), response(1, 1), START, END
     )
@@ -163,15 +167,18 @@ async def test_power_level_and_markup_change_the_charge(handler: CreditsHandler)
 async def test_bad_power_level_is_a_400(handler: CreditsHandler) -> None:
     subject = await new_account(handler, "10")
     with pytest.raises(ProxyException) as err:
-        await handler.async_pre_call_hook(auth(subject), None, request(metadata={"power_level": "turbo"}),
-                                          "acompletion")
+        await handler.async_pre_call_hook(
+            auth(subject), None, request(metadata={"power_level": "turbo"}), "acompletion"
+        )
     assert (err.value.code, err.value.type) == ("400", "invalid_request")
 
 
 async def test_unpriced_model_is_refused_before_the_call(handler: CreditsHandler) -> None:
     subject = await new_account(handler, "10")
     with pytest.raises(ProxyException) as err:
-        await handler.async_pre_call_hook(auth(subject), None, request(model="nobody-knows-me"), "acompletion")
+        await handler.async_pre_call_hook(
+            auth(subject), None, request(model="nobody-knows-me"), "acompletion"
+        )
     assert (err.value.code, err.value.type) == ("400", "model_not_priced")
     assert await balance_of(handler, subject) == (c("10"), 0)
 
@@ -206,12 +213,17 @@ async def test_master_key_is_unmetered_unless_acting_for_a_user(handler: Credits
 
 async def test_team_subject(handler: CreditsHandler) -> None:
     team_handler = CreditsHandler(
-        Runtime(handler.runtime.settings.model_copy(update={"credits": CreditsConfig.model_validate(
-            {**CONFIG, "subject": "team"})})),
+        Runtime(
+            handler.runtime.settings.model_copy(
+                update={"credits": CreditsConfig.model_validate({**CONFIG, "subject": "team"})}
+            )
+        ),
         deployments=lambda group: [],
     )
     team = await new_account(handler, "10")
-    data = await team_handler.async_pre_call_hook(auth("someone", team_id=team), None, request(), "acompletion")
+    data = await team_handler.async_pre_call_hook(
+        auth("someone", team_id=team), None, request(), "acompletion"
+    )
     assert team_handler.signer.verify(data["metadata"][HOLD_KEY]).subject_id == team  # type: ignore[union-attr]
     with pytest.raises(ProxyException) as err:
         await team_handler.async_pre_call_hook(auth("someone"), None, request(), "acompletion")

@@ -34,7 +34,8 @@ async def assert_sound(ledger: Ledger, subject: str) -> None:
     account = await ledger.require_account(subject)
     assert account.balance == await ledger_total(ledger, subject)
     open_holds = await ledger.pool.fetchval(
-        "SELECT coalesce(sum(amount), 0) FROM credits.holds WHERE subject_id = $1 AND status = 'open' AND debits",
+        "SELECT coalesce(sum(amount), 0) FROM credits.holds"
+        " WHERE subject_id = $1 AND status = 'open' AND debits",
         subject,
     )
     assert account.held == open_holds
@@ -73,11 +74,13 @@ async def test_hold_settle_exactly_once(ledger: Ledger, account: AccountFactory)
     after = await ledger.require_account(subject)
     assert (after.balance, after.held, after.month_spend) == (c("8.75"), 0, c("1.25"))
     rows = await ledger.pool.fetch(
-        "SELECT amount, type, hold_id FROM credits.credit_transactions WHERE subject_id = $1 ORDER BY id", subject
+        "SELECT amount, type, hold_id FROM credits.credit_transactions WHERE subject_id = $1 ORDER BY id",
+        subject,
     )
     assert [(r["amount"], r["type"]) for r in rows] == [(c("10"), "allocation"), (-c("1.25"), "usage")]
-    events = await ledger.pool.fetch("SELECT status, cost, charged FROM credits.usage_events WHERE subject_id = $1",
-                                     subject)
+    events = await ledger.pool.fetch(
+        "SELECT status, cost, charged FROM credits.usage_events WHERE subject_id = $1", subject
+    )
     assert [(e["status"], e["cost"], e["charged"]) for e in events] == [("success", c("1.25"), c("1.25"))]
     await assert_sound(ledger, subject)
 
@@ -92,7 +95,9 @@ async def test_void_releases_without_charge(ledger: Ledger, account: AccountFact
     assert await ledger.settle(subject, hold.id, c("2"), USAGE) is None
     after = await ledger.require_account(subject)
     assert (after.balance, after.held) == (c("2"), 0)
-    status = await ledger.pool.fetchval("SELECT status FROM credits.usage_events WHERE request_id = $1", str(hold.id))
+    status = await ledger.pool.fetchval(
+        "SELECT status FROM credits.usage_events WHERE request_id = $1", str(hold.id)
+    )
     assert status == "failed"
     await assert_sound(ledger, subject)
 
@@ -107,7 +112,9 @@ async def test_refusal_details(ledger: Ledger, account: AccountFactory) -> None:
     assert body["details"]["required"] == "1.500000"
     with pytest.raises(AccountNotFound):
         await ledger.hold("missing-" + uuid.uuid4().hex, 1, ttl_seconds=60)
-    await ledger.pool.execute("UPDATE credits.credit_accounts SET status = 'disabled' WHERE subject_id = $1", subject)
+    await ledger.pool.execute(
+        "UPDATE credits.credit_accounts SET status = 'disabled' WHERE subject_id = $1", subject
+    )
     with pytest.raises(AccountDisabled):
         await ledger.hold(subject, 1, ttl_seconds=60)
 
@@ -159,7 +166,8 @@ async def test_month_spend_resets_at_the_start_of_a_month(ledger: Ledger, accoun
         await ledger.hold(subject, 1, ttl_seconds=60)
     # the spend was made last month (as the database clock sees it)
     await ledger.pool.execute(
-        "UPDATE credits.credit_accounts SET month_start = month_start - interval '1 month' WHERE subject_id = $1",
+        "UPDATE credits.credit_accounts SET month_start = month_start - interval '1 month'"
+        " WHERE subject_id = $1",
         subject,
     )
     assert (await ledger.require_account(subject)).month_spend == 0

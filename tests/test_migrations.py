@@ -31,11 +31,23 @@ async def test_from_empty_then_noop(fresh_database: Callable[[], str]) -> None:
         assert await migrations.migrate(conn) == []
         report = await migrations.check(conn)
         assert report.ok, report
-        tables = {r["table_name"] for r in await conn.fetch(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'credits'")}
-        assert {"credit_accounts", "credit_transactions", "holds", "usage_events", "coupon_codes",
-                "openrouter_accounts", "v_credit_balance_by_tier", "v_daily_usage_summary",
-                "v_top_spenders_30d"} <= tables
+        tables = {
+            r["table_name"]
+            for r in await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'credits'"
+            )
+        }
+        assert {
+            "credit_accounts",
+            "credit_transactions",
+            "holds",
+            "usage_events",
+            "coupon_codes",
+            "openrouter_accounts",
+            "v_credit_balance_by_tier",
+            "v_daily_usage_summary",
+            "v_top_spenders_30d",
+        } <= tables
     finally:
         await conn.close()
 

@@ -88,7 +88,11 @@ async def test_charge_is_the_price_table_applied_to_usage(proxy: Proxy, ledger: 
     [event] = await usage_rows(ledger, user)
     assert (event["prompt_tokens"], event["completion_tokens"], event["cached_tokens"]) == (1234, 567, 200)
     assert (event["cost"], event["charged"], event["status"], event["service"]) == (
-        expected, expected, "success", "chat")
+        expected,
+        expected,
+        "success",
+        "chat",
+    )
     # LiteLLM's own float estimate agrees to the micro-credit
     oracle = Decimal(event["metadata"]["litellm_response_cost"]) * CREDITS_PER_USD
     assert abs(oracle * 1_000_000 - expected) <= 1
@@ -169,13 +173,15 @@ def _estimate_request(max_tokens: int) -> tuple[list[dict[str, str]], int]:
 
 
 @pytest.mark.parametrize("limit", ["balance", "monthly_cap"])
-async def test_a_hundred_concurrent_requests_cannot_overspend(proxy: Proxy, ledger: Ledger, limit: str) -> None:
+async def test_a_hundred_concurrent_requests_cannot_overspend(
+    proxy: Proxy, ledger: Ledger, limit: str
+) -> None:
     max_tokens = 100
     messages, counted = _estimate_request(max_tokens)
-    estimate = micro_ceil(
-        (counted * Decimal("1.1e-6") + max_tokens * Decimal("3.3e-6")) * CREDITS_PER_USD)
+    estimate = micro_ceil((counted * Decimal("1.1e-6") + max_tokens * Decimal("3.3e-6")) * CREDITS_PER_USD)
     actual = micro_ceil(
-        ((counted + 5) * Decimal("1.1e-6") + max_tokens * Decimal("3.3e-6")) * CREDITS_PER_USD)
+        ((counted + 5) * Decimal("1.1e-6") + max_tokens * Decimal("3.3e-6")) * CREDITS_PER_USD
+    )
     if limit == "balance":
         user, key = proxy.create_account(str(Decimal(10 * estimate) / 1_000_000))
         refusal = "insufficient_credits"
@@ -229,7 +235,9 @@ async def test_upstream_dying_mid_stream_is_charged_at_most_what_was_delivered(
     with client(proxy, key) as oa:
         try:
             stream = oa.chat.completions.create(
-                model="fake-custom", messages=chat(f"die={how} words=6 usage=1000,1000"), stream=True,
+                model="fake-custom",
+                messages=chat(f"die={how} words=6 usage=1000,1000"),
+                stream=True,
                 max_tokens=1000,
             )
             for chunk in stream:
@@ -258,7 +266,9 @@ async def test_client_disconnect_mid_stream_charges_partial_usage(proxy: Proxy, 
     user, key = proxy.create_account("10")
     with client(proxy, key) as oa:
         stream = oa.chat.completions.create(
-            model="fake-custom", messages=chat("words=40 chunkdelay=0.1 usage=1000,1000"), stream=True,
+            model="fake-custom",
+            messages=chat("words=40 chunkdelay=0.1 usage=1000,1000"),
+            stream=True,
             max_tokens=1000,
         )
         for i, _chunk in enumerate(stream):
@@ -276,15 +286,24 @@ async def test_client_disconnect_mid_stream_charges_partial_usage(proxy: Proxy, 
 def test_auth_errors(proxy: Proxy) -> None:
     _, key = proxy.create_account("1")
     with httpx.Client(base_url=proxy.url, timeout=30) as h:
-        for headers in ({}, {"Authorization": "Bearer sk-cr-not-a-real-key"}, {"Authorization": "Bearer junk"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer sk-cr-not-a-real-key"},
+            {"Authorization": "Bearer junk"},
+        ):
             r = h.get("/api/v1/credits/balance", headers=headers)
             assert r.status_code == 401, r.text
             assert r.json()["error"]["type"] == "authentication_error"
-        r = h.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-cr-nope"},
-                   json={"model": "fake-gpt", "messages": chat("hi")})
+        r = h.post(
+            "/v1/chat/completions",
+            headers={"Authorization": "Bearer sk-cr-nope"},
+            json={"model": "fake-gpt", "messages": chat("hi")},
+        )
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         user_headers = {"Authorization": f"Bearer {key}"}
-        r = h.post("/api/v1/admin/credits/allocate", headers=user_headers, json={"user_id": "x", "amount": "1"})
+        r = h.post(
+            "/api/v1/admin/credits/allocate", headers=user_headers, json={"user_id": "x", "amount": "1"}
+        )
         assert r.status_code == 403 and r.json()["error"]["type"] == "permission_denied"
         r = h.post("/api/v1/admin/credits/accounts", headers=user_headers, json={"user_id": "x"})
         assert r.status_code == 403
@@ -297,14 +316,18 @@ def test_balance_and_transactions_routes(proxy: Proxy) -> None:
     user, key = proxy.create_account("0")
     with proxy.admin() as admin:
         for i in range(3):
-            r = admin.post("/api/v1/admin/credits/allocate",
-                           json={"user_id": user, "amount": f"1.00000{i + 1}", "reason": f"grant {i}"})
+            r = admin.post(
+                "/api/v1/admin/credits/allocate",
+                json={"user_id": user, "amount": f"1.00000{i + 1}", "reason": f"grant {i}"},
+            )
             assert r.status_code == 200
         assert r.json()["balance"] == "3.000006"
         assert isinstance(r.json()["transaction_id"], int)
         dup = admin.post("/api/v1/admin/credits/accounts", json={"user_id": user})
         assert dup.status_code == 409 and dup.json()["error"]["type"] == "account_exists"
-        missing = admin.post("/api/v1/admin/credits/allocate", json={"user_id": "no-such-user", "amount": "1"})
+        missing = admin.post(
+            "/api/v1/admin/credits/allocate", json={"user_id": "no-such-user", "amount": "1"}
+        )
         assert missing.status_code == 404 and missing.json()["error"]["type"] == "account_not_found"
         for bad in ("-1", "0", "1.0000001", "abc", True, None):
             r = admin.post("/api/v1/admin/credits/allocate", json={"user_id": user, "amount": bad})
@@ -325,13 +348,21 @@ def test_balance_and_transactions_routes(proxy: Proxy) -> None:
         first = page["items"][0]
         assert (first["type"], first["amount"], first["balance_after"]) == ("usage", "-4.400000", "-1.399994")
         assert [t["amount"] for t in page["items"][1:]] == ["1.000003", "1.000002", "1.000001"]
-        assert h.get("/api/v1/credits/transactions", params={"limit": 2, "offset": 3}).json()["items"][0][
-            "amount"] == "1.000001"
+        assert (
+            h.get("/api/v1/credits/transactions", params={"limit": 2, "offset": 3}).json()["items"][0][
+                "amount"
+            ]
+            == "1.000001"
+        )
         assert h.get("/api/v1/credits/transactions", params={"limit": 5000}).status_code == 422
         balance = h.get("/api/v1/credits/balance")
         assert balance.headers["x-content-type-options"] == "nosniff"
         assert balance.headers["cache-control"] == "no-store"
         body = balance.json()
-        assert (body["user_id"], body["balance"], body["held"], body["tier"]) == (user, "-1.399994", "0.000000",
-                                                                                   "free")
+        assert (body["user_id"], body["balance"], body["held"], body["tier"]) == (
+            user,
+            "-1.399994",
+            "0.000000",
+            "free",
+        )
         assert {"monthly_cap", "month_spend"} <= body.keys()

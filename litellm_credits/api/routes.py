@@ -7,7 +7,7 @@ trace or SQL, and sets the security headers below.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -60,7 +60,7 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 class CreditsRoute(APIRoute):
     """Maps every error to one JSON shape and adds security headers."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         original = super().get_route_handler()
 
         async def handler(request: Request) -> Response:
@@ -122,7 +122,9 @@ Offset = Annotated[int, Query(ge=0, le=10_000_000)]
 
 
 def build_router(runtime: Runtime) -> APIRouter:
-    router = APIRouter(prefix="/api/v1", tags=["credits"], route_class=CreditsRoute, responses=ERROR_RESPONSES)
+    router = APIRouter(
+        prefix="/api/v1", tags=["credits"], route_class=CreditsRoute, responses=ERROR_RESPONSES
+    )
 
     @router.post("/admin/credits/accounts", status_code=201, response_model=schemas.AccountCreated)
     async def create_account(body: schemas.CreateAccount, _: AdminDep) -> dict[str, Any]:

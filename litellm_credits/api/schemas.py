@@ -15,7 +15,7 @@ _SUBJECT = re.compile(r"^[A-Za-z0-9._:@+\-]{1,256}$")
 
 def _amount(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError("amount must be a decimal string such as \"12.50\"")
+        raise ValueError('amount must be a decimal string such as "12.50"')
     try:
         return parse_credits(value)
     except AmountError as exc:
