@@ -1,0 +1,83 @@
+"""The README's promises: `litellm-credits serve` on an embedded database, and its usage example."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import ROOT, free_port, stop_proxy
+
+README = ROOT / "README.md"
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    match = re.search(r"<!-- readme-example -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README has no usage example"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """`litellm-credits serve` as `make serve` runs it: demo config, embedded PostgreSQL."""
+    data_dir = tmp_path_factory.mktemp("serve-data")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("CREDITS_DATABASE_URL", "LITELLM_MASTER_KEY")}
+    env.update(CREDITS_DATA_DIR=str(data_dir), LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR")
+    log_path = data_dir / "serve.log"
+    exe = Path(sys.executable).parent / "litellm-credits"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(exe), "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health/liveliness", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        printed = log_path.read_text()
+        key = re.search(r"export LITELLM_MASTER_KEY=(\S+)", printed)
+        assert key, printed[-2000:]
+        assert key.group(1) == (data_dir / "master_key").read_text().strip()
+        yield url, key.group(1)
+    finally:
+        stop_proxy(proc)
+        subprocess.run([str(exe), "stop-db"], env=env, timeout=60, check=False)
+
+
+def test_readme_usage_example_runs(served: tuple[str, str]) -> None:
+    url, master_key = served
+    env = {**os.environ, "PROXY_URL": url, "LITELLM_MASTER_KEY": master_key}
+    result = subprocess.run(
+        [sys.executable, "-c", readme_example()], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "Hello from the demo model."
+    charged, balance = re.fullmatch(r"charged (-\S+) balance (\S+)", lines[-1]).groups()  # type: ignore[union-attr]
+    # the demo model's mock usage (10 prompt, 20 completion tokens) at gpt-4o-mini's price, 1000 credits/USD
+    assert charged == "-0.013500"
+    assert balance == "9.986500"
+
+
+def test_quickstart_commands_are_the_makefile_targets() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    quickstart = README.read_text().split("## Quickstart", 1)[1].split("##", 1)[0]
+    assert re.findall(r"^make (\w+)", quickstart, re.M) == ["serve", "test"]
+    assert "serve: install" in makefile and "test: install" in makefile
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
