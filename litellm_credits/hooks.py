@@ -265,6 +265,8 @@ class CreditsHandler(CustomLogger):
         power_level = pricing.power_level(self._requested_power_level(data))
         price = self.group_price(str(model_group))
         output = pricing.output_cap(price, self._requested_output(data))
+        if service == "chat":
+            output *= max(1, int(data.get("n") or 1))  # every choice is billed
         images = int(data.get("n") or 1) if service == "image" else 0
         estimate_usd = worst_case(price, self._prompt_tokens(data, str(model_group), service), output, images)
 

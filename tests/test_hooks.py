@@ -229,3 +229,13 @@ async def test_team_subject(handler: CreditsHandler) -> None:
         await team_handler.async_pre_call_hook(auth("someone"), None, request(), "acompletion")
     assert (err.value.code, err.value.type) == ("403", "permission_denied")
     await team_handler.runtime.close()
+
+
+async def test_every_choice_is_held(handler: CreditsHandler) -> None:
+    held = {}
+    for n in (1, 3):
+        subject = await new_account(handler, "10")
+        await handler.async_pre_call_hook(auth(subject), None, request(n=n), "acompletion")
+        held[n] = (await balance_of(handler, subject))[1]
+    # 50 output tokens at 0.002 credits each, per choice
+    assert held[3] - held[1] == c("0.2")
