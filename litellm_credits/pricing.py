@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from decimal import Decimal
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, localcontext
 from typing import Any
 
 from .errors import InvalidRequest, ModelNotPriced
@@ -29,6 +29,9 @@ from .money import micro_ceil, to_decimal
 from .settings import CreditsConfig, ModelPriceConfig, PowerLevel
 
 ZERO = Decimal(0)
+# Sums and products of prices, token counts and rates are exact: no rounding to the default
+# 28-digit context, which could drop the tail of a long price before the charge is rounded up.
+EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
 # litellm.constants.FIREWORKS_AI_DEFAULT_CACHE_READ_RATE_RATIO
 FIREWORKS_CACHE_READ_RATIO = Decimal("0.5")
 # price keys understood here, as LiteLLM names them
@@ -120,6 +123,11 @@ def usd_cost(price: ModelPrice, usage: Usage) -> Decimal:
     """The exact USD cost of ``usage`` at ``price``."""
     if price.free:
         return ZERO
+    with localcontext(EXACT):
+        return _usd_cost(price, usage)
+
+
+def _usd_cost(price: ModelPrice, usage: Usage) -> Decimal:
     inp = price.input_cost_per_token or ZERO
     out = price.output_cost_per_token or ZERO
     cached = min(usage.cached_tokens, usage.prompt_tokens)
@@ -149,13 +157,20 @@ def worst_case(price: ModelPrice, prompt_tokens: int, max_output_tokens: int, im
     if price.free:
         return ZERO
     in_rates = [
-        r for r in (price.input_cost_per_token, price.cache_creation_input_token_cost) if r is not None
+        r
+        for r in (
+            price.input_cost_per_token,
+            price.cache_read_input_token_cost,
+            price.cache_creation_input_token_cost,
+        )
+        if r is not None
     ]
     out_rates = [
         r for r in (price.output_cost_per_token, price.output_cost_per_reasoning_token) if r is not None
     ]
-    cost = prompt_tokens * max(in_rates, default=ZERO) + max_output_tokens * max(out_rates, default=ZERO)
-    cost += images * ((price.input_cost_per_image or ZERO) + (price.output_cost_per_image or ZERO))
+    with localcontext(EXACT):
+        cost = prompt_tokens * max(in_rates, default=ZERO) + max_output_tokens * max(out_rates, default=ZERO)
+        cost += images * ((price.input_cost_per_image or ZERO) + (price.output_cost_per_image or ZERO))
     return cost
 
 
@@ -238,7 +253,9 @@ class Pricing:
         if base is None:
             base = next((p for p in (self.from_map(n) for n in names[1:] + names[:1]) if p), None)
         if base is None and self.config.unknown_model_price is not None:
-            base = ModelPrice(source="unknown_model_price").overlay(self.config.unknown_model_price)
+            base = replace(
+                ModelPrice().overlay(self.config.unknown_model_price), source="unknown_model_price"
+            )
         if override is not None:
             base = (base or ModelPrice()).overlay(override)
         if base is None or not base.priced:
@@ -267,7 +284,8 @@ class Pricing:
     def rate(self, tier: str, power_level: PowerLevel) -> Decimal:
         """Credits charged per USD of upstream cost for this tier and power level."""
         tier_cfg = self.config.tiers.get(tier) or self.config.tiers[self.config.default_tier]
-        return self.config.credits_per_usd * self.config.power_levels[power_level] * (1 + tier_cfg.markup)
+        with localcontext(EXACT):
+            return self.config.credits_per_usd * self.config.power_levels[power_level] * (1 + tier_cfg.markup)
 
     def is_unlimited(self, tier: str) -> bool:
         tier_cfg = self.config.tiers.get(tier) or self.config.tiers[self.config.default_tier]
@@ -276,7 +294,8 @@ class Pricing:
     @staticmethod
     def to_micro(usd: Decimal, rate: Decimal) -> int:
         """Micro-credits for ``usd`` at ``rate`` credits per USD, rounded up."""
-        return micro_ceil(usd * rate)
+        with localcontext(EXACT):
+            return micro_ceil(usd * rate)
 
 
 __all__ = ["FREE", "PRICE_KEYS", "ModelPrice", "Pricing", "Usage", "max_price", "usd_cost", "worst_case"]

@@ -11,7 +11,15 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from litellm_credits.money import MAX_MICRO, MICRO, AmountError, format_credits, micro_ceil, parse_credits, to_decimal
+from litellm_credits.money import (
+    MAX_MICRO,
+    MICRO,
+    AmountError,
+    format_credits,
+    micro_ceil,
+    parse_credits,
+    to_decimal,
+)
 
 # every amount a bigint column can hold
 micro_amounts = st.integers(min_value=-MAX_MICRO, max_value=MAX_MICRO)
@@ -149,7 +157,24 @@ def test_booleans_are_not_amounts(value: bool) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["", " ", "abc", "12,5", "1.2.3", "0x10", "1e", "--1", "1 000", "12.5 credits", "$5", None, [], {}, b"12", object()],
+    [
+        "",
+        " ",
+        "abc",
+        "12,5",
+        "1.2.3",
+        "0x10",
+        "1e",
+        "--1",
+        "1 000",
+        "12.5 credits",
+        "$5",
+        None,
+        [],
+        {},
+        b"12",
+        object(),
+    ],
 )
 def test_garbage_is_refused(value: object) -> None:
     with pytest.raises(AmountError):
@@ -205,7 +230,8 @@ def test_micro_ceil_leaves_whole_micro_credits_alone(micro: int) -> None:
 
 def test_float_is_read_by_its_shortest_repr() -> None:
     assert to_decimal(1.1e-6) == Decimal("0.0000011")
-    assert to_decimal(1.1e-6) != Decimal(1.1e-6)  # the binary value is 1.0999999999999999e-06…
+    binary = 1.1e-6
+    assert to_decimal(binary) != Decimal(binary)  # the binary value is 1.09999999999999995…e-06
     assert to_decimal(3.3e-6) * 1000 == Decimal("0.0033")
     assert to_decimal(0.1) + to_decimal(0.2) == Decimal("0.3")
 
