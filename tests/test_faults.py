@@ -96,13 +96,17 @@ def test_database_outage_refuses_cleanly_and_loses_nothing(outage: Outage) -> No
 
     def slow_call() -> None:
         result["reply"] = oa.chat.completions.create(
-            model="fake-custom", messages=[{"role": "user", "content": "sleep=3 usage=1000,1000"}], max_tokens=1000
+            model="fake-custom",
+            messages=[{"role": "user", "content": "sleep=3 usage=1000,1000"}],
+            max_tokens=1000,
         )
 
     caller = threading.Thread(target=slow_call)
     caller.start()
     deadline = time.monotonic() + 10
-    while asyncio.run(_query(outage.url, "SELECT count(*) FROM credits.holds WHERE subject_id = $1", user)) == 0:
+    while (
+        asyncio.run(_query(outage.url, "SELECT count(*) FROM credits.holds WHERE subject_id = $1", user)) == 0
+    ):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     outage.stop_db()
@@ -112,11 +116,14 @@ def test_database_outage_refuses_cleanly_and_loses_nothing(outage: Outage) -> No
     try:
         # while the ledger is down nothing is served unpaid, and nothing answers 500
         with pytest.raises(openai.APIStatusError) as err:
-            oa.chat.completions.create(model="fake-custom", messages=[{"role": "user", "content": "hi"}],
-                                       max_tokens=10)
+            oa.chat.completions.create(
+                model="fake-custom", messages=[{"role": "user", "content": "hi"}], max_tokens=10
+            )
         assert err.value.status_code == 503
         assert err.value.body["type"] == "service_unavailable"  # type: ignore[index]
-        r = httpx.get(outage.proxy_url + "/api/v1/credits/balance", headers={"Authorization": f"Bearer {key}"})
+        r = httpx.get(
+            outage.proxy_url + "/api/v1/credits/balance", headers={"Authorization": f"Bearer {key}"}
+        )
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
         assert "asyncpg" not in r.text and "postgres" not in r.text.lower()
     finally:
@@ -125,13 +132,18 @@ def test_database_outage_refuses_cleanly_and_loses_nothing(outage: Outage) -> No
     # the served request is settled once the database is back: exactly 4.4 credits, once
     deadline = time.monotonic() + 60
     while True:
-        status = asyncio.run(_query(outage.url, "SELECT status FROM credits.holds WHERE subject_id = $1", user))
+        status = asyncio.run(
+            _query(outage.url, "SELECT status FROM credits.holds WHERE subject_id = $1", user)
+        )
         if status != "open":
             break
         assert time.monotonic() < deadline, "the hold was never settled"
         time.sleep(0.5)
     assert status == "settled"
-    balance = asyncio.run(_query(outage.url, "SELECT balance FROM credits.credit_accounts WHERE subject_id = $1",
-                                 user))
+    balance = asyncio.run(
+        _query(outage.url, "SELECT balance FROM credits.credit_accounts WHERE subject_id = $1", user)
+    )
     assert balance == c("10") - c("4.4")
-    oa.chat.completions.create(model="fake-custom", messages=[{"role": "user", "content": "hi"}], max_tokens=10)
+    oa.chat.completions.create(
+        model="fake-custom", messages=[{"role": "user", "content": "hi"}], max_tokens=10
+    )
