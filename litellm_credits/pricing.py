@@ -19,6 +19,7 @@ up to the micro-credit.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, localcontext
@@ -29,6 +30,18 @@ from .money import micro_ceil, to_decimal
 from .settings import CreditsConfig, ModelPriceConfig, PowerLevel
 
 ZERO = Decimal(0)
+_TOKEN_RATE_KEYS = frozenset(
+    {
+        "input_cost_per_token",
+        "output_cost_per_token",
+        "cache_read_input_token_cost",
+        "cache_creation_input_token_cost",
+    }
+)
+_ABOVE_KEY = re.compile(
+    r"^(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost|cache_creation_input_token_cost)"
+    r"_above_(\d+)(k?)_tokens$"
+)
 # Sums and products of prices, token counts and rates are exact: no rounding to the default
 # 28-digit context, which could drop the tail of a long price before the charge is rounded up.
 EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
@@ -66,6 +79,9 @@ class ModelPrice:
     max_output_tokens: int | None = None
     free: bool = False
     source: str = "unknown"
+    # long-prompt pricing: (threshold, rates) that apply to every token of a request whose
+    # prompt has more than ``threshold`` tokens, as ``input_cost_per_token_above_200k_tokens``
+    above: tuple[tuple[int, tuple[tuple[str, Decimal], ...]], ...] = ()
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str) -> ModelPrice | None:
@@ -77,13 +93,30 @@ class ModelPrice:
                 values[key] = to_decimal(raw)
         if not values:
             return None
-        return cls(**values, source=source)
+        tiers: dict[int, dict[str, Decimal]] = {}
+        for key, raw in data.items():
+            m = _ABOVE_KEY.match(key)
+            if m and raw is not None:
+                threshold = int(m.group(2)) * (1000 if m.group(3) else 1)
+                tiers.setdefault(threshold, {})[m.group(1)] = to_decimal(raw)
+        above = tuple((t, tuple(sorted(rates.items()))) for t, rates in sorted(tiers.items()))
+        return cls(**values, above=above, source=source)
+
+    def for_prompt(self, prompt_tokens: int) -> ModelPrice:
+        """The rates that apply to a request with this many prompt tokens (long-prompt tiers)."""
+        rates: dict[str, Any] = {}
+        for threshold, tier in self.above:
+            if prompt_tokens > threshold:
+                rates.update(tier)
+        return replace(self, **rates) if rates else self
 
     def overlay(self, override: ModelPriceConfig) -> ModelPrice:
         """This price with every field the override sets replaced."""
         changes: dict[str, Any] = {
             k: v for k, v in override.model_dump(exclude_none=True).items() if k in PRICE_KEYS
         }
+        if changes.keys() & _TOKEN_RATE_KEYS:
+            changes["above"] = ()  # the operator's token rates replace any long-prompt tiers
         if override.max_output_tokens is not None:
             changes["max_output_tokens"] = override.max_output_tokens
         if override.free:
@@ -124,7 +157,7 @@ def usd_cost(price: ModelPrice, usage: Usage) -> Decimal:
     if price.free:
         return ZERO
     with localcontext(EXACT):
-        return _usd_cost(price, usage)
+        return _usd_cost(price.for_prompt(usage.prompt_tokens), usage)
 
 
 def _usd_cost(price: ModelPrice, usage: Usage) -> Decimal:
@@ -156,6 +189,7 @@ def worst_case(price: ModelPrice, prompt_tokens: int, max_output_tokens: int, im
     """The most ``prompt_tokens`` in and ``max_output_tokens`` out can cost at ``price``."""
     if price.free:
         return ZERO
+    price = price.for_prompt(prompt_tokens)
     in_rates = [
         r
         for r in (
@@ -185,8 +219,15 @@ def max_price(prices: Iterable[ModelPrice]) -> ModelPrice:
         if present:
             values[key] = max(present)
     caps = [p.max_output_tokens for p in prices if p.max_output_tokens is not None]
+    tiers: dict[int, dict[str, Decimal]] = {}
+    for p in prices:
+        for threshold, rates in p.above:
+            merged = tiers.setdefault(threshold, {})
+            for key, rate in rates:
+                merged[key] = max(rate, merged.get(key, rate))
     return ModelPrice(
         **values,
+        above=tuple((t, tuple(sorted(r.items()))) for t, r in sorted(tiers.items())),
         max_output_tokens=max(caps) if caps else None,
         free=all(p.free for p in prices),
         source="+".join(sorted({p.source for p in prices})),

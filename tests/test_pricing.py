@@ -808,3 +808,61 @@ def test_parity_with_litellm_cost_per_token(counts: tuple[int, int, int, int, in
         if not (theirs - slack <= ours < theirs + 1 + slack):
             mismatches.append((name, ours, float(theirs)))
     assert not mismatches, f"{len(mismatches)} of {len(names)} models differ: {mismatches[:20]}"
+
+
+def long_prompt_models() -> list[str]:
+    """Chat models whose only special pricing is a long-prompt tier of the flat token rates."""
+    import litellm
+
+    supported = (
+        "input_cost_per_token_above_",
+        "output_cost_per_token_above_",
+        "cache_read_input_token_cost_above_",
+        "cache_creation_input_token_cost_above_",
+    )
+    names = []
+    for name, entry in litellm.model_cost.items():
+        above = [k for k in entry if "_above_" in k]
+        if (
+            entry.get("mode") == "chat"
+            and entry.get("input_cost_per_token") is not None
+            and entry.get("output_cost_per_token") is not None
+            and isinstance(entry.get("litellm_provider"), str)
+            and any(k.startswith("input_cost_per_token_above_") for k in above)
+            and all(k.startswith(supported) and k.endswith("k_tokens") for k in above)
+            and not any(k.startswith("regional_") or k in SPECIAL_KEYS for k in entry)
+            and entry["litellm_provider"] not in ("xai",)  # xAI bills the tier from the threshold itself
+        ):
+            names.append(name)
+    return sorted(names)
+
+
+@pytest.mark.parametrize("beyond", [False, True], ids=["below-threshold", "above-threshold"])
+def test_long_prompt_tiers_match_litellm(beyond: bool, no_network: None) -> None:
+    """Long prompts are billed at the model's ``*_above_Nk_tokens`` rates, as LiteLLM bills them."""
+    import litellm
+    from litellm.types.utils import Usage as LiteLLMUsage
+
+    names = long_prompt_models()
+    assert len(names) >= 10, names
+    p = Pricing(CreditsConfig(credits_per_usd=1_000_000))
+    rate = p.rate("free", "balanced")
+    mismatches = []
+    for name in names:
+        entry = litellm.model_cost[name]
+        provider = entry["litellm_provider"]
+        model = name if name.startswith(provider + "/") else f"{provider}/{name}"
+        threshold = min(int(k.split("_above_")[1].split("k_")[0]) * 1000 for k in entry if "_above_" in k)
+        prompt = threshold + (50_000 if beyond else -1_000)
+        usage = Usage(prompt_tokens=prompt, completion_tokens=1000)
+        ours = p.to_micro(usd_cost(p.price(name, model), usage), rate)
+        assert p.to_micro(worst_case(p.price(name, model), prompt, 1000), rate) >= ours
+        lu = LiteLLMUsage(prompt_tokens=prompt, completion_tokens=1000, total_tokens=prompt + 1000)
+        prompt_usd, completion_usd = litellm.cost_per_token(
+            model=model, custom_llm_provider=provider, usage_object=lu
+        )
+        theirs = (Fraction(prompt_usd) + Fraction(completion_usd)) * UNITS_PER_USD
+        slack = max(Fraction(1, 10**3), theirs / 10**13)
+        if not (theirs - slack <= ours < theirs + 1 + slack):
+            mismatches.append((name, ours, float(theirs)))
+    assert not mismatches, f"{len(mismatches)} of {len(names)} models differ: {mismatches[:10]}"
