@@ -1,6 +1,6 @@
 """Benchmark: ledger hold+settle throughput, pre-call hook latency, and a pgbench baseline.
 
-    python bench/run.py            # 10 s per phase (about a minute and a half in all)
+    python bench/run.py            # 10 s per phase (about 80 s in all)
     python bench/run.py --quick    # 2 s per phase, a smoke run
 
 Runs against CREDITS_DATABASE_URL, else the local server at postgresql://postgres@127.0.0.1:5432/test,
@@ -60,6 +60,7 @@ async def main(args: argparse.Namespace) -> None:
     pgb_name = name + "_pgbench"
     await h.admin(server, f'CREATE DATABASE "{name}"')
     dsn = h.with_database(server, name)
+    runtime: Runtime | None = None
     try:
         conn = await asyncpg.connect(dsn)
         try:
@@ -91,11 +92,11 @@ async def main(args: argparse.Namespace) -> None:
             hot_cycles += subject == "bench-hot"
 
         spread = await h.measure(f"[1] ledger hold+settle, {SUBJECTS} subjects, {clients} callers",
-                               lambda: cycle(random.choice(subjects)),
-                               clients=clients, seconds=seconds, warmup=warmup)
+                                 lambda: cycle(random.choice(subjects)),
+                                 clients=clients, seconds=seconds, warmup=warmup)
         print(spread.line("cycles"))
         hot = await h.measure(f"[2] ledger hold+settle, 1 subject, {clients} callers",
-                            lambda: cycle("bench-hot"), clients=clients, seconds=seconds, warmup=warmup)
+                              lambda: cycle("bench-hot"), clients=clients, seconds=seconds, warmup=warmup)
         print(hot.line("cycles"))
 
         handler = CreditsHandler(runtime, deployments=lambda g: [])
@@ -107,7 +108,7 @@ async def main(args: argparse.Namespace) -> None:
         hook_phases = []
         for n in (1, clients):
             phase = await h.measure(f"[3] pre-call hook (get_account + hold), {n} caller(s)", pre_call,
-                                  clients=n, seconds=seconds, warmup=warmup)
+                                    clients=n, seconds=seconds, warmup=warmup)
             print(phase.line("calls"))
             hook_phases.append(phase)
 
@@ -119,6 +120,7 @@ async def main(args: argparse.Namespace) -> None:
               f"its {hot_cycles:,} settled cycles (balance {account.balance}, expected {expected}, "
               f"held {account.held})")
         await runtime.close()  # free the connections before pgbench opens its own
+        runtime = None
 
         exe = h.find_pgbench(tmp is not None)
         tps: float | None = None
@@ -132,7 +134,7 @@ async def main(args: argparse.Namespace) -> None:
 
         print("\n== summary")
         print("| figure | rate | p50 ms | p99 ms |\n|---|---:|---:|---:|")
-        for p, unit in ((spread, "cycles/s"), (hot, "cycles/s"), *((h, "calls/s") for h in hook_phases)):
+        for p, unit in ((spread, "cycles/s"), (hot, "cycles/s"), *((ph, "calls/s") for ph in hook_phases)):
             print(f"| {p.label[4:]} | {p.rate:,.1f} {unit} | {p.pct(0.5):.2f} | {p.pct(0.99):.2f} |")
         if tps:
             print(f"| pgbench -N, {clients} clients | {tps:,.1f} tps | | |")
@@ -140,6 +142,8 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"ratio, {p.label[4:]}: cycles/s ÷ pgbench tps = {p.rate / tps:.3f}; "
                       f"transactions/s (2 per cycle) ÷ pgbench tps = {2 * p.rate / tps:.3f}")
     finally:
+        if runtime is not None:
+            await runtime.close()
         for db_name in (name, pgb_name):
             await h.admin(server, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         if tmp is not None:
