@@ -57,12 +57,23 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset: nothing beyond asyncpg's own rollback of an open transaction.
+
+    The default reset (``RESET ALL``, ``UNLISTEN *``, ``pg_advisory_unlock_all()``, ...) is one more
+    round trip on every release, about a fifth of a ledger call's time (bench/RESULTS.md). This
+    package never changes session state on a pooled connection: it sets no variables, listens on
+    none, and releases its one advisory lock (migrations) in a ``finally``.
+    """
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20, **kwargs: Any) -> Pool:
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
+        reset=_keep_session,
         server_settings={"application_name": "litellm-credits", "timezone": "UTC"},
         **kwargs,
     )

@@ -138,6 +138,8 @@ WITH h AS (
 SELECT a.balance, a.charge, a.debits, (SELECT id FROM t) AS transaction_id FROM a
 """
 
+SQL_HOLD_EXPIRY = "SELECT expires_at FROM credits.holds WHERE subject_id = $1 AND id = $2"
+
 SQL_EXPIRED_HOLDS = """
 SELECT subject_id, id FROM credits.holds
 WHERE status = 'open' AND expires_at < now()
@@ -163,8 +165,10 @@ RETURNING {ACCOUNT_COLUMNS}
 
 SQL_DISCREPANCIES = "SELECT * FROM credits.v_ledger_discrepancies"
 
-# The database is unreachable, overloaded or restarting: the statement either never ran or rolled
-# back, so it may be tried again, and callers answer 503 rather than 500.
+# The database is unreachable, overloaded or restarting, and callers answer 503 rather than 500.
+# A statement may be tried again only if doing it twice is harmless: the commit may have happened
+# with its reply lost. Holds are keyed by their id and every other write here is guarded by a hold
+# status or an idempotency key, so the statements this module retries are all safe to repeat.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,  # class 08
     asyncpg.InterfaceError,
@@ -398,11 +402,17 @@ class Ledger:
     ) -> Hold:
         """Hold ``amount`` against the balance and the monthly cap, or raise a 402/403/404."""
         hold_id = hold_id or uuid.uuid4()
-        expires_at = await self._retry(
-            lambda: self.pool.fetchval(
-                SQL_HOLD, subject_id, hold_id, amount, debits, float(ttl_seconds), model, power_level
-            )
-        )
+
+        async def take() -> datetime | None:
+            try:
+                return await self.pool.fetchval(
+                    SQL_HOLD, subject_id, hold_id, amount, debits, float(ttl_seconds), model, power_level
+                )
+            except asyncpg.UniqueViolationError:
+                # a retry after a commit whose reply was lost: the hold exists, it is ours
+                return await self.pool.fetchval(SQL_HOLD_EXPIRY, subject_id, hold_id)
+
+        expires_at = await self._retry(take)
         if expires_at is not None:
             return Hold(hold_id, subject_id, amount, debits, expires_at)
         raise await self._refusal(subject_id, amount)

@@ -285,3 +285,14 @@ async def test_random_operations_match_a_model(ledger: Ledger, account: AccountF
         now = await ledger.require_account(subject)
         assert (now.balance, now.held, now.month_spend) == (balance, held, spend)
     await assert_sound(ledger, subject)
+
+
+async def test_retried_hold_is_taken_once(ledger: Ledger, account: AccountFactory) -> None:
+    """A hold retried after its commit's reply was lost (same id) reserves the amount once."""
+    subject = await account("10")
+    hold_id = uuid.uuid4()
+    first = await ledger.hold(subject, c("4"), ttl_seconds=60, hold_id=hold_id)
+    again = await ledger.hold(subject, c("4"), ttl_seconds=60, hold_id=hold_id)
+    assert again.expires_at == first.expires_at
+    assert (await ledger.require_account(subject)).held == c("4")
+    await assert_sound(ledger, subject)
