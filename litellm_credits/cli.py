@@ -99,7 +99,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                 raise CreditsError(f"unknown tier {tier!r}")
             cap = parse_credits(args.monthly_cap) if args.monthly_cap else None
             async with pool.acquire() as conn, conn.transaction():
-                account = await ledger.create_account(args.user_id, tier=tier, monthly_cap=cap)
+                account = await ledger.create_account(args.user_id, tier=tier, monthly_cap=cap, conn=conn)
                 issued = await auth.issue_key(conn, args.user_id, role="admin" if args.admin else "user")
             _print({**account.to_json(), "api_key": issued.key})
         elif args.command == "allocate":

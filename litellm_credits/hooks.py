@@ -29,13 +29,15 @@ from typing import Any
 from litellm.integrations.custom_logger import CustomLogger
 
 from .errors import CreditsError, InvalidRequest, PermissionDenied, ServiceUnavailable, to_proxy_exception
-from .ledger import UNAVAILABLE_ERRORS, Service, UsageRecord
+from .ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS, Service, UsageRecord
 from .pricing import ModelPrice, Usage, max_price, usd_cost, worst_case
 from .runtime import Runtime
 
 log = logging.getLogger("litellm_credits.hooks")
 
 HOLD_KEY = "credits_hold"
+MAX_OUTPUT_TOKENS = 10_000_000
+MAX_CHOICES = 128
 _RETRYABLE: tuple[type[BaseException], ...] = (ServiceUnavailable, *UNAVAILABLE_ERRORS)
 POWER_LEVEL_HEADER = "x-power-level"
 
@@ -118,6 +120,34 @@ class HoldSigner:
         return HoldClaim(uuid.UUID(hold_id), subject_id, Decimal(rate), power_level, service)
 
 
+def _metadata(data: dict) -> dict:
+    """The request's own metadata dict: ``litellm_metadata`` on routes where ``metadata`` is the
+    provider's parameter (Responses, Anthropic messages, batches), else ``metadata``."""
+    key = "litellm_metadata" if "litellm_metadata" in data else "metadata"
+    meta = data.get(key)
+    if meta is None:
+        meta = data[key] = {}
+    if not isinstance(meta, dict):
+        raise InvalidRequest(f"{key} must be an object", param=key)
+    return meta
+
+
+def _subject_id(value: Any, param: str) -> str:
+    subject = str(value)
+    if not 1 <= len(subject) <= 256 or any(ord(ch) < 32 or ord(ch) == 127 for ch in subject):
+        raise InvalidRequest("the account id must be 1 to 256 printable characters", param=param)
+    return subject
+
+
+def _choices(data: Mapping[str, Any]) -> int:
+    n = data.get("n")
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequest(f"n must be an integer from 1 to {MAX_CHOICES}", param="n")
+    return n
+
+
 def _get(obj: Any, name: str, default: Any = None) -> Any:
     if obj is None:
         return default
@@ -139,7 +169,8 @@ def usage_from_response(response: Any, kwargs: Mapping[str, Any], service: Servi
     elif service == "audio_speech":
         characters = len(str(kwargs.get("input") or ""))
     elif service == "audio_transcription":
-        duration = _get(response, "duration")
+        hidden = _get(response, "_hidden_params") or {}
+        duration = _get(hidden, "audio_transcription_duration") or _get(response, "duration")
         seconds = Decimal(str(duration)) if duration else Decimal(0)
     return Usage(
         prompt_tokens=int(_get(usage, "prompt_tokens") or 0),
@@ -178,8 +209,16 @@ class CreditsHandler(CustomLogger):
         if is_admin:
             # the master key acting for a customer (a trusted backend) names them in `user`
             user = data.get("user")
-            return str(user) if user else None
+            return _subject_id(user, "user") if user else None
         mode = self.runtime.settings.credits.subject
+        if mode == "end_user" and (_get(auth, "metadata") or {}).get("credits_role") not in (
+            "service",
+            "admin",
+        ):
+            # the end user is whatever the caller says it is: only a trusted backend may say it
+            raise PermissionDenied(
+                "billing by end user needs a service key (key metadata credits_role: service)"
+            )
         subject = {
             "user": _get(auth, "user_id"),
             "team": _get(auth, "team_id"),
@@ -188,12 +227,12 @@ class CreditsHandler(CustomLogger):
         }[mode]
         if not subject:
             raise PermissionDenied(f"this key has no {mode} to charge credits to")
-        return str(subject)
+        return _subject_id(subject, "user")
 
     # pricing -----------------------------------------------------------------------------
 
-    def _requested_power_level(self, data: Mapping[str, Any]) -> str | None:
-        metadata = data.get("metadata") or {}
+    def _requested_power_level(self, data: dict) -> str | None:
+        metadata = _metadata(data)
         if metadata.get("power_level"):
             return str(metadata["power_level"])
         headers = (data.get("proxy_server_request") or {}).get("headers") or {}
@@ -230,8 +269,12 @@ class CreditsHandler(CustomLogger):
         for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
             value = data.get(key)
             if value is not None:
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise InvalidRequest(f"{key} must be a non-negative integer", param=key)
+                if (
+                    not isinstance(value, int)
+                    or isinstance(value, bool)
+                    or not 0 <= value <= MAX_OUTPUT_TOKENS
+                ):
+                    raise InvalidRequest(f"{key} must be an integer from 0 to {MAX_OUTPUT_TOKENS}", param=key)
                 return value
         return None
 
@@ -244,6 +287,10 @@ class CreditsHandler(CustomLogger):
             return await self._pre_call(user_api_key_dict, data, str(call_type))
         except CreditsError as err:
             raise to_proxy_exception(err) from None
+        except INVALID_INPUT_ERRORS:
+            raise to_proxy_exception(
+                InvalidRequest("the request breaks a limit of the credit ledger")
+            ) from None
         except UNAVAILABLE_ERRORS as exc:
             # fail closed: without the ledger nothing can be held, so nothing is served
             log.error("litellm-credits: ledger unavailable in pre-call: %s", type(exc).__name__)
@@ -252,12 +299,12 @@ class CreditsHandler(CustomLogger):
             ) from None
 
     async def _pre_call(self, auth: Any, data: dict, call_type: str) -> dict:
+        metadata = _metadata(data)
+        metadata.pop(HOLD_KEY, None)  # never carry a client's value forward
         model_group = data.get("model")
         if not model_group:
             return data
         subject = self.subject_of(auth, data)
-        metadata = data.setdefault("metadata", {})
-        metadata.pop(HOLD_KEY, None)  # never carry a client's value forward
         if subject is None:
             return data
         service = _SERVICES.get(call_type.rsplit(".", 1)[-1], "other")
@@ -265,10 +312,16 @@ class CreditsHandler(CustomLogger):
         power_level = pricing.power_level(self._requested_power_level(data))
         price = self.group_price(str(model_group))
         output = pricing.output_cap(price, self._requested_output(data))
+        n = _choices(data)
         if service == "chat":
-            output *= max(1, int(data.get("n") or 1))  # every choice is billed
-        images = int(data.get("n") or 1) if service == "image" else 0
-        estimate_usd = worst_case(price, self._prompt_tokens(data, str(model_group), service), output, images)
+            output *= n  # every choice is billed
+        estimate_usd = worst_case(
+            price,
+            self._prompt_tokens(data, str(model_group), service),
+            output,
+            images=n if service == "image" else 0,
+            characters=len(str(data.get("input") or "")) if service == "audio_speech" else 0,
+        )
 
         ledger = await self.runtime.ledger()
         cfg = self.runtime.settings.credits
@@ -278,9 +331,14 @@ class CreditsHandler(CustomLogger):
                 subject, tier=cfg.default_tier, subject_type=cfg.subject, exist_ok=True
             )
         rate = pricing.rate(account.tier, power_level)
+        amount = pricing.to_micro(estimate_usd, rate)
+        if amount == 0 and not price.free:
+            # a priced call whose cost cannot be bounded up front (audio by duration, say) still
+            # needs a paying account: the smallest hold keeps an empty balance out
+            amount = 1
         hold = await ledger.hold(
             subject,
-            pricing.to_micro(estimate_usd, rate),
+            amount,
             ttl_seconds=cfg.holds.ttl_seconds,
             debits=not pricing.is_unlimited(account.tier),
             model=str(model_group),
@@ -289,11 +347,19 @@ class CreditsHandler(CustomLogger):
         metadata[HOLD_KEY] = self.signer.sign(HoldClaim(hold.id, subject, rate, power_level, service))
         return data
 
+    def _claim(self, container: Mapping[str, Any]) -> HoldClaim | None:
+        """The signed hold claim in a request's metadata (either name LiteLLM uses for it)."""
+        for key in ("metadata", "litellm_metadata"):
+            meta = container.get(key)
+            if isinstance(meta, Mapping) and HOLD_KEY in meta:
+                return self.signer.verify(meta[HOLD_KEY])
+        return None
+
     async def async_log_success_event(
         self, kwargs: dict, response_obj: Any, start_time: datetime, end_time: datetime
     ) -> None:
         params = kwargs.get("litellm_params") or {}
-        claim = self.signer.verify((params.get("metadata") or {}).get(HOLD_KEY))
+        claim = self._claim(params)
         if claim is None:
             return
         if kwargs.get("stream") and "async_complete_streaming_response" not in kwargs:
@@ -393,8 +459,13 @@ class CreditsHandler(CustomLogger):
         user_api_key_dict: Any,
         traceback_str: Any = None,
     ) -> None:
-        claim = self.signer.verify((request_data.get("metadata") or {}).get(HOLD_KEY))
+        claim = self._claim(request_data)
         if claim is None:
+            return
+        try:
+            if self.subject_of(user_api_key_dict, request_data) != claim.subject_id:
+                return  # only the caller who took a hold may release it
+        except CreditsError:
             return
         try:
             ledger = await self.runtime.ledger()

@@ -5,7 +5,9 @@ account row and appends the ledger row carrying the balance after it, so ``balan
 sum of the account's ledger rows at every commit. A hold is a pending transfer: taking it checks
 ``balance − held`` and the monthly cap in the same statement that raises ``held``, and it ends
 exactly once, because every way of ending it starts with ``UPDATE holds … WHERE status =
-'open'``, which a second or late attempt cannot pass.
+'open'``, which a second attempt cannot pass. One late path exists on purpose: a hold the sweeper
+released at its expiry can still be settled by usage that arrives after it (the upstream served
+the request), once; a voided or captured hold cannot.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ WITH a AS (
     UPDATE credits.credit_accounts a SET
         held        = a.held + CASE WHEN $4 THEN $3 ELSE 0 END,
         month_spend = {_MONTH_SPEND},
-        month_start = {_THIS_MONTH}
+        month_start = greatest(a.month_start, {_THIS_MONTH})
     WHERE a.subject_id = $1
       AND a.status = 'active'
       AND (NOT $4 OR $3 = 0 OR (
@@ -95,24 +97,32 @@ SELECT $2, a.subject_id, $3, $4, now() + make_interval(secs => $5), $6, $7 FROM 
 RETURNING expires_at
 """
 
-# Ends an open hold. $3 is the charge (NULL = the hold's own amount, i.e. capture; 0 = void).
+# Ends an open hold (or settles an expired one late). $3 is the charge (NULL = the hold's own
+# amount, i.e. capture; 0 = void).
 # $1 subject, $2 hold id, $3 charge, $4 hold status, $5 usage status, $6 service, $7 model,
 # $8 provider, $9 prompt, $10 completion, $11 cached, $12 reasoning, $13 cost, $14 latency ms,
 # $15 metadata
 SQL_RESOLVE = f"""
-WITH h AS (
+WITH prior AS (
+    SELECT status FROM credits.holds WHERE subject_id = $1 AND id = $2 FOR UPDATE
+), h AS (
     UPDATE credits.holds SET
         status = $4,
         resolved_at = now(),
         settled_amount = coalesce($3, amount)
-    WHERE subject_id = $1 AND id = $2 AND status = 'open'
-    RETURNING amount, debits, power_level, coalesce($3, amount) AS charge
+    FROM prior
+    WHERE subject_id = $1 AND id = $2
+      -- an open hold ends once; a hold the sweeper released (expired) may still be settled by
+      -- the usage that arrives late, since the upstream did serve it
+      AND (prior.status = 'open' OR ($4 = 'settled' AND prior.status = 'expired'))
+    RETURNING amount, debits, power_level, coalesce($3, amount) AS charge,
+              prior.status = 'open' AS was_open
 ), a AS (
     UPDATE credits.credit_accounts a SET
         balance     = a.balance - CASE WHEN h.debits THEN h.charge ELSE 0 END,
-        held        = a.held - CASE WHEN h.debits THEN h.amount ELSE 0 END,
+        held        = a.held - CASE WHEN h.debits AND h.was_open THEN h.amount ELSE 0 END,
         month_spend = {_MONTH_SPEND} + CASE WHEN h.debits THEN h.charge ELSE 0 END,
-        month_start = {_THIS_MONTH}
+        month_start = greatest(a.month_start, {_THIS_MONTH})
     FROM h
     WHERE a.subject_id = $1
     RETURNING a.balance, h.debits, h.charge, h.power_level
@@ -133,6 +143,13 @@ WITH h AS (
            coalesce($13, a.charge), CASE WHEN a.debits THEN a.charge ELSE 0 END, $14, $5,
            (SELECT id FROM t), $15
     FROM a
+    ON CONFLICT (subject_id, request_id) DO UPDATE SET
+        status = EXCLUDED.status, model = EXCLUDED.model, provider = EXCLUDED.provider,
+        prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
+        cached_tokens = EXCLUDED.cached_tokens, reasoning_tokens = EXCLUDED.reasoning_tokens,
+        cost = EXCLUDED.cost, charged = EXCLUDED.charged, latency_ms = EXCLUDED.latency_ms,
+        transaction_id = EXCLUDED.transaction_id,
+        metadata = credits.usage_events.metadata || EXCLUDED.metadata
     RETURNING id
 )
 SELECT a.balance, a.charge, a.debits, (SELECT id FROM t) AS transaction_id FROM a
@@ -176,6 +193,12 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, cannot connect now
     OSError,
     asyncio.TimeoutError,
+)
+# The input broke a constraint or a type's range (an id too long, an amount past bigint): a
+# 400 for the caller, without the database's wording.
+INVALID_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
 )
 _TRANSIENT = (
     *UNAVAILABLE_ERRORS,
@@ -338,8 +361,10 @@ class Ledger:
         subject_type: str = "user",
         display_name: str | None = None,
         exist_ok: bool = False,
+        conn: asyncpg.Connection | None = None,
     ) -> Account:
-        row = await self.pool.fetchrow(
+        """Open an account; ``conn`` runs it inside the caller's transaction."""
+        row = await (conn or self.pool).fetchrow(
             SQL_CREATE_ACCOUNT, subject_id, subject_type, tier, monthly_cap, display_name
         )
         if row is not None:
@@ -481,7 +506,8 @@ class Ledger:
     async def settle(
         self, subject_id: str, hold_id: uuid.UUID, charge: int, usage: UsageRecord
     ) -> Settlement | None:
-        """Charge the actual cost and end the hold; None if it had already ended."""
+        """Charge the actual cost and end the hold; None if it had already ended (an expired hold
+        is still settled: the usage is real)."""
         if charge < 0:
             raise InvalidRequest("charge cannot be negative")
         return await self._resolve(subject_id, hold_id, charge, "settled", "success", usage)
@@ -532,4 +558,13 @@ class Ledger:
         return [dict(r) for r in await self.pool.fetch(SQL_DISCREPANCIES)]
 
 
-__all__ = ["UNAVAILABLE_ERRORS", "Account", "Hold", "Ledger", "Settlement", "Transaction", "UsageRecord"]
+__all__ = [
+    "INVALID_INPUT_ERRORS",
+    "UNAVAILABLE_ERRORS",
+    "Account",
+    "Hold",
+    "Ledger",
+    "Settlement",
+    "Transaction",
+    "UsageRecord",
+]

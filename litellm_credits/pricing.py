@@ -185,7 +185,9 @@ def _usd_cost(price: ModelPrice, usage: Usage) -> Decimal:
     return cost
 
 
-def worst_case(price: ModelPrice, prompt_tokens: int, max_output_tokens: int, images: int = 0) -> Decimal:
+def worst_case(
+    price: ModelPrice, prompt_tokens: int, max_output_tokens: int, images: int = 0, characters: int = 0
+) -> Decimal:
     """The most ``prompt_tokens`` in and ``max_output_tokens`` out can cost at ``price``."""
     if price.free:
         return ZERO
@@ -205,6 +207,7 @@ def worst_case(price: ModelPrice, prompt_tokens: int, max_output_tokens: int, im
     with localcontext(EXACT):
         cost = prompt_tokens * max(in_rates, default=ZERO) + max_output_tokens * max(out_rates, default=ZERO)
         cost += images * ((price.input_cost_per_image or ZERO) + (price.output_cost_per_image or ZERO))
+        cost += characters * (price.input_cost_per_character or ZERO)
     return cost
 
 

@@ -239,3 +239,108 @@ async def test_every_choice_is_held(handler: CreditsHandler) -> None:
         held[n] = (await balance_of(handler, subject))[1]
     # 50 output tokens at 0.002 credits each, per choice
     assert held[3] - held[1] == c("0.2")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"n": "abc"}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 10_000}, "n"),
+        ({"max_tokens": 10**17}, "max_tokens"),
+        ({"max_tokens": "lots"}, "max_tokens"),
+        ({"metadata": "not-an-object"}, "metadata"),
+    ],
+)
+async def test_malformed_requests_are_400s(handler: CreditsHandler, extra: dict, param: str) -> None:
+    subject = await new_account(handler, "10")
+    with pytest.raises(ProxyException) as err:
+        await handler.async_pre_call_hook(auth(subject), None, {**request(), **extra}, "acompletion")
+    assert (err.value.code, err.value.type, err.value.param) == ("400", "invalid_request", param)
+    assert await balance_of(handler, subject) == (c("10"), 0)
+
+
+async def test_master_key_naming_an_impossible_account_is_a_400(handler: CreditsHandler) -> None:
+    for user in ("x" * 300, "bad\x00id"):
+        with pytest.raises(ProxyException) as err:
+            await handler.async_pre_call_hook(
+                auth(None, role="proxy_admin"), None, request(user=user), "acompletion"
+            )
+        assert (err.value.code, err.value.type) == ("400", "invalid_request")
+
+
+async def test_litellm_metadata_routes_carry_the_hold(handler: CreditsHandler) -> None:
+    """On /v1/responses and /v1/messages `metadata` is the provider's parameter: the hold rides in
+    `litellm_metadata`, which LiteLLM hands to the callbacks as litellm_params.metadata."""
+    subject = await new_account(handler, "10")
+    sent = request(metadata={"customer_field": "kept"}, litellm_metadata={})
+    data = await handler.async_pre_call_hook(auth(subject), None, sent, "aresponses")
+    assert data["metadata"] == {"customer_field": "kept"}  # nothing of ours goes upstream
+    assert HOLD_KEY in data["litellm_metadata"]
+    kwargs = success_kwargs({"model": "house", "metadata": data["litellm_metadata"]})
+    await handler.async_log_success_event(kwargs, response(100, 20), START, END)
+    assert await balance_of(handler, subject) == (c("10") - c("0.14"), 0)
+
+
+async def test_only_the_caller_can_release_its_hold(handler: CreditsHandler) -> None:
+    victim = await new_account(handler, "10")
+    data = await handler.async_pre_call_hook(auth(victim), None, request(), "acompletion")
+    other = await new_account(handler, "10")
+    await handler.async_post_call_failure_hook(data, RuntimeError(), auth(other))
+    assert (await balance_of(handler, victim))[1] > 0
+    await handler.async_post_call_failure_hook(data, RuntimeError(), auth(victim))
+    assert (await balance_of(handler, victim))[1] == 0
+
+
+async def test_end_user_billing_needs_a_trusted_key(settings: Settings) -> None:
+    rt = Runtime(
+        settings.model_copy(
+            update={"credits": CreditsConfig.model_validate({**CONFIG, "subject": "end_user"})}
+        )
+    )
+    end_user_handler = CreditsHandler(rt, deployments=lambda group: [])
+    try:
+        customer = await new_account(end_user_handler, "10")
+        plain = SimpleNamespace(
+            user_id="app",
+            team_id=None,
+            end_user_id=customer,
+            token="t",
+            user_role="internal_user",
+            metadata={},
+        )
+        with pytest.raises(ProxyException) as err:
+            await end_user_handler.async_pre_call_hook(plain, None, request(user=customer), "acompletion")
+        assert (err.value.code, err.value.type) == ("403", "permission_denied")
+        service = SimpleNamespace(**{**vars(plain), "metadata": {"credits_role": "service"}})
+        data = await end_user_handler.async_pre_call_hook(
+            service, None, request(user=customer), "acompletion"
+        )
+        assert end_user_handler.signer.verify(data["metadata"][HOLD_KEY]).subject_id == customer  # type: ignore[union-attr]
+    finally:
+        await rt.close()
+
+
+async def test_priced_call_with_no_upfront_estimate_still_needs_credits(settings: Settings) -> None:
+    cfg = {
+        **CONFIG,
+        "models": {
+            "whisper-house": {"input_cost_per_second": "0.0001"},
+            "tts-house": {"input_cost_per_character": "0.000015"},
+        },
+    }
+    rt = Runtime(settings.model_copy(update={"credits": CreditsConfig.model_validate(cfg)}))
+    h = CreditsHandler(rt, deployments=lambda group: [])
+    try:
+        empty = await new_account(h, "0")
+        with pytest.raises(ProxyException) as err:
+            await h.async_pre_call_hook(auth(empty), None, {"model": "whisper-house"}, "atranscription")
+        assert err.value.type == "insufficient_credits"
+        # speech is held by its characters: 1000 × 0.000015 USD × 1000 credits/USD = 15 credits
+        subject = await new_account(h, "20")
+        await h.async_pre_call_hook(
+            auth(subject), None, {"model": "tts-house", "input": "x" * 1000}, "aspeech"
+        )
+        assert (await balance_of(h, subject))[1] == c("15")
+    finally:
+        await rt.close()

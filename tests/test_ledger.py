@@ -208,8 +208,22 @@ async def test_sweeper_resolves_expired_holds(ledger: Ledger, account: AccountFa
     after = await ledger.require_account(subject)
     assert after.held == c("1")
     assert after.balance == (c("10") if policy == "void" else c("6"))
-    assert await ledger.settle(subject, stale.id, c("1"), USAGE) is None  # late callback: nothing
     assert await ledger.pool.fetchval("SELECT status FROM credits.holds WHERE id = $1", live.id) == "open"
+    await assert_sound(ledger, subject)
+    late = await ledger.settle(subject, stale.id, c("1"), USAGE)
+    if policy == "capture":
+        assert late is None  # the estimate was charged; nothing more
+    else:
+        # the upstream served it after all: the late usage is charged, once
+        assert late is not None and late.charged == c("1")
+        assert await ledger.settle(subject, stale.id, c("1"), USAGE) is None
+        event = await ledger.pool.fetchrow(
+            "SELECT status, charged FROM credits.usage_events WHERE request_id = $1", str(stale.id)
+        )
+        assert (event["status"], event["charged"]) == ("success", c("1"))
+    after = await ledger.require_account(subject)
+    assert after.held == c("1")
+    assert after.balance == (c("9") if policy == "void" else c("6"))
     await assert_sound(ledger, subject)
 
 

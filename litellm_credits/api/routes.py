@@ -20,7 +20,7 @@ from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
 
 from .. import auth as keys
 from ..errors import AccountNotFound, CreditsError, InvalidRequest, PermissionDenied, ServiceUnavailable
-from ..ledger import UNAVAILABLE_ERRORS
+from ..ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS
 from ..money import format_credits, micro_ceil
 from ..runtime import Runtime
 from . import schemas
@@ -76,6 +76,8 @@ class CreditsRoute(APIRoute):
                 response = _error(status, exc.type or "authentication_error", exc.message, exc.param)
             except HTTPException as exc:
                 response = _error(exc.status_code, "http_error", str(exc.detail))
+            except INVALID_INPUT_ERRORS:
+                response = _error(400, "invalid_request", "the request breaks a limit of the ledger")
             except UNAVAILABLE_ERRORS as exc:
                 log.error(
                     "litellm-credits: ledger unavailable on %s: %s", request.url.path, type(exc).__name__
@@ -143,7 +145,11 @@ def build_router(runtime: Runtime) -> APIRouter:
         ledger = await runtime.ledger()
         async with ledger.pool.acquire() as conn, conn.transaction():
             account = await ledger.create_account(
-                body.user_id, tier=tier, monthly_cap=body.monthly_cap, display_name=body.display_name
+                body.user_id,
+                tier=tier,
+                monthly_cap=body.monthly_cap,
+                display_name=body.display_name,
+                conn=conn,
             )
             issued = await keys.issue_key(conn, body.user_id)
         return {**account.to_json(), "api_key": issued.key}
