@@ -107,7 +107,7 @@ async def main(args: argparse.Namespace) -> None:
 
         hook_phases = []
         for n in (1, clients):
-            phase = await h.measure(f"[3] pre-call hook (get_account + hold), {n} caller(s)", pre_call,
+            phase = await h.measure(f"[3] pre-call hook (one hold statement), {n} caller(s)", pre_call,
                                     clients=n, seconds=seconds, warmup=warmup)
             print(phase.line("calls"))
             hook_phases.append(phase)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -28,8 +29,15 @@ from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
-from .errors import CreditsError, InvalidRequest, PermissionDenied, ServiceUnavailable, to_proxy_exception
-from .ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS, Service, UsageRecord
+from .errors import (
+    AccountNotFound,
+    CreditsError,
+    InvalidRequest,
+    PermissionDenied,
+    ServiceUnavailable,
+    to_proxy_exception,
+)
+from .ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS, Quote, Service, UsageRecord
 from .pricing import ModelPrice, Usage, max_price, usd_cost, worst_case
 from .runtime import Runtime
 
@@ -323,27 +331,34 @@ class CreditsHandler(CustomLogger):
             characters=len(str(data.get("input") or "")) if service == "audio_speech" else 0,
         )
 
-        ledger = await self.runtime.ledger()
         cfg = self.runtime.settings.credits
-        account = await ledger.get_account(subject)
-        if account is None:
-            account = await ledger.create_account(
-                subject, tier=cfg.default_tier, subject_type=cfg.subject, exist_ok=True
-            )
-        rate = pricing.rate(account.tier, power_level)
-        amount = pricing.to_micro(estimate_usd, rate)
-        if amount == 0 and not price.free:
-            # a priced call whose cost cannot be bounded up front (audio by duration, say) still
-            # needs a paying account: the smallest hold keeps an empty balance out
-            amount = 1
-        hold = await ledger.hold(
+        quotes = {}
+        for tier in cfg.tiers:
+            amount = pricing.to_micro(estimate_usd, pricing.rate(tier, power_level))
+            if amount == 0 and not price.free:
+                # a priced call whose cost cannot be bounded up front (audio by duration, say)
+                # still needs a paying account: the smallest hold keeps an empty balance out
+                amount = 1
+            quotes[tier] = Quote(amount, debits=not pricing.is_unlimited(tier))
+        ledger = await self.runtime.ledger()
+        take = functools.partial(
+            ledger.hold_quoted,
             subject,
-            amount,
+            quotes,
+            default_tier=cfg.default_tier,
             ttl_seconds=cfg.holds.ttl_seconds,
-            debits=not pricing.is_unlimited(account.tier),
             model=str(model_group),
             power_level=power_level,
         )
+        try:
+            hold = await take()
+        except AccountNotFound:
+            # first request of a subject LiteLLM knows: an empty account in the default tier
+            await ledger.create_account(
+                subject, tier=cfg.default_tier, subject_type=cfg.subject, exist_ok=True
+            )
+            hold = await take()
+        rate = pricing.rate(hold.tier, power_level)
         metadata[HOLD_KEY] = self.signer.sign(HoldClaim(hold.id, subject, rate, power_level, service))
         return data
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -78,23 +78,30 @@ SELECT id, subject_id, amount, balance_after, type, idempotency_key, description
 FROM credits.credit_transactions WHERE subject_id = $1 AND idempotency_key = $2
 """
 
-# $1 subject, $2 hold id, $3 amount, $4 debits, $5 ttl seconds, $6 model, $7 power level
+# Takes a hold in one statement. The amount depends on the account's tier (its markup, or no
+# debit at all on an unlimited tier), so the caller quotes every tier and the statement picks the
+# account's: $3 tiers, $4 amounts, $5 debits (parallel arrays), $6 the tier for unknown ones.
+# $1 subject, $2 hold id, $7 ttl seconds, $8 model, $9 power level
 SQL_HOLD = f"""
 WITH a AS (
     UPDATE credits.credit_accounts a SET
-        held        = a.held + CASE WHEN $4 THEN $3 ELSE 0 END,
+        held        = a.held + CASE WHEN q.debits THEN q.amount ELSE 0 END,
         month_spend = {_MONTH_SPEND},
         month_start = greatest(a.month_start, {_THIS_MONTH})
+    FROM unnest($3::text[], $4::bigint[], $5::boolean[]) AS q(tier, amount, debits)
     WHERE a.subject_id = $1
+      AND q.tier = CASE WHEN a.tier = ANY($3::text[]) THEN a.tier ELSE $6 END
       AND a.status = 'active'
-      AND (NOT $4 OR $3 = 0 OR (
-               a.balance - a.held >= $3
-           AND (a.monthly_cap IS NULL OR {_MONTH_SPEND} + a.held + $3 <= a.monthly_cap)))
-    RETURNING a.subject_id
+      AND (NOT q.debits OR q.amount = 0 OR (
+               a.balance - a.held >= q.amount
+           AND (a.monthly_cap IS NULL OR {_MONTH_SPEND} + a.held + q.amount <= a.monthly_cap)))
+    RETURNING a.subject_id, a.tier, q.amount, q.debits
+), h AS (
+    INSERT INTO credits.holds (id, subject_id, amount, debits, expires_at, model, power_level)
+    SELECT $2, a.subject_id, a.amount, a.debits, now() + make_interval(secs => $7), $8, $9 FROM a
+    RETURNING expires_at
 )
-INSERT INTO credits.holds (id, subject_id, amount, debits, expires_at, model, power_level)
-SELECT $2, a.subject_id, $3, $4, now() + make_interval(secs => $5), $6, $7 FROM a
-RETURNING expires_at
+SELECT h.expires_at, a.tier, a.amount, a.debits FROM h, a
 """
 
 # Ends an open hold (or settles an expired one late). $3 is the charge (NULL = the hold's own
@@ -155,7 +162,11 @@ WITH prior AS (
 SELECT a.balance, a.charge, a.debits, (SELECT id FROM t) AS transaction_id FROM a
 """
 
-SQL_HOLD_EXPIRY = "SELECT expires_at FROM credits.holds WHERE subject_id = $1 AND id = $2"
+SQL_HOLD_AGAIN = """
+SELECT h.expires_at, a.tier, h.amount, h.debits
+FROM credits.holds h JOIN credits.credit_accounts a USING (subject_id)
+WHERE h.subject_id = $1 AND h.id = $2
+"""
 
 SQL_EXPIRED_HOLDS = """
 SELECT subject_id, id FROM credits.holds
@@ -281,12 +292,21 @@ class Transaction:
 
 
 @dataclass(frozen=True)
+class Quote:
+    """What a request would hold on one tier: the amount, and whether the tier is debited."""
+
+    amount: int
+    debits: bool = True
+
+
+@dataclass(frozen=True)
 class Hold:
     id: uuid.UUID
     subject_id: str
     amount: int
     debits: bool
     expires_at: datetime
+    tier: str = ""
 
 
 @dataclass(frozen=True)
@@ -426,28 +446,55 @@ class Ledger:
         hold_id: uuid.UUID | None = None,
     ) -> Hold:
         """Hold ``amount`` against the balance and the monthly cap, or raise a 402/403/404."""
-        hold_id = hold_id or uuid.uuid4()
+        return await self.hold_quoted(
+            subject_id,
+            {"": Quote(amount, debits)},
+            default_tier="",
+            ttl_seconds=ttl_seconds,
+            model=model,
+            power_level=power_level,
+            hold_id=hold_id,
+        )
 
-        async def take() -> datetime | None:
+    async def hold_quoted(
+        self,
+        subject_id: str,
+        quotes: Mapping[str, Quote],
+        *,
+        default_tier: str,
+        ttl_seconds: int,
+        model: str | None = None,
+        power_level: str | None = None,
+        hold_id: uuid.UUID | None = None,
+    ) -> Hold:
+        """Hold the quote for the account's tier (``default_tier``'s for a tier not quoted)."""
+        hold_id = hold_id or uuid.uuid4()
+        tiers = list(quotes)
+        amounts = [q.amount for q in quotes.values()]
+        debits = [q.debits for q in quotes.values()]
+
+        async def take() -> asyncpg.Record | None:
             try:
-                return await self.pool.fetchval(
-                    SQL_HOLD, subject_id, hold_id, amount, debits, float(ttl_seconds), model, power_level
-                )
+                return await self.pool.fetchrow(
+                    SQL_HOLD, subject_id, hold_id, tiers, amounts, debits, default_tier,
+                    float(ttl_seconds), model, power_level,
+                )  # fmt: skip
             except asyncpg.UniqueViolationError:
                 # a retry after a commit whose reply was lost: the hold exists, it is ours
-                return await self.pool.fetchval(SQL_HOLD_EXPIRY, subject_id, hold_id)
+                return await self.pool.fetchrow(SQL_HOLD_AGAIN, subject_id, hold_id)
 
-        expires_at = await self._retry(take)
-        if expires_at is not None:
-            return Hold(hold_id, subject_id, amount, debits, expires_at)
-        raise await self._refusal(subject_id, amount)
+        row = await self._retry(take)
+        if row is not None:
+            return Hold(hold_id, subject_id, row["amount"], row["debits"], row["expires_at"], row["tier"])
+        raise await self._refusal(subject_id, quotes, default_tier)
 
-    async def _refusal(self, subject_id: str, amount: int) -> Exception:
+    async def _refusal(self, subject_id: str, quotes: Mapping[str, Quote], default_tier: str) -> Exception:
         account = await self.get_account(subject_id)
         if account is None:
             return AccountNotFound(f"no credit account {subject_id!r}", param="user")
         if account.status != "active":
             return AccountDisabled(f"credit account {subject_id!r} is disabled")
+        amount = quotes.get(account.tier, quotes[default_tier]).amount
         common = {
             "balance": format_credits(account.balance),
             "held": format_credits(account.held),

@@ -310,3 +310,20 @@ async def test_retried_hold_is_taken_once(ledger: Ledger, account: AccountFactor
     assert again.expires_at == first.expires_at
     assert (await ledger.require_account(subject)).held == c("4")
     await assert_sound(ledger, subject)
+
+
+async def test_hold_takes_the_quote_of_the_accounts_tier(ledger: Ledger, account: AccountFactory) -> None:
+    from litellm_credits.ledger import Quote
+
+    quotes = {"free": Quote(c("1")), "pro": Quote(c("1.1")), "sponsored": Quote(c("1"), debits=False)}
+    for tier, held, debits in [
+        ("free", c("1"), True),
+        ("pro", c("1.1"), True),
+        ("sponsored", 0, False),
+        ("retired-tier", c("1"), True),
+    ]:
+        subject = await account("5", tier=tier)
+        hold = await ledger.hold_quoted(subject, quotes, default_tier="free", ttl_seconds=60)
+        assert (hold.tier, hold.debits) == (tier, debits)
+        assert (await ledger.require_account(subject)).held == held
+        await assert_sound(ledger, subject)
