@@ -798,16 +798,27 @@ def test_parity_with_litellm_cost_per_token(counts: tuple[int, int, int, int, in
                 CompletionTokensDetailsWrapper(reasoning_tokens=reasoning) if reasoning else None
             ),
         )
-        prompt_usd, completion_usd = litellm.cost_per_token(
-            model=model, custom_llm_provider=provider, usage_object=litellm_usage
-        )
-        theirs = (Fraction(prompt_usd) + Fraction(completion_usd)) * UNITS_PER_USD
-        # ours is the exact cost rounded up; theirs is the same cost in binary floating point,
-        # off by a few ulps (a tiny fraction of a unit at these magnitudes)
-        slack = max(Fraction(1, 10**3), theirs / 10**13)
-        if not (theirs - slack <= ours < theirs + 1 + slack):
+        theirs = litellm_units(model, provider, litellm_usage)
+        if not agrees(ours, theirs):
             mismatches.append((name, ours, float(theirs)))
     assert not mismatches, f"{len(mismatches)} of {len(names)} models differ: {mismatches[:20]}"
+
+
+def litellm_units(model: str, provider: str, usage: Any) -> Fraction:
+    """LiteLLM's cost of ``usage`` in our smallest unit (float USD, taken exactly)."""
+    import litellm
+
+    prompt_usd, completion_usd = litellm.cost_per_token(
+        model=model, custom_llm_provider=provider, usage_object=usage
+    )
+    return (Fraction(prompt_usd) + Fraction(completion_usd)) * UNITS_PER_USD
+
+
+def agrees(ours: int, theirs: Fraction) -> bool:
+    """Ours is the exact cost rounded up; theirs is the same cost in binary floating point, off
+    by a few ulps (a tiny fraction of a unit at these magnitudes)."""
+    slack = max(Fraction(1, 10**3), theirs / 10**13)
+    return theirs - slack <= ours < theirs + 1 + slack
 
 
 def long_prompt_models() -> list[str]:
@@ -858,11 +869,7 @@ def test_long_prompt_tiers_match_litellm(beyond: bool, no_network: None) -> None
         ours = p.to_micro(usd_cost(p.price(name, model), usage), rate)
         assert p.to_micro(worst_case(p.price(name, model), prompt, 1000), rate) >= ours
         lu = LiteLLMUsage(prompt_tokens=prompt, completion_tokens=1000, total_tokens=prompt + 1000)
-        prompt_usd, completion_usd = litellm.cost_per_token(
-            model=model, custom_llm_provider=provider, usage_object=lu
-        )
-        theirs = (Fraction(prompt_usd) + Fraction(completion_usd)) * UNITS_PER_USD
-        slack = max(Fraction(1, 10**3), theirs / 10**13)
-        if not (theirs - slack <= ours < theirs + 1 + slack):
+        theirs = litellm_units(model, provider, lu)
+        if not agrees(ours, theirs):
             mismatches.append((name, ours, float(theirs)))
     assert not mismatches, f"{len(mismatches)} of {len(names)} models differ: {mismatches[:10]}"
