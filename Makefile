@@ -7,7 +7,7 @@ PORT   ?= 4000
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 export CREDITS_DATA_DIR ?= $(CURDIR)/.credits-data
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve stop-db test lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ install: $(VENV)/.installed
 
 serve: install  ## run the proxy with the plugin on 127.0.0.1:$(PORT), demo models, embedded database
 	$(BIN)/litellm-credits serve --config litellm_config.yaml --port $(PORT)
+
+stop-db: install  ## stop the embedded PostgreSQL that `make serve` started (it outlives the proxy)
+	$(BIN)/litellm-credits stop-db
 
 test: install  ## the whole suite against PostgreSQL (CREDITS_DATABASE_URL or embedded)
 	$(BIN)/pytest
