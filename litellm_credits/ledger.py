@@ -175,17 +175,6 @@ ORDER BY expires_at
 LIMIT $1
 """
 
-SQL_HISTORY = """
-SELECT id, subject_id, amount, balance_after, type, idempotency_key, hold_id, model, provider,
-       power_level, prompt_tokens, completion_tokens, description, metadata, created_at
-FROM credits.credit_transactions
-WHERE subject_id = $1
-ORDER BY created_at DESC, id DESC
-LIMIT $2 OFFSET $3
-"""
-
-SQL_HISTORY_COUNT = "SELECT count(*) FROM credits.credit_transactions WHERE subject_id = $1"
-
 SQL_SET_CAP = f"""
 UPDATE credits.credit_accounts a SET monthly_cap = $2 WHERE a.subject_id = $1
 RETURNING {ACCOUNT_COLUMNS}
@@ -591,14 +580,6 @@ class Ledger:
         return done
 
     # reads -------------------------------------------------------------------------------
-
-    async def transactions(
-        self, subject_id: str, *, limit: int, offset: int
-    ) -> tuple[list[Transaction], int]:
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(SQL_HISTORY, subject_id, limit, offset)
-            total = await conn.fetchval(SQL_HISTORY_COUNT, subject_id)
-        return [_transaction(r) for r in rows], total
 
     async def discrepancies(self) -> list[dict[str, Any]]:
         """Accounts whose balance or held amount disagrees with the ledger; empty when sound."""

@@ -25,7 +25,7 @@ def mount(app: object | None = None) -> None:
         app = proxy_app
     if getattr(app, "_litellm_credits_mounted", False):
         return
-    app.include_router(build_router(runtime))  # type: ignore[attr-defined]
+    app.include_router(build_router(runtime, handler.group_price))  # type: ignore[attr-defined]
     app._litellm_credits_mounted = True  # type: ignore[attr-defined]
 
 

@@ -1,5 +1,26 @@
-"""The credits API, mounted on the LiteLLM proxy."""
+"""The credits API, mounted on the LiteLLM proxy under ``/api/v1``."""
 
-from .routes import SECURITY_HEADERS, CreditsRoute, build_router
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import APIRouter
+
+from ..pricing import ModelPrice
+from ..runtime import Runtime
+from .admin import add_admin_routes
+from .routes import ERROR_RESPONSES, SECURITY_HEADERS, CreditsRoute
+from .user import add_user_routes
+
+
+def build_router(runtime: Runtime, price_of: Callable[[str], ModelPrice] | None = None) -> APIRouter:
+    """Every credits route; ``price_of`` prices a model group (the proxy's deployments)."""
+    router = APIRouter(
+        prefix="/api/v1", tags=["credits"], route_class=CreditsRoute, responses=ERROR_RESPONSES
+    )
+    add_admin_routes(router, runtime)
+    add_user_routes(router, runtime, price_of or runtime.pricing.price)
+    return router
+
 
 __all__ = ["SECURITY_HEADERS", "CreditsRoute", "build_router"]

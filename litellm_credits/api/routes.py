@@ -1,4 +1,4 @@
-"""HTTP routes mounted on the proxy: users read their own account, admins manage accounts.
+"""What every credits route shares: error mapping, security headers, who is calling.
 
 Every route answers errors in the OpenAI shape with a machine-readable ``type``, never a stack
 trace or SQL, and sets the security headers below.
@@ -11,18 +11,15 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import Depends, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from litellm.proxy._types import LitellmUserRoles, ProxyException
 from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
 
-from .. import auth as keys
-from ..errors import AccountNotFound, CreditsError, InvalidRequest, PermissionDenied, ServiceUnavailable
+from ..errors import CreditsError, InvalidRequest, PermissionDenied, ServiceUnavailable
 from ..ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS
-from ..money import format_credits, micro_ceil
-from ..runtime import Runtime
 from . import schemas
 
 log = logging.getLogger("litellm_credits.api")
@@ -112,7 +109,7 @@ async def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
     return caller
 
 
-def _target(caller: Caller, user_id: str | None) -> str:
+def target(caller: Caller, user_id: str | None) -> str:
     """The account a user route acts on: the caller's own, or any for an admin."""
     if user_id is not None and user_id != caller.subject_id:
         if not caller.is_admin:
@@ -130,74 +127,15 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=10_000_000)]
 
 
-def build_router(runtime: Runtime) -> APIRouter:
-    router = APIRouter(
-        prefix="/api/v1", tags=["credits"], route_class=CreditsRoute, responses=ERROR_RESPONSES
-    )
-
-    @router.post("/admin/credits/accounts", status_code=201, response_model=schemas.AccountCreated)
-    async def create_account(body: schemas.CreateAccount, _: AdminDep) -> dict[str, Any]:
-        """Create a credit account and its first API key (shown once)."""
-        cfg = runtime.settings.credits
-        tier = body.tier or cfg.default_tier
-        if tier not in cfg.tiers:
-            raise InvalidRequest(f"unknown tier {tier!r}; configured: {', '.join(cfg.tiers)}", param="tier")
-        ledger = await runtime.ledger()
-        async with ledger.pool.acquire() as conn, conn.transaction():
-            account = await ledger.create_account(
-                body.user_id,
-                tier=tier,
-                monthly_cap=body.monthly_cap,
-                display_name=body.display_name,
-                conn=conn,
-            )
-            issued = await keys.issue_key(conn, body.user_id)
-        return {**account.to_json(), "api_key": issued.key}
-
-    @router.post("/admin/credits/allocate", response_model=schemas.Allocated)
-    async def allocate(body: schemas.Allocate, _: AdminDep) -> dict[str, Any]:
-        """Add credits to an account (idempotent with ``idempotency_key``)."""
-        if body.amount > micro_ceil(runtime.settings.credits.max_amount):
-            raise InvalidRequest(
-                f"amount exceeds the maximum of {runtime.settings.credits.max_amount} credits", param="amount"
-            )
-        ledger = await runtime.ledger()
-        tx = await ledger.credit(
-            body.user_id,
-            body.amount,
-            type=body.type,
-            idempotency_key=body.idempotency_key,
-            description=body.reason,
-        )
-        return {
-            "user_id": body.user_id,
-            "balance": format_credits(tx.balance_after),
-            "transaction_id": tx.id,
-            "transaction": tx.to_json(),
-        }
-
-    @router.get("/credits/balance", response_model=schemas.Account)
-    async def balance(caller: CallerDep, user_id: UserIdQuery = None) -> dict[str, Any]:
-        """The caller's balance, held amount, tier and monthly cap."""
-        ledger = await runtime.ledger()
-        account = await ledger.get_account(_target(caller, user_id))
-        if account is None:
-            raise AccountNotFound("no credit account for this key", param="user_id")
-        return account.to_json()
-
-    @router.get("/credits/transactions", response_model=schemas.TransactionPage)
-    async def transactions(
-        caller: CallerDep,
-        limit: Limit = 50,
-        offset: Offset = 0,
-        user_id: UserIdQuery = None,
-    ) -> dict[str, Any]:
-        """The caller's ledger, newest first; amounts are signed decimal strings."""
-        ledger = await runtime.ledger()
-        items, total = await ledger.transactions(_target(caller, user_id), limit=limit, offset=offset)
-        return {"items": [t.to_json() for t in items], "total": total, "limit": limit, "offset": offset}
-
-    return router
-
-
-__all__ = ["SECURITY_HEADERS", "CreditsRoute", "build_router"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "SECURITY_HEADERS",
+    "AdminDep",
+    "Caller",
+    "CallerDep",
+    "CreditsRoute",
+    "Limit",
+    "Offset",
+    "UserIdQuery",
+    "target",
+]

@@ -123,6 +123,72 @@ class TransactionPage(BaseModel):
     offset: int
 
 
+class Balance(Account):
+    recent_transactions: list[Transaction] | None = Field(None, description="with include_history=true")
+
+
+class UsageTotals(BaseModel):
+    requests: int
+    succeeded: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: str = Field(description="full price of the usage, in credits")
+    charged: str = Field(description="what was debited (0 on unlimited tiers)")
+
+
+class DailyUsage(UsageTotals):
+    date: str
+
+
+class UsageStats(UsageTotals):
+    start: str
+    end: str
+    daily: list[DailyUsage]
+
+
+class UsageBreakdown(BaseModel):
+    start: str
+    end: str
+    items: list[dict[str, Any]] = Field(description="usage totals per model, power level or service")
+
+
+class SetMonthlyCap(_In):
+    monthly_cap: NonNegativeAmount | None = Field(
+        description="credits per calendar month (UTC); null removes it"
+    )
+
+
+class MonthlyCap(BaseModel):
+    user_id: str
+    monthly_cap: str | None
+    month_spend: str
+    held: str
+    remaining: str | None
+    resets_at: str
+
+
+TokenCount = Annotated[int, Field(ge=0, le=100_000_000)]
+
+
+class CalculateCost(_In):
+    model: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_text)]
+    prompt_tokens: TokenCount = 0
+    completion_tokens: TokenCount = 0
+    cached_tokens: TokenCount = 0
+    reasoning_tokens: TokenCount = 0
+    power_level: Literal["eco", "balanced", "precision"] | None = None
+
+
+class CostQuote(BaseModel):
+    model: str
+    cost: str = Field(description="credits, a decimal string")
+    usd: str = Field(description="the upstream price in USD, exact")
+    power_level: str
+    tier: str
+    free: bool
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -140,11 +206,18 @@ __all__ = [
     "AccountCreated",
     "Allocate",
     "Allocated",
+    "Balance",
+    "CalculateCost",
+    "CostQuote",
     "CreateAccount",
     "ErrorBody",
+    "MonthlyCap",
     "NonNegativeAmount",
     "PositiveAmount",
+    "SetMonthlyCap",
     "Transaction",
     "TransactionPage",
+    "UsageBreakdown",
+    "UsageStats",
     "format_credits",
 ]

@@ -1,0 +1,234 @@
+"""The credits API through the real proxy: history filters, export, usage, caps, price quotes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from datetime import date, timedelta
+
+import httpx
+import openai
+import pytest
+
+from litellm_credits.api.user import csv_cell
+
+from .conftest import Proxy
+
+pytestmark = pytest.mark.proxy
+
+
+def user_client(proxy: Proxy, key: str) -> httpx.Client:
+    return httpx.Client(base_url=proxy.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def call(proxy: Proxy, key: str, content: str, **extra: object) -> None:
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0) as oa:
+        oa.chat.completions.create(
+            model="fake-custom",
+            messages=[{"role": "user", "content": content}],
+            **{"max_tokens": 1000, **extra},
+        )
+
+
+def wait_for_usage(client: httpx.Client, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while client.get("/api/v1/credits/transactions", params={"type": "usage"}).json()["total"] < count:
+        assert time.monotonic() < deadline, "usage was not settled"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def busy_account(proxy: Proxy) -> tuple[str, str]:
+    """An account with two grants (one with a formula-like reason) and two settled requests."""
+    user, key = proxy.create_account("10")
+    with proxy.admin() as admin:
+        admin.post(
+            "/api/v1/admin/credits/allocate",
+            json={"user_id": user, "amount": "5", "type": "bonus", "reason": '=HYPERLINK("http://x","y")'},
+        ).raise_for_status()
+    call(proxy, key, "usage=1000,1000")  # 4.4 credits at balanced
+    call(proxy, key, "usage=1000,1000", extra_body={"metadata": {"power_level": "eco"}})  # 2.2
+    with user_client(proxy, key) as c:
+        wait_for_usage(c, 2)
+    return user, key
+
+
+def test_transaction_filters(proxy: Proxy, busy_account: tuple[str, str]) -> None:
+    _, key = busy_account
+    with user_client(proxy, key) as c:
+
+        def total(**params: object) -> int:
+            r = c.get("/api/v1/credits/transactions", params=params)
+            assert r.status_code == 200, r.text
+            return int(r.json()["total"])
+
+        assert total() == 4
+        assert total(type="usage") == 2
+        assert total(type="bonus") == 1
+        today = date.today()
+        assert total(start_date=today.isoformat()) == 4
+        assert total(start_date=(today + timedelta(days=1)).isoformat()) == 0
+        assert total(end_date=(today - timedelta(days=1)).isoformat()) == 0
+        assert total(end_date=today.isoformat(), type="allocation") == 1
+        bad = c.get("/api/v1/credits/transactions", params={"type": "theft"})
+        assert bad.status_code == 422 and bad.json()["error"]["type"] == "validation_error"
+
+
+def test_one_transaction_and_other_accounts(proxy: Proxy, busy_account: tuple[str, str]) -> None:
+    _, key = busy_account
+    _, other_key = proxy.create_account("1")
+    with user_client(proxy, key) as c, user_client(proxy, other_key) as other:
+        first = c.get("/api/v1/credits/transactions", params={"limit": 1}).json()["items"][0]
+        one = c.get(f"/api/v1/credits/transactions/{first['id']}")
+        assert one.status_code == 200 and one.json() == first
+        # another account's transaction id is not found, not forbidden: nothing is disclosed
+        r = other.get(f"/api/v1/credits/transactions/{first['id']}")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+        assert c.get("/api/v1/credits/transactions/abc").status_code == 422
+
+
+def test_csv_export_streams_the_ledger_safely(proxy: Proxy, busy_account: tuple[str, str]) -> None:
+    _, key = busy_account
+    with user_client(proxy, key) as c:
+        r = c.get("/api/v1/credits/transactions/export", params={"format": "csv"})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("text/csv")
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert "attachment" in r.headers["content-disposition"]
+        rows = list(csv.DictReader(io.StringIO(r.text)))
+        assert [row["type"] for row in rows] == ["allocation", "bonus", "usage", "usage"]
+        assert [row["amount"] for row in rows] == ["10.000000", "5.000000", "-4.400000", "-2.200000"]
+        assert rows[1]["description"] == '\'=HYPERLINK("http://x","y")'
+        assert rows[-1]["balance_after"] == "8.400000"
+        only_usage = c.get("/api/v1/credits/transactions/export", params={"type": "usage"})
+        assert len(list(csv.DictReader(io.StringIO(only_usage.text)))) == 2
+        assert c.get("/api/v1/credits/transactions/export", params={"format": "xlsx"}).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        ("=1+1", "'=1+1"),
+        ("+cmd", "'+cmd"),
+        ("-x", "'-x"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx", "'\tx"),
+        ("\rx", "'\rx"),
+        ("-4.400000", "-4.400000"),
+        ("plain", "plain"),
+        (None, ""),
+    ],
+)
+def test_csv_cells_never_start_a_formula(value: object, cell: str) -> None:
+    assert csv_cell(value) == cell
+
+
+def test_usage_statistics(proxy: Proxy, busy_account: tuple[str, str]) -> None:
+    _, key = busy_account
+    with user_client(proxy, key) as c:
+        stats = c.get("/api/v1/credits/usage/stats", params={"days": 7}).json()
+        assert (stats["requests"], stats["succeeded"], stats["failed"]) == (2, 2, 0)
+        assert (stats["prompt_tokens"], stats["completion_tokens"]) == (2000, 2000)
+        assert (stats["cost"], stats["charged"]) == ("6.600000", "6.600000")
+        assert [d["date"] for d in stats["daily"]] == [date.today().isoformat()]
+        by_level = c.get("/api/v1/credits/usage/by-power-level").json()["items"]
+        assert {i["power_level"]: i["charged"] for i in by_level} == {
+            "balanced": "4.400000",
+            "eco": "2.200000",
+        }
+        by_model = c.get("/api/v1/credits/usage/by-model").json()["items"]
+        assert [(i["model"], i["requests"]) for i in by_model] == [("fake-custom", 2)]
+        by_service = c.get("/api/v1/credits/usage/by-service").json()["items"]
+        assert [(i["service"], i["charged"]) for i in by_service] == [("chat", "6.600000")]
+        empty = c.get(
+            "/api/v1/credits/usage/stats", params={"start_date": "2020-01-01", "end_date": "2020-01-31"}
+        )
+        assert empty.json()["requests"] == 0 and empty.json()["charged"] == "0.000000"
+        assert c.get("/api/v1/credits/usage/stats", params={"days": 0}).status_code == 422
+
+
+def test_balance_with_history(proxy: Proxy, busy_account: tuple[str, str]) -> None:
+    _, key = busy_account
+    with user_client(proxy, key) as c:
+        plain = c.get("/api/v1/credits/balance").json()
+        assert "recent_transactions" not in plain
+        full = c.get("/api/v1/credits/balance", params={"include_history": "true"}).json()
+        assert full["balance"] == "8.400000"
+        assert [t["type"] for t in full["recent_transactions"]] == ["usage", "usage", "bonus", "allocation"]
+
+
+def test_monthly_cap_routes(proxy: Proxy) -> None:
+    user, key = proxy.create_account("100")
+    other, _ = proxy.create_account("1")
+    with user_client(proxy, key) as c:
+        assert c.get("/api/v1/credits/monthly-cap").json()["monthly_cap"] is None
+        r = c.post("/api/v1/credits/monthly-cap", json={"monthly_cap": "5"})
+        assert r.status_code == 200, r.text
+        assert (r.json()["monthly_cap"], r.json()["remaining"]) == ("5.000000", "5.000000")
+        call(proxy, key, "usage=1000,1000", max_tokens=100)  # 4.4
+        wait_for_usage(c, 1)
+        cap = c.get("/api/v1/credits/monthly-cap").json()
+        assert (cap["month_spend"], cap["remaining"]) == ("4.400000", "0.600000")
+        assert cap["resets_at"].endswith("T00:00:00+00:00")
+        with pytest.raises(openai.APIStatusError) as err:
+            call(proxy, key, "hi")
+        assert err.value.body["type"] == "monthly_cap_exceeded"  # type: ignore[index]
+        assert c.post("/api/v1/credits/monthly-cap", json={"monthly_cap": None}).json()["monthly_cap"] is None
+        for bad in ("-1", "1.0000001", "lots"):
+            assert c.post("/api/v1/credits/monthly-cap", json={"monthly_cap": bad}).status_code == 422
+        assert c.post("/api/v1/credits/monthly-cap", json={}).status_code == 422
+        forbidden = c.post(
+            "/api/v1/credits/monthly-cap", params={"user_id": other}, json={"monthly_cap": "0"}
+        )
+        assert forbidden.status_code == 403
+    assert user
+
+
+def test_calculate_cost_quotes_without_charging(proxy: Proxy) -> None:
+    _, key = proxy.create_account("1")
+    with user_client(proxy, key) as c:
+
+        def quote(**body: object) -> httpx.Response:
+            return c.post("/api/v1/credits/calculate-cost", json=body)
+
+        r = quote(model="fake-custom", prompt_tokens=1000, completion_tokens=1000)
+        assert r.status_code == 200, r.text
+        assert (r.json()["cost"], r.json()["usd"], r.json()["tier"]) == ("4.400000", "0.0044", "free")
+        costs = [
+            quote(model="fake-custom", prompt_tokens=1000, completion_tokens=1000, power_level=level).json()[
+                "cost"
+            ]
+            for level in ("eco", "balanced", "precision")
+        ]
+        assert costs == ["2.200000", "4.400000", "8.800000"]
+        assert (
+            quote(model="fake-free", prompt_tokens=10**6, completion_tokens=10**6).json()["cost"]
+            == "0.000000"
+        )
+        unpriced = quote(model="fake-unpriced", prompt_tokens=1)
+        assert unpriced.status_code == 400 and unpriced.json()["error"]["type"] == "model_not_priced"
+        assert quote(model="fake-custom", prompt_tokens=-1).status_code == 422
+        assert quote(model="fake-custom", power_level="turbo").status_code == 422
+        assert c.get("/api/v1/credits/balance").json()["balance"] == "1.000000"
+
+
+def test_every_route_is_documented(proxy: Proxy) -> None:
+    spec = httpx.get(proxy.url + "/openapi.json", timeout=30).json()
+    ours = {path for path in spec["paths"] if path.startswith("/api/v1/")}
+    assert {
+        "/api/v1/admin/credits/accounts",
+        "/api/v1/admin/credits/allocate",
+        "/api/v1/credits/balance",
+        "/api/v1/credits/transactions",
+        "/api/v1/credits/transactions/export",
+        "/api/v1/credits/transactions/{transaction_id}",
+        "/api/v1/credits/usage/stats",
+        "/api/v1/credits/usage/by-model",
+        "/api/v1/credits/usage/by-power-level",
+        "/api/v1/credits/usage/by-service",
+        "/api/v1/credits/monthly-cap",
+        "/api/v1/credits/calculate-cost",
+    } <= ours
+    allocate = spec["paths"]["/api/v1/admin/credits/allocate"]["post"]
+    assert "requestBody" in allocate and "200" in allocate["responses"]
