@@ -37,8 +37,9 @@ from .errors import (
     ServiceUnavailable,
     to_proxy_exception,
 )
-from .ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS, Quote, Service, UsageRecord
+from .ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS
 from .pricing import ModelPrice, Usage, max_price, usd_cost, worst_case
+from .records import Quote, Service, UsageRecord
 from .runtime import Runtime
 
 log = logging.getLogger("litellm_credits.hooks")

@@ -16,8 +16,6 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 import asyncpg
@@ -33,12 +31,12 @@ from .errors import (
     ServiceUnavailable,
 )
 from .money import format_credits
+from .records import Account, Hold, Quote, Settlement, Transaction, UsageRecord
 
 log = logging.getLogger("litellm_credits.ledger")
 T = TypeVar("T")
 
 CreditType = Literal["allocation", "bonus", "refund", "coupon", "adjustment"]
-Service = Literal["chat", "embedding", "image", "audio_speech", "audio_transcription", "search", "other"]
 
 # The month the spend counts, from the database clock; a write that sees an older month_start
 # starts the month from zero.
@@ -205,120 +203,6 @@ _TRANSIENT = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
 )
-
-
-@dataclass(frozen=True)
-class Account:
-    subject_id: str
-    subject_type: str
-    tier: str
-    balance: int
-    held: int
-    monthly_cap: int | None
-    month_spend: int
-    status: str
-    display_name: str | None
-    created_at: datetime
-    updated_at: datetime
-    resets_at: datetime
-
-    @property
-    def available(self) -> int:
-        return self.balance - self.held
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "user_id": self.subject_id,
-            "subject_type": self.subject_type,
-            "tier": self.tier,
-            "balance": format_credits(self.balance),
-            "held": format_credits(self.held),
-            "available": format_credits(self.available),
-            "monthly_cap": None if self.monthly_cap is None else format_credits(self.monthly_cap),
-            "month_spend": format_credits(self.month_spend),
-            "month_resets_at": self.resets_at.isoformat(),
-            "status": self.status,
-            "display_name": self.display_name,
-            "created_at": self.created_at.isoformat(),
-        }
-
-
-@dataclass(frozen=True)
-class Transaction:
-    id: int
-    subject_id: str
-    amount: int
-    balance_after: int
-    type: str
-    idempotency_key: str
-    description: str | None
-    created_at: datetime
-    hold_id: uuid.UUID | None = None
-    model: str | None = None
-    provider: str | None = None
-    power_level: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    metadata: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "user_id": self.subject_id,
-            "type": self.type,
-            "amount": format_credits(self.amount),
-            "balance_after": format_credits(self.balance_after),
-            "description": self.description,
-            "idempotency_key": self.idempotency_key,
-            "model": self.model,
-            "provider": self.provider,
-            "power_level": self.power_level,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "metadata": self.metadata or {},
-            "created_at": self.created_at.isoformat(),
-        }
-
-
-@dataclass(frozen=True)
-class Quote:
-    """What a request would hold on one tier: the amount, and whether the tier is debited."""
-
-    amount: int
-    debits: bool = True
-
-
-@dataclass(frozen=True)
-class Hold:
-    id: uuid.UUID
-    subject_id: str
-    amount: int
-    debits: bool
-    expires_at: datetime
-    tier: str = ""
-
-
-@dataclass(frozen=True)
-class Settlement:
-    balance: int
-    charged: int
-    transaction_id: int | None
-
-
-@dataclass(frozen=True)
-class UsageRecord:
-    """What a resolved hold records in ``usage_events``."""
-
-    service: Service = "chat"
-    model: str | None = None
-    provider: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost: int | None = None  # full price; defaults to the charge
-    latency_ms: int | None = None
-    metadata: dict[str, Any] | None = None
 
 
 def _account(row: asyncpg.Record) -> Account:
@@ -592,6 +476,7 @@ __all__ = [
     "Account",
     "Hold",
     "Ledger",
+    "Quote",
     "Settlement",
     "Transaction",
     "UsageRecord",
