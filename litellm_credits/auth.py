@@ -32,7 +32,16 @@ ROLE_USER = "user"
 SQL_INSERT_KEY = """
 INSERT INTO credits.api_keys (key_hash, subject_id, key_prefix, role, name)
 VALUES ($1, $2, $3, $4, $5)
+RETURNING id
 """
+KEY_COLUMNS = "id, subject_id, key_prefix, role, name, created_at, revoked_at"
+SQL_LIST_KEYS = f"SELECT {KEY_COLUMNS} FROM credits.api_keys WHERE subject_id = $1 ORDER BY id"
+SQL_REVOKE_KEY = f"""
+UPDATE credits.api_keys SET revoked_at = now()
+WHERE id = $1 AND revoked_at IS NULL
+RETURNING {KEY_COLUMNS}
+"""
+SQL_GET_KEY = f"SELECT {KEY_COLUMNS} FROM credits.api_keys WHERE id = $1"
 SQL_LOOKUP_KEY = """
 SELECT subject_id, role FROM credits.api_keys WHERE key_hash = $1 AND revoked_at IS NULL
 """
@@ -44,6 +53,7 @@ class IssuedKey:
     subject_id: str
     role: str
     prefix: str
+    id: int = 0
 
 
 def hash_key(key: str) -> bytes:
@@ -63,8 +73,40 @@ async def issue_key(
 ) -> IssuedKey:
     key = new_key()
     prefix = key[: len(KEY_PREFIX) + 6]
-    await conn.execute(SQL_INSERT_KEY, hash_key(key), subject_id, prefix, role, name)
-    return IssuedKey(key=key, subject_id=subject_id, role=role, prefix=prefix)
+    key_id = await conn.fetchval(SQL_INSERT_KEY, hash_key(key), subject_id, prefix, role, name)
+    return IssuedKey(key=key, subject_id=subject_id, role=role, prefix=prefix, id=key_id)
+
+
+def key_json(row: asyncpg.Record) -> dict[str, Any]:
+    """What may be shown of a key: never the key, only its id, prefix and state."""
+    return {
+        "id": row["id"],
+        "user_id": row["subject_id"],
+        "prefix": row["key_prefix"],
+        "role": row["role"],
+        "name": row["name"],
+        "created_at": row["created_at"].isoformat(),
+        "revoked_at": row["revoked_at"].isoformat() if row["revoked_at"] else None,
+    }
+
+
+async def list_keys(conn: asyncpg.Pool | asyncpg.Connection, subject_id: str) -> list[dict[str, Any]]:
+    return [key_json(r) for r in await conn.fetch(SQL_LIST_KEYS, subject_id)]
+
+
+async def revoke_key(conn: asyncpg.Pool | asyncpg.Connection, key_id: int) -> dict[str, Any] | None:
+    """Revoke a live key; None if there is no such live key."""
+    row = await conn.fetchrow(SQL_REVOKE_KEY, key_id)
+    return key_json(row) if row else None
+
+
+async def rotate_key(conn: asyncpg.Connection, key_id: int) -> IssuedKey | None:
+    """Revoke a live key and issue its successor (same account, role and name), atomically."""
+    async with conn.transaction():
+        row = await conn.fetchrow(SQL_REVOKE_KEY, key_id)
+        if row is None:
+            return None
+        return await issue_key(conn, row["subject_id"], role=row["role"], name=row["name"])
 
 
 async def lookup_key(conn: asyncpg.Pool | asyncpg.Connection, key: str) -> tuple[str, str] | None:

@@ -31,7 +31,7 @@ from .errors import (
     ServiceUnavailable,
 )
 from .money import format_credits
-from .records import Account, Hold, Quote, Settlement, Transaction, UsageRecord
+from .records import Account, Charge, Hold, Quote, Settlement, Transaction, UsageRecord
 
 log = logging.getLogger("litellm_credits.ledger")
 T = TypeVar("T")
@@ -70,6 +70,8 @@ INSERT INTO credits.credit_transactions
 SELECT $1, $2, a.balance, $3, $4, $5, $6 FROM a
 RETURNING id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
 """
+
+_CHARGE_NAMESPACE = uuid.UUID("6f1d3b8e-2c4a-4e7b-9a51-0c2f6d1e8b37")
 
 SQL_TX_BY_KEY = """
 SELECT id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
@@ -464,6 +466,48 @@ class Ledger:
         return done
 
     # reads -------------------------------------------------------------------------------
+
+    async def charge(
+        self,
+        subject_id: str,
+        quotes: Mapping[str, Quote],
+        *,
+        default_tier: str,
+        idempotency_key: str,
+        usage: UsageRecord,
+        power_level: str | None = None,
+    ) -> Charge:
+        """Charge a service used outside the proxy (search, speech, ...), idempotently.
+
+        It is a hold of exactly the amount, settled at once: the same checks (balance, monthly
+        cap, unlimited tiers) and the same records. The hold's id derives from the idempotency
+        key, so a retry finds the first attempt, finishes it if it was cut short, and never
+        charges twice; the same key with another amount is a conflict.
+        """
+        hold_id = uuid.uuid5(_CHARGE_NAMESPACE, f"{subject_id}\x00{idempotency_key}")
+        hold = await self.hold_quoted(
+            subject_id,
+            quotes,
+            default_tier=default_tier,
+            ttl_seconds=3600,
+            model=usage.model,
+            power_level=power_level,
+            hold_id=hold_id,
+        )
+        quoted = quotes.get(hold.tier, quotes[default_tier])
+        if hold.amount != quoted.amount:
+            raise Conflict("idempotency key already used for a different charge", param="idempotency_key")
+        settled = await self.settle(subject_id, hold_id, hold.amount, usage)
+        row = await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, f"hold:{hold_id}")
+        account = await self.require_account(subject_id)
+        return Charge(
+            hold_id=hold_id,
+            cost=hold.amount,
+            charged=hold.amount if hold.debits else 0,
+            balance=account.balance,
+            transaction=_transaction(row) if row else None,
+            replayed=settled is None,
+        )
 
     async def discrepancies(self) -> list[dict[str, Any]]:
         """Accounts whose balance or held amount disagrees with the ledger; empty when sound."""

@@ -126,4 +126,16 @@ class UsageRecord:
     metadata: dict[str, Any] | None = None
 
 
-__all__ = ["Account", "Hold", "Quote", "Service", "Settlement", "Transaction", "UsageRecord"]
+@dataclass(frozen=True)
+class Charge:
+    """A charge made outside the proxy; ``replayed`` when its idempotency key was seen before."""
+
+    hold_id: uuid.UUID
+    cost: int  # the price at the account's tier
+    charged: int  # what was debited (0 on an unlimited tier)
+    balance: int
+    transaction: Transaction | None
+    replayed: bool
+
+
+__all__ = ["Account", "Charge", "Hold", "Quote", "Service", "Settlement", "Transaction", "UsageRecord"]

@@ -232,3 +232,88 @@ def test_every_route_is_documented(proxy: Proxy) -> None:
     } <= ours
     allocate = spec["paths"]["/api/v1/admin/credits/allocate"]["post"]
     assert "requestBody" in allocate and "200" in allocate["responses"]
+
+
+def service_key(proxy: Proxy) -> str:
+    owner, _ = proxy.create_account("0")
+    with proxy.admin() as admin:
+        r = admin.post(
+            "/api/v1/admin/credits/keys", json={"user_id": owner, "role": "service", "name": "search"}
+        )
+        assert r.status_code == 201, r.text
+        return str(r.json()["api_key"])
+
+
+def test_services_outside_the_proxy_are_charged_once(proxy: Proxy) -> None:
+    user, key = proxy.create_account("10")
+    with user_client(proxy, service_key(proxy)) as svc, user_client(proxy, key) as me:
+        charge = {"user_id": user, "amount": "1.5", "idempotency_key": "search-0001", "service": "search"}
+        assert me.post("/api/v1/credits/deduct", json=charge).status_code == 403  # users cannot charge
+        first = svc.post("/api/v1/credits/deduct", json=charge)
+        assert first.status_code == 200, first.text
+        assert (first.json()["charged"], first.json()["balance"], first.json()["replayed"]) == (
+            "1.500000", "8.500000", False)  # fmt: skip
+        again = svc.post("/api/v1/credits/deduct", json=charge).json()
+        assert (again["charged"], again["balance"], again["replayed"]) == ("0.000000", "8.500000", True)
+        assert again["transaction_id"] == first.json()["transaction_id"]
+        other_amount = svc.post("/api/v1/credits/deduct", json={**charge, "amount": "2"})
+        assert other_amount.status_code == 409 and other_amount.json()["error"]["type"] == "conflict"
+        too_much = svc.post(
+            "/api/v1/credits/deduct", json={**charge, "idempotency_key": "big", "amount": "100"}
+        )
+        assert too_much.status_code == 402 and too_much.json()["error"]["type"] == "insufficient_credits"
+        usage = {"model": "fake-custom", "prompt_tokens": 1000, "completion_tokens": 1000}
+        priced = svc.post(
+            "/api/v1/credits/calculate-and-deduct",
+            json={"user_id": user, "idempotency_key": "tts-1", "service": "audio_speech", **usage},
+        )
+        assert priced.status_code == 200, priced.text
+        assert (priced.json()["cost"], priced.json()["charged"], priced.json()["balance"]) == (
+            "4.400000", "4.400000", "4.100000")  # fmt: skip
+        by_service = {
+            i["service"]: i["charged"] for i in me.get("/api/v1/credits/usage/by-service").json()["items"]
+        }
+        assert by_service == {"search": "1.500000", "audio_speech": "4.400000"}
+        history = me.get("/api/v1/credits/transactions", params={"type": "usage"}).json()
+        assert [t["amount"] for t in history["items"]] == ["-4.400000", "-1.500000"]
+        bad = svc.post("/api/v1/credits/deduct", json={**charge, "idempotency_key": "x", "amount": "-1"})
+        assert bad.status_code == 422
+
+
+def test_unlimited_accounts_are_metered_not_debited_by_services(proxy: Proxy) -> None:
+    user, _ = proxy.create_account("0", tier="sponsored")
+    with user_client(proxy, service_key(proxy)) as svc:
+        r = svc.post(
+            "/api/v1/credits/deduct",
+            json={"user_id": user, "amount": "3", "idempotency_key": "s-1", "service": "search"},
+        )
+        assert r.status_code == 200, r.text
+        assert (r.json()["cost"], r.json()["charged"], r.json()["balance"]) == (
+            "3.000000",
+            "0.000000",
+            "0.000000",
+        )
+
+
+def test_key_lifecycle(proxy: Proxy) -> None:
+    with proxy.admin() as admin:
+        user = "keys-" + str(time.monotonic_ns())
+        created = admin.post("/api/v1/admin/credits/accounts", json={"user_id": user}).json()
+        first_key, first_id = created["api_key"], created["key_id"]
+        listed = admin.get("/api/v1/admin/credits/keys", params={"user_id": user}).json()
+        assert [(k["id"], k["role"], k["revoked_at"]) for k in listed] == [(first_id, "user", None)]
+        assert "api_key" not in listed[0] and first_key not in str(listed)
+        rotated = admin.post(f"/api/v1/admin/credits/keys/{first_id}/rotate")
+        assert rotated.status_code == 201
+        second_key, second_id = rotated.json()["api_key"], rotated.json()["id"]
+        with user_client(proxy, first_key) as old, user_client(proxy, second_key) as new:
+            assert old.get("/api/v1/credits/balance").status_code == 401
+            assert new.get("/api/v1/credits/balance").json()["user_id"] == user
+            assert new.post("/api/v1/admin/credits/keys", json={"user_id": user}).status_code == 403
+            assert admin.post(f"/api/v1/admin/credits/keys/{second_id}/revoke").status_code == 200
+            assert new.get("/api/v1/credits/balance").status_code == 401
+        again = admin.post(f"/api/v1/admin/credits/keys/{second_id}/revoke")
+        assert again.status_code == 404 and again.json()["error"]["type"] == "not_found"
+        assert admin.post(f"/api/v1/admin/credits/keys/{first_id}/rotate").status_code == 404
+        missing = admin.post("/api/v1/admin/credits/keys", json={"user_id": "nobody-here"})
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "account_not_found"

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from ..pricing import ModelPrice
 from ..runtime import Runtime
 from .admin import add_admin_routes
+from .charges import add_charge_routes
 from .routes import ERROR_RESPONSES, SECURITY_HEADERS, CreditsRoute
 from .user import add_user_routes
 
@@ -19,7 +20,9 @@ def build_router(runtime: Runtime, price_of: Callable[[str], ModelPrice] | None 
         prefix="/api/v1", tags=["credits"], route_class=CreditsRoute, responses=ERROR_RESPONSES
     )
     add_admin_routes(router, runtime)
-    add_user_routes(router, runtime, price_of or runtime.pricing.price)
+    price_of = price_of or runtime.pricing.price
+    add_user_routes(router, runtime, price_of)
+    add_charge_routes(router, runtime, price_of)
     return router
 
 

@@ -1,17 +1,19 @@
-"""Admin routes: open accounts, allocate credits."""
+"""Admin routes: open accounts, allocate credits, issue, rotate and revoke keys."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path, Query
 
 from .. import auth as keys
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, NotFound
 from ..money import format_credits, micro_ceil
 from ..runtime import Runtime
 from . import schemas
 from .routes import AdminDep
+
+KeyId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
@@ -32,7 +34,7 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
                 conn=conn,
             )
             issued = await keys.issue_key(conn, body.user_id)
-        return {**account.to_json(), "api_key": issued.key}
+        return {**account.to_json(), "api_key": issued.key, "key_id": issued.id}
 
     @router.post("/admin/credits/allocate", response_model=schemas.Allocated)
     async def allocate(body: schemas.Allocate, _: AdminDep) -> dict[str, Any]:
@@ -55,6 +57,38 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
             "transaction_id": tx.id,
             "transaction": tx.to_json(),
         }
+
+    @router.post("/admin/credits/keys", status_code=201, response_model=schemas.KeyCreated)
+    async def create_key(body: schemas.CreateKey, _: AdminDep) -> dict[str, Any]:
+        """Issue another key for an account (shown once): a user, service or admin key."""
+        ledger = await runtime.ledger()
+        await ledger.require_account(body.user_id)
+        issued = await keys.issue_key(ledger.pool, body.user_id, role=body.role, name=body.name)
+        return {"id": issued.id, "user_id": issued.subject_id, "prefix": issued.prefix, "role": issued.role,
+                "api_key": issued.key}  # fmt: skip
+
+    @router.get("/admin/credits/keys", response_model=list[schemas.KeyInfo])
+    async def list_keys(_: AdminDep, user_id: Annotated[str, Query(max_length=256)]) -> list[dict[str, Any]]:
+        """An account's keys, live and revoked (never the keys themselves)."""
+        return await keys.list_keys((await runtime.ledger()).pool, user_id)
+
+    @router.post("/admin/credits/keys/{key_id}/revoke", response_model=schemas.KeyInfo)
+    async def revoke_key(key_id: KeyId, _: AdminDep) -> dict[str, Any]:
+        """Revoke a key at once."""
+        revoked = await keys.revoke_key((await runtime.ledger()).pool, key_id)
+        if revoked is None:
+            raise NotFound(f"no live key {key_id}", param="key_id")
+        return revoked
+
+    @router.post("/admin/credits/keys/{key_id}/rotate", status_code=201, response_model=schemas.KeyCreated)
+    async def rotate_key(key_id: KeyId, _: AdminDep) -> dict[str, Any]:
+        """Revoke a key and issue its successor in one transaction (the new key is shown once)."""
+        async with (await runtime.ledger()).pool.acquire() as conn:
+            issued = await keys.rotate_key(conn, key_id)
+        if issued is None:
+            raise NotFound(f"no live key {key_id}", param="key_id")
+        return {"id": issued.id, "user_id": issued.subject_id, "prefix": issued.prefix, "role": issued.role,
+                "api_key": issued.key}  # fmt: skip
 
 
 __all__ = ["add_admin_routes"]

@@ -94,13 +94,22 @@ class CreditsRoute(APIRoute):
 class Caller:
     subject_id: str | None
     is_admin: bool
+    # a backend that charges accounts for services outside the proxy
+    is_service: bool = False
 
 
 async def _caller(auth: Annotated[Any, Depends(user_api_key_auth)]) -> Caller:
     role = getattr(auth, "user_role", None)
     is_admin = role == LitellmUserRoles.PROXY_ADMIN or str(role) == "proxy_admin"
     subject = auth.user_id if auth.user_id not in (None, "default_user_id") else None
-    return Caller(subject_id=subject, is_admin=is_admin)
+    credits_role = (getattr(auth, "metadata", None) or {}).get("credits_role")
+    return Caller(subject_id=subject, is_admin=is_admin, is_service=is_admin or credits_role == "service")
+
+
+async def _service(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+    if not caller.is_service:
+        raise PermissionDenied("this route needs a service key or an admin key")
+    return caller
 
 
 async def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
@@ -122,6 +131,7 @@ def target(caller: Caller, user_id: str | None) -> str:
 
 CallerDep = Annotated[Caller, Depends(_caller)]
 AdminDep = Annotated[Caller, Depends(_admin)]
+ServiceDep = Annotated[Caller, Depends(_service)]
 UserIdQuery = Annotated[str | None, Query(max_length=256, description="admin only: act for this account")]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0, le=10_000_000)]
@@ -136,6 +146,7 @@ __all__ = [
     "CreditsRoute",
     "Limit",
     "Offset",
+    "ServiceDep",
     "UserIdQuery",
     "target",
 ]

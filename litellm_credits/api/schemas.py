@@ -90,6 +90,7 @@ class Account(BaseModel):
 
 class AccountCreated(Account):
     api_key: str = Field(description="shown once; only its hash is stored")
+    key_id: int
 
 
 class Transaction(BaseModel):
@@ -189,6 +190,70 @@ class CostQuote(BaseModel):
     free: bool
 
 
+Service = Literal["chat", "embedding", "image", "audio_speech", "audio_transcription", "search", "other"]
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_text)]
+
+
+class Deduct(_In):
+    user_id: SubjectId
+    amount: PositiveAmount = Field(description="credits to charge, a decimal string")
+    idempotency_key: IdempotencyKey = Field(description="the same key never charges twice")
+    service: Service = "other"
+    model: Annotated[str, Field(max_length=256), AfterValidator(_text)] | None = None
+    description: Text | None = None
+
+
+class CalculateAndDeduct(_In):
+    user_id: SubjectId
+    idempotency_key: IdempotencyKey
+    service: Service
+    model: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_text)]
+    prompt_tokens: TokenCount = 0
+    completion_tokens: TokenCount = 0
+    cached_tokens: TokenCount = 0
+    reasoning_tokens: TokenCount = 0
+    characters: TokenCount = Field(0, description="text-to-speech input characters")
+    seconds: Annotated[int, Field(ge=0, le=86_400)] = Field(0, description="speech-to-text audio seconds")
+    images: Annotated[int, Field(ge=0, le=1000)] = 0
+    power_level: Literal["eco", "balanced", "precision"] | None = None
+
+
+class Charged(BaseModel):
+    user_id: str
+    service: str
+    charged: str = Field(description="debited now (0 on unlimited tiers, or on a replay)")
+    cost: str = Field(description="the price of the usage")
+    balance: str
+    transaction_id: int | None
+    replayed: bool = Field(description="true when the idempotency key had been used: nothing new was charged")
+
+
+class CreateKey(_In):
+    user_id: SubjectId
+    role: Literal["user", "service", "admin"] = Field(
+        "user", description="service keys may charge accounts; admin keys may do everything"
+    )
+    name: Annotated[str, Field(max_length=200), AfterValidator(_text)] | None = None
+
+
+class KeyInfo(BaseModel):
+    id: int
+    user_id: str
+    prefix: str
+    role: str
+    name: str | None
+    created_at: str
+    revoked_at: str | None
+
+
+class KeyCreated(BaseModel):
+    id: int
+    user_id: str
+    prefix: str
+    role: str
+    api_key: str = Field(description="shown once; only its hash is stored")
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -207,10 +272,16 @@ __all__ = [
     "Allocate",
     "Allocated",
     "Balance",
+    "CalculateAndDeduct",
     "CalculateCost",
+    "Charged",
     "CostQuote",
     "CreateAccount",
+    "CreateKey",
+    "Deduct",
     "ErrorBody",
+    "KeyCreated",
+    "KeyInfo",
     "MonthlyCap",
     "NonNegativeAmount",
     "PositiveAmount",

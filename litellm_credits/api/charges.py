@@ -1,0 +1,92 @@
+"""Charging services used outside the proxy (search, text-to-speech, speech-to-text, ...).
+
+Only service keys and admin keys may charge, always for a named account and with an
+idempotency key; the charge goes through the same hold machinery as proxy traffic.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from fastapi import APIRouter
+
+from ..money import format_credits
+from ..pricing import Usage, usd_cost
+from ..records import Quote, UsageRecord
+from ..runtime import Runtime
+from . import schemas
+from .routes import ServiceDep
+from .user import PriceLookup
+
+
+def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) -> None:
+    async def charge(
+        user_id: str, key: str, quotes: dict[str, Quote], usage: UsageRecord, power_level: str | None = None
+    ) -> dict[str, Any]:
+        ledger = await runtime.ledger()
+        result = await ledger.charge(
+            user_id,
+            quotes,
+            default_tier=runtime.settings.credits.default_tier,
+            idempotency_key=key,
+            usage=usage,
+            power_level=power_level,
+        )
+        return {
+            "user_id": user_id,
+            "service": usage.service,
+            "charged": format_credits(0 if result.replayed else result.charged),
+            "cost": format_credits(result.cost),
+            "balance": format_credits(result.balance),
+            "transaction_id": result.transaction.id if result.transaction else None,
+            "replayed": result.replayed,
+        }
+
+    @router.post("/credits/deduct", response_model=schemas.Charged)
+    async def deduct(body: schemas.Deduct, _: ServiceDep) -> dict[str, Any]:
+        """Charge an exact amount for a service; 402 when it does not fit."""
+        pricing = runtime.pricing
+        quotes = {
+            t: Quote(body.amount, debits=not pricing.is_unlimited(t)) for t in runtime.settings.credits.tiers
+        }
+        usage = UsageRecord(
+            service=body.service,
+            model=body.model,
+            metadata={"description": body.description} if body.description else None,
+        )
+        return await charge(body.user_id, body.idempotency_key, quotes, usage)
+
+    @router.post("/credits/calculate-and-deduct", response_model=schemas.Charged)
+    async def calculate_and_deduct(body: schemas.CalculateAndDeduct, _: ServiceDep) -> dict[str, Any]:
+        """Price the usage of a service at the account's tier, then charge it; 402 when it does not fit."""
+        pricing = runtime.pricing
+        power_level = pricing.power_level(body.power_level)
+        usd = usd_cost(
+            price_of(body.model),
+            Usage(
+                prompt_tokens=body.prompt_tokens,
+                completion_tokens=body.completion_tokens,
+                cached_tokens=body.cached_tokens,
+                reasoning_tokens=body.reasoning_tokens,
+                characters=body.characters,
+                input_seconds=Decimal(body.seconds),
+                images=body.images,
+            ),
+        )
+        quotes = {
+            t: Quote(pricing.to_micro(usd, pricing.rate(t, power_level)), debits=not pricing.is_unlimited(t))
+            for t in runtime.settings.credits.tiers
+        }
+        usage = UsageRecord(
+            service=body.service,
+            model=body.model,
+            prompt_tokens=body.prompt_tokens,
+            completion_tokens=body.completion_tokens,
+            cached_tokens=body.cached_tokens,
+            reasoning_tokens=body.reasoning_tokens,
+        )
+        return await charge(body.user_id, body.idempotency_key, quotes, usage, power_level)
+
+
+__all__ = ["add_charge_routes"]
