@@ -9,7 +9,8 @@
     ├── Conflict                      409 conflict
     │   └── AccountExists             409 account_exists
     ├── InvalidRequest                400 invalid_request
-    │   └── ModelNotPriced            400 model_not_priced
+    │   ├── ModelNotPriced            400 model_not_priced
+    │   └── RefundTooLarge            400 refund_exceeds_charge
     ├── PaymentRequired               402 (abstract)
     │   ├── InsufficientCredits       402 insufficient_credits
     │   └── MonthlyCapExceeded        402 monthly_cap_exceeded
@@ -102,6 +103,10 @@ class MonthlyCapExceeded(PaymentRequired):
     type = "monthly_cap_exceeded"
 
 
+class RefundTooLarge(InvalidRequest):
+    type = "refund_exceeds_charge"
+
+
 class ServiceUnavailable(CreditsError):
     status = 503
     type = "service_unavailable"
@@ -142,6 +147,7 @@ __all__ = [
     "NotFound",
     "PaymentRequired",
     "PermissionDenied",
+    "RefundTooLarge",
     "ServiceUnavailable",
     "to_proxy_exception",
 ]

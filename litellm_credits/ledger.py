@@ -28,10 +28,12 @@ from .errors import (
     InsufficientCredits,
     InvalidRequest,
     MonthlyCapExceeded,
+    NotFound,
+    RefundTooLarge,
     ServiceUnavailable,
 )
 from .money import format_credits
-from .records import Account, Charge, Hold, Quote, Settlement, Transaction, UsageRecord
+from .records import Account, Hold, Quote, Settlement, Transaction, UsageRecord
 
 log = logging.getLogger("litellm_credits.ledger")
 T = TypeVar("T")
@@ -66,12 +68,17 @@ WITH a AS (
     RETURNING balance
 )
 INSERT INTO credits.credit_transactions
-    (subject_id, amount, balance_after, type, idempotency_key, description, metadata)
-SELECT $1, $2, a.balance, $3, $4, $5, $6 FROM a
+    (subject_id, amount, balance_after, type, idempotency_key, description, metadata, refund_of)
+SELECT $1, $2, a.balance, $3, $4, $5, $6, $7 FROM a
 RETURNING id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
 """
-
-_CHARGE_NAMESPACE = uuid.UUID("6f1d3b8e-2c4a-4e7b-9a51-0c2f6d1e8b37")
+SQL_LOCK_ACCOUNT = "SELECT balance FROM credits.credit_accounts WHERE subject_id = $1 FOR UPDATE"
+SQL_REFUNDABLE = """
+SELECT t.type,
+       -t.amount - coalesce((SELECT sum(r.amount) FROM credits.credit_transactions r
+                             WHERE r.subject_id = t.subject_id AND r.refund_of = t.id), 0) AS refundable
+FROM credits.credit_transactions t WHERE t.subject_id = $1 AND t.id = $2
+"""
 
 SQL_TX_BY_KEY = """
 SELECT id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
@@ -294,7 +301,7 @@ class Ledger:
         key = idempotency_key or f"{type}:{uuid.uuid4()}"
         try:
             row = await self.pool.fetchrow(
-                SQL_CREDIT, subject_id, amount, type, key, description, metadata or {}
+                SQL_CREDIT, subject_id, amount, type, key, description, metadata or {}, None
             )
         except asyncpg.UniqueViolationError:
             row = await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key)
@@ -306,6 +313,92 @@ class Ledger:
         if row is None:
             raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
         return _transaction(row)
+
+    async def refund(
+        self,
+        subject_id: str,
+        transaction_id: int,
+        amount: int | None = None,
+        *,
+        idempotency_key: str | None = None,
+        description: str | None = None,
+    ) -> Transaction:
+        """Give back (part of) a usage charge: never more than what is left of it to refund.
+
+        The account row is locked first, so two refunds of the same charge run one after the
+        other and the second sees the first.
+        """
+        key = idempotency_key or f"refund:{uuid.uuid4()}"
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval(SQL_LOCK_ACCOUNT, subject_id) is None:
+                raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+            replay = await conn.fetchrow(SQL_TX_BY_KEY, subject_id, key)
+            if replay is not None:
+                if replay["type"] != "refund" or (amount is not None and replay["amount"] != amount):
+                    raise Conflict(
+                        "idempotency key already used for a different request", param="idempotency_key"
+                    )
+                return _transaction(replay)
+            original = await conn.fetchrow(SQL_REFUNDABLE, subject_id, transaction_id)
+            if original is None:
+                raise NotFound(f"no transaction {transaction_id} on this account", param="transaction_id")
+            if original["type"] != "usage":
+                raise InvalidRequest("only usage can be refunded", param="transaction_id")
+            refundable = original["refundable"]
+            amount = refundable if amount is None else amount
+            if refundable <= 0:
+                raise Conflict("this charge has been refunded in full", param="transaction_id")
+            if not 0 < amount <= refundable:
+                raise RefundTooLarge(
+                    f"at most {format_credits(refundable)} of this charge can be refunded",
+                    param="amount",
+                    refundable=format_credits(refundable),
+                )
+            row = await conn.fetchrow(
+                SQL_CREDIT, subject_id, amount, "refund", key, description, {}, transaction_id
+            )
+        return _transaction(row)
+
+    async def credit_many(
+        self,
+        grants: Mapping[str, int],
+        *,
+        type: CreditType = "allocation",
+        description: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[Transaction]:
+        """Credit several accounts in one transaction: all of them, or (on any error) none.
+
+        Accounts are locked in sorted order, so concurrent bulk grants cannot deadlock. With an
+        idempotency key, a replay returns the first run's transactions.
+        """
+        if not grants or any(a <= 0 for a in grants.values()):
+            raise InvalidRequest("every amount must be positive", param="items")
+        keys = {s: f"{idempotency_key or 'bulk:' + str(uuid.uuid4())}:{s}" for s in grants}
+        async with self.pool.acquire() as conn, conn.transaction():
+            done = [await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s]) for s in sorted(grants)]
+            if all(done):
+                return [_transaction(r) for r in done if r]
+            if any(done):
+                raise Conflict(
+                    "idempotency key already used for a different request", param="idempotency_key"
+                )
+            rows, missing = [], []
+            for subject in sorted(grants):
+                row = await conn.fetchrow(
+                    SQL_CREDIT, subject, grants[subject], type, keys[subject], description, {}, None
+                )
+                if row is None:
+                    missing.append(subject)
+                else:
+                    rows.append(row)
+            if missing:
+                raise AccountNotFound(
+                    f"{len(missing)} of {len(grants)} accounts do not exist; nothing was credited",
+                    param="items",
+                    missing=missing,
+                )
+        return [_transaction(r) for r in rows]
 
     # holds -------------------------------------------------------------------------------
 
@@ -466,48 +559,6 @@ class Ledger:
         return done
 
     # reads -------------------------------------------------------------------------------
-
-    async def charge(
-        self,
-        subject_id: str,
-        quotes: Mapping[str, Quote],
-        *,
-        default_tier: str,
-        idempotency_key: str,
-        usage: UsageRecord,
-        power_level: str | None = None,
-    ) -> Charge:
-        """Charge a service used outside the proxy (search, speech, ...), idempotently.
-
-        It is a hold of exactly the amount, settled at once: the same checks (balance, monthly
-        cap, unlimited tiers) and the same records. The hold's id derives from the idempotency
-        key, so a retry finds the first attempt, finishes it if it was cut short, and never
-        charges twice; the same key with another amount is a conflict.
-        """
-        hold_id = uuid.uuid5(_CHARGE_NAMESPACE, f"{subject_id}\x00{idempotency_key}")
-        hold = await self.hold_quoted(
-            subject_id,
-            quotes,
-            default_tier=default_tier,
-            ttl_seconds=3600,
-            model=usage.model,
-            power_level=power_level,
-            hold_id=hold_id,
-        )
-        quoted = quotes.get(hold.tier, quotes[default_tier])
-        if hold.amount != quoted.amount:
-            raise Conflict("idempotency key already used for a different charge", param="idempotency_key")
-        settled = await self.settle(subject_id, hold_id, hold.amount, usage)
-        row = await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, f"hold:{hold_id}")
-        account = await self.require_account(subject_id)
-        return Charge(
-            hold_id=hold_id,
-            cost=hold.amount,
-            charged=hold.amount if hold.debits else 0,
-            balance=account.balance,
-            transaction=_transaction(row) if row else None,
-            replayed=settled is None,
-        )
 
     async def discrepancies(self) -> list[dict[str, Any]]:
         """Accounts whose balance or held amount disagrees with the ledger; empty when sound."""

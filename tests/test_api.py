@@ -317,3 +317,112 @@ def test_key_lifecycle(proxy: Proxy) -> None:
         assert admin.post(f"/api/v1/admin/credits/keys/{first_id}/rotate").status_code == 404
         missing = admin.post("/api/v1/admin/credits/keys", json={"user_id": "nobody-here"})
         assert missing.status_code == 404 and missing.json()["error"]["type"] == "account_not_found"
+
+
+def test_account_administration(proxy: Proxy) -> None:
+    tag = "adm" + str(time.monotonic_ns())
+    ids = []
+    with proxy.admin() as admin:
+        for i in range(3):
+            body = {
+                "user_id": f"{tag}-{i}",
+                "display_name": f"Team {tag} {i}",
+                "tier": "pro" if i == 2 else "free",
+            }
+            assert admin.post("/api/v1/admin/credits/accounts", json=body).status_code == 201
+            ids.append(body["user_id"])
+        page = admin.get("/api/v1/admin/credits/accounts", params={"search": tag, "limit": 2}).json()
+        assert page["total"] == 3 and len(page["items"]) == 2
+        assert (
+            admin.get("/api/v1/admin/credits/accounts", params={"search": tag, "tier": "pro"}).json()["total"]
+            == 1
+        )
+        # LIKE wildcards in the search are literal
+        assert admin.get("/api/v1/admin/credits/accounts", params={"search": tag + "%"}).json()["total"] == 0
+        one = admin.get(f"/api/v1/admin/credits/accounts/{ids[0]}").json()
+        assert (one["user_id"], one["tier"]) == (ids[0], "free")
+        changed = admin.patch(
+            f"/api/v1/admin/credits/accounts/{ids[0]}", json={"tier": "pro", "monthly_cap": "12"}
+        )
+        assert changed.status_code == 200, changed.text
+        assert (changed.json()["tier"], changed.json()["monthly_cap"], changed.json()["display_name"]) == (
+            "pro", "12.000000", f"Team {tag} 0")  # fmt: skip
+        uncapped = admin.patch(f"/api/v1/admin/credits/accounts/{ids[0]}", json={"monthly_cap": None}).json()
+        assert (uncapped["monthly_cap"], uncapped["tier"]) == (None, "pro")
+        bad_tier = admin.patch(f"/api/v1/admin/credits/accounts/{ids[0]}", json={"tier": "platinum"})
+        assert bad_tier.status_code == 400 and bad_tier.json()["error"]["param"] == "tier"
+        assert admin.get("/api/v1/admin/credits/accounts/nobody-at-all").status_code == 404
+        assert admin.post(f"/api/v1/admin/credits/accounts/{ids[1]}/disable").json()["status"] == "disabled"
+        disabled = admin.get("/api/v1/admin/credits/accounts", params={"search": tag, "status": "disabled"})
+        assert disabled.json()["total"] == 1
+        assert admin.post(f"/api/v1/admin/credits/accounts/{ids[1]}/enable").json()["status"] == "active"
+
+
+def test_disabled_accounts_cannot_spend(proxy: Proxy) -> None:
+    user, key = proxy.create_account("10")
+    with proxy.admin() as admin:
+        admin.post(f"/api/v1/admin/credits/accounts/{user}/disable").raise_for_status()
+        with pytest.raises(openai.PermissionDeniedError) as err:
+            call(proxy, key, "hi")
+        assert err.value.body["type"] == "account_disabled"  # type: ignore[index]
+        admin.post(f"/api/v1/admin/credits/accounts/{user}/enable").raise_for_status()
+    call(proxy, key, "hi")
+
+
+def test_refund_through_the_api(proxy: Proxy) -> None:
+    user, key = proxy.create_account("10")
+    call(proxy, key, "usage=1000,1000")  # 4.4
+    with user_client(proxy, key) as me, proxy.admin() as admin:
+        wait_for_usage(me, 1)
+        usage_id = me.get("/api/v1/credits/transactions", params={"type": "usage"}).json()["items"][0]["id"]
+        assert (
+            me.post(
+                "/api/v1/admin/credits/refund", json={"user_id": user, "transaction_id": usage_id}
+            ).status_code
+            == 403
+        )
+        part = admin.post(
+            "/api/v1/admin/credits/refund",
+            json={"user_id": user, "transaction_id": usage_id, "amount": "1.4", "reason": "slow answer"},
+        )
+        assert part.status_code == 200, part.text
+        assert (part.json()["balance"], part.json()["transaction"]["type"]) == ("7.000000", "refund")
+        over = admin.post(
+            "/api/v1/admin/credits/refund", json={"user_id": user, "transaction_id": usage_id, "amount": "5"}
+        )
+        assert over.status_code == 400 and over.json()["error"]["type"] == "refund_exceeds_charge"
+        assert over.json()["error"]["details"]["refundable"] == "3.000000"
+        rest = admin.post("/api/v1/admin/credits/refund", json={"user_id": user, "transaction_id": usage_id})
+        assert rest.json()["balance"] == "10.000000"
+        done = admin.post("/api/v1/admin/credits/refund", json={"user_id": user, "transaction_id": usage_id})
+        assert done.status_code == 409
+
+
+def test_bulk_allocate_all_or_nothing(proxy: Proxy) -> None:
+    a, _ = proxy.create_account("0")
+    b, _ = proxy.create_account("0")
+    with proxy.admin() as admin:
+        items = [{"user_id": a, "amount": "1.5"}, {"user_id": b, "amount": "2"}]
+        missing = admin.post(
+            "/api/v1/admin/credits/bulk-allocate",
+            json={"items": [*items, {"user_id": "no-such-user-x", "amount": "1"}]},
+        )
+        assert missing.status_code == 404
+        assert missing.json()["error"]["details"]["missing"] == ["no-such-user-x"]
+        assert admin.get(f"/api/v1/admin/credits/accounts/{a}").json()["balance"] == "0.000000"
+        ok = admin.post(
+            "/api/v1/admin/credits/bulk-allocate",
+            json={"items": items, "reason": "launch promo", "idempotency_key": "promo"},
+        )
+        assert ok.status_code == 200, ok.text
+        assert (ok.json()["count"], ok.json()["total"]) == (2, "3.500000")
+        replay = admin.post(
+            "/api/v1/admin/credits/bulk-allocate", json={"items": items, "idempotency_key": "promo"}
+        )
+        assert {i["transaction_id"] for i in replay.json()["items"]} == {
+            i["transaction_id"] for i in ok.json()["items"]
+        }
+        assert admin.get(f"/api/v1/admin/credits/accounts/{b}").json()["balance"] == "2.000000"
+        dup = admin.post("/api/v1/admin/credits/bulk-allocate", json={"items": [items[0], items[0]]})
+        assert dup.status_code == 422
+        assert admin.post("/api/v1/admin/credits/bulk-allocate", json={"items": []}).status_code == 422

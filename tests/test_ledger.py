@@ -14,7 +14,9 @@ from litellm_credits.errors import (
     AccountNotFound,
     Conflict,
     InsufficientCredits,
+    InvalidRequest,
     MonthlyCapExceeded,
+    NotFound,
 )
 from litellm_credits.ledger import Ledger, UsageRecord
 from litellm_credits.money import parse_credits as c
@@ -327,3 +329,75 @@ async def test_hold_takes_the_quote_of_the_accounts_tier(ledger: Ledger, account
         assert (hold.tier, hold.debits) == (tier, debits)
         assert (await ledger.require_account(subject)).held == held
         await assert_sound(ledger, subject)
+
+
+async def _charged(ledger: Ledger, subject: str, amount: int) -> int:
+    hold = await ledger.hold(subject, amount, ttl_seconds=60)
+    await ledger.settle(subject, hold.id, amount, USAGE)
+    return int(
+        await ledger.pool.fetchval(
+            "SELECT id FROM credits.credit_transactions WHERE hold_id = $1 AND subject_id = $2",
+            hold.id,
+            subject,
+        )
+    )
+
+
+async def test_refunds_never_exceed_the_charge(ledger: Ledger, account: AccountFactory) -> None:
+    from litellm_credits.errors import RefundTooLarge
+
+    subject = await account("10")
+    usage_id = await _charged(ledger, subject, c("4"))
+    part = await ledger.refund(subject, usage_id, c("1.5"), description="partial")
+    assert (part.type, part.amount, part.balance_after) == ("refund", c("1.5"), c("7.5"))
+    with pytest.raises(RefundTooLarge) as err:
+        await ledger.refund(subject, usage_id, c("3"))
+    assert err.value.details["refundable"] == "2.500000"
+    rest = await ledger.refund(subject, usage_id)  # the remainder
+    assert rest.amount == c("2.5")
+    with pytest.raises(Conflict):
+        await ledger.refund(subject, usage_id)
+    allocation_id = await ledger.pool.fetchval(
+        "SELECT id FROM credits.credit_transactions WHERE subject_id = $1 AND type = 'allocation'", subject
+    )
+    with pytest.raises(InvalidRequest):
+        await ledger.refund(subject, allocation_id)
+    other = await account("1")
+    with pytest.raises(NotFound):
+        await ledger.refund(other, usage_id)  # another account's charge does not exist for it
+    await assert_sound(ledger, subject)
+
+
+async def test_concurrent_refunds_of_one_charge_pay_once(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("10")
+    usage_id = await _charged(ledger, subject, c("4"))
+    results = await asyncio.gather(
+        *(ledger.refund(subject, usage_id) for _ in range(8)), return_exceptions=True
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    assert all(isinstance(r, Conflict) for r in results if isinstance(r, BaseException))
+    assert (await ledger.require_account(subject)).balance == c("10")
+    await assert_sound(ledger, subject)
+
+
+async def test_refund_replay_by_idempotency_key(ledger: Ledger, account: AccountFactory) -> None:
+    subject = await account("10")
+    usage_id = await _charged(ledger, subject, c("4"))
+    first = await ledger.refund(subject, usage_id, c("1"), idempotency_key="ticket-17")
+    again = await ledger.refund(subject, usage_id, c("1"), idempotency_key="ticket-17")
+    assert again.id == first.id
+    assert (await ledger.require_account(subject)).balance == c("7")
+
+
+async def test_bulk_credit_is_all_or_nothing(ledger: Ledger, account: AccountFactory) -> None:
+    a, b = await account("0"), await account("0")
+    with pytest.raises(AccountNotFound) as err:
+        await ledger.credit_many({a: c("1"), b: c("2"), "ghost-" + uuid.uuid4().hex: c("3")})
+    assert len(err.value.details["missing"]) == 1
+    assert (await ledger.require_account(a)).balance == 0  # nothing was credited
+    txs = await ledger.credit_many({a: c("1"), b: c("2")}, idempotency_key="promo-1")
+    assert sorted(t.amount for t in txs) == [c("1"), c("2")]
+    again = await ledger.credit_many({a: c("1"), b: c("2")}, idempotency_key="promo-1")
+    assert {t.id for t in again} == {t.id for t in txs}
+    assert (await ledger.require_account(b)).balance == c("2")
+    await assert_sound(ledger, a)

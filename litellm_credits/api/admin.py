@@ -1,19 +1,21 @@
-"""Admin routes: open accounts, allocate credits, issue, rotate and revoke keys."""
+"""Admin routes: accounts, allocations (single and bulk), refunds, keys."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
 
 from .. import auth as keys
+from ..accounts import Accounts
 from ..errors import InvalidRequest, NotFound
 from ..money import format_credits, micro_ceil
 from ..runtime import Runtime
 from . import schemas
-from .routes import AdminDep
+from .routes import AdminDep, Limit, Offset
 
 KeyId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
 
 
 def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
@@ -89,6 +91,101 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
             raise NotFound(f"no live key {key_id}", param="key_id")
         return {"id": issued.id, "user_id": issued.subject_id, "prefix": issued.prefix, "role": issued.role,
                 "api_key": issued.key}  # fmt: skip
+
+    async def accounts() -> Accounts:
+        return Accounts((await runtime.ledger()).pool)
+
+    def check_tier(tier: str) -> None:
+        if tier not in runtime.settings.credits.tiers:
+            configured = ", ".join(runtime.settings.credits.tiers)
+            raise InvalidRequest(f"unknown tier {tier!r}; configured: {configured}", param="tier")
+
+    @router.get("/admin/credits/accounts", response_model=schemas.AccountPage)
+    async def list_accounts(
+        _: AdminDep,
+        search: Annotated[str | None, Query(max_length=256, description="part of the id or name")] = None,
+        tier: Annotated[str | None, Query(max_length=64)] = None,
+        status: Annotated[Literal["active", "disabled"] | None, Query()] = None,
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """Accounts, newest first, filtered by text, tier and status."""
+        items, total = await (await accounts()).search(
+            text=search, tier=tier, status=status, limit=limit, offset=offset
+        )
+        return {"items": [a.to_json() for a in items], "total": total, "limit": limit, "offset": offset}
+
+    @router.get("/admin/credits/accounts/{user_id}", response_model=schemas.Account)
+    async def get_account(user_id: UserIdPath, _: AdminDep) -> dict[str, Any]:
+        return (await (await runtime.ledger()).require_account(user_id)).to_json()
+
+    @router.patch("/admin/credits/accounts/{user_id}", response_model=schemas.Account)
+    async def update_account(user_id: UserIdPath, body: schemas.UpdateAccount, _: AdminDep) -> dict[str, Any]:
+        """Change tier, monthly cap, status or display name; only the fields sent change."""
+        changes = {f: getattr(body, f) for f in body.model_fields_set}
+        for field in ("tier", "status"):
+            if field in changes and changes[field] is None:
+                raise InvalidRequest(f"{field} cannot be null", param=field)
+        if "tier" in changes:
+            check_tier(changes["tier"])
+        return (await (await accounts()).update(user_id, **changes)).to_json()
+
+    @router.post("/admin/credits/accounts/{user_id}/disable", response_model=schemas.Account)
+    async def disable_account(user_id: UserIdPath, _: AdminDep) -> dict[str, Any]:
+        """Refuse the account's requests (open holds still settle); its keys stay valid."""
+        return (await (await accounts()).update(user_id, status="disabled")).to_json()
+
+    @router.post("/admin/credits/accounts/{user_id}/enable", response_model=schemas.Account)
+    async def enable_account(user_id: UserIdPath, _: AdminDep) -> dict[str, Any]:
+        return (await (await accounts()).update(user_id, status="active")).to_json()
+
+    @router.post("/admin/credits/refund", response_model=schemas.Refunded)
+    async def refund(body: schemas.Refund, _: AdminDep) -> dict[str, Any]:
+        """Refund (part of) a usage charge, never more than is left of it."""
+        ledger = await runtime.ledger()
+        tx = await ledger.refund(
+            body.user_id,
+            body.transaction_id,
+            body.amount,
+            idempotency_key=body.idempotency_key,
+            description=body.reason,
+        )
+        return {
+            "user_id": body.user_id,
+            "balance": format_credits(tx.balance_after),
+            "transaction_id": tx.id,
+            "transaction": tx.to_json(),
+        }
+
+    @router.post("/admin/credits/bulk-allocate", response_model=schemas.BulkAllocated)
+    async def bulk_allocate(body: schemas.BulkAllocate, _: AdminDep) -> dict[str, Any]:
+        """Credit many accounts in one transaction: all of them, or none (404 lists the missing)."""
+        limit = micro_ceil(runtime.settings.credits.max_amount)
+        too_big = [g.user_id for g in body.items if g.amount > limit]
+        if too_big:
+            raise InvalidRequest(
+                f"amounts above the maximum of {runtime.settings.credits.max_amount} credits", param="items"
+            )
+        ledger = await runtime.ledger()
+        txs = await ledger.credit_many(
+            {g.user_id: g.amount for g in body.items},
+            type=body.type,
+            description=body.reason,
+            idempotency_key=body.idempotency_key,
+        )
+        return {
+            "count": len(txs),
+            "total": format_credits(sum(t.amount for t in txs)),
+            "items": [
+                {
+                    "user_id": t.subject_id,
+                    "amount": format_credits(t.amount),
+                    "balance": format_credits(t.balance_after),
+                    "transaction_id": t.id,
+                }
+                for t in txs
+            ],
+        }
 
 
 __all__ = ["add_admin_routes"]

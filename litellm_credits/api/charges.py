@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from .. import charges
 from ..money import format_credits
 from ..pricing import Usage, usd_cost
 from ..records import Quote, UsageRecord
@@ -25,7 +26,8 @@ def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup
         user_id: str, key: str, quotes: dict[str, Quote], usage: UsageRecord, power_level: str | None = None
     ) -> dict[str, Any]:
         ledger = await runtime.ledger()
-        result = await ledger.charge(
+        result = await charges.charge(
+            ledger,
             user_id,
             quotes,
             default_tier=runtime.settings.credits.default_tier,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ..money import AmountError, format_credits, parse_credits
 
@@ -254,6 +254,69 @@ class KeyCreated(BaseModel):
     api_key: str = Field(description="shown once; only its hash is stored")
 
 
+class UpdateAccount(_In):
+    """Only the fields sent change; ``"monthly_cap": null`` removes the cap."""
+
+    tier: Tier | None = None
+    monthly_cap: NonNegativeAmount | None = None
+    status: Literal["active", "disabled"] | None = None
+    display_name: Text | None = None
+
+
+class AccountPage(BaseModel):
+    items: list[Account]
+    total: int
+    limit: int
+    offset: int
+
+
+class Refund(_In):
+    user_id: SubjectId
+    transaction_id: Annotated[int, Field(ge=1, le=2**63 - 1, description="the usage charge to refund")]
+    amount: PositiveAmount | None = Field(None, description="default: all that is left to refund")
+    reason: Text | None = None
+    idempotency_key: IdempotencyKey | None = None
+
+
+class Refunded(BaseModel):
+    user_id: str
+    balance: str
+    transaction_id: int
+    transaction: Transaction
+
+
+class Grant(_In):
+    user_id: SubjectId
+    amount: PositiveAmount
+
+
+class BulkAllocate(_In):
+    items: Annotated[list[Grant], Field(min_length=1, max_length=1000)]
+    reason: Text | None = None
+    type: Literal["allocation", "bonus"] = "allocation"
+    idempotency_key: IdempotencyKey | None = None
+
+    @model_validator(mode="after")
+    def _unique(self) -> BulkAllocate:
+        ids = [g.user_id for g in self.items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("each user_id may appear once")
+        return self
+
+
+class Granted(BaseModel):
+    user_id: str
+    amount: str
+    balance: str
+    transaction_id: int
+
+
+class BulkAllocated(BaseModel):
+    count: int
+    total: str
+    items: list[Granted]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -269,9 +332,12 @@ class ErrorBody(BaseModel):
 __all__ = [
     "Account",
     "AccountCreated",
+    "AccountPage",
     "Allocate",
     "Allocated",
     "Balance",
+    "BulkAllocate",
+    "BulkAllocated",
     "CalculateAndDeduct",
     "CalculateCost",
     "Charged",
@@ -285,9 +351,12 @@ __all__ = [
     "MonthlyCap",
     "NonNegativeAmount",
     "PositiveAmount",
+    "Refund",
+    "Refunded",
     "SetMonthlyCap",
     "Transaction",
     "TransactionPage",
+    "UpdateAccount",
     "UsageBreakdown",
     "UsageStats",
     "format_credits",
