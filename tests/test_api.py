@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import time
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 import httpx
 import openai
 import pytest
 
 from litellm_credits.api.user import csv_cell
+from litellm_credits.ledger import Ledger
 
 from .conftest import Proxy
 
@@ -426,3 +427,56 @@ def test_bulk_allocate_all_or_nothing(proxy: Proxy) -> None:
         dup = admin.post("/api/v1/admin/credits/bulk-allocate", json={"items": [items[0], items[0]]})
         assert dup.status_code == 422
         assert admin.post("/api/v1/admin/credits/bulk-allocate", json={"items": []}).status_code == 422
+
+
+async def test_admin_analytics_match_hand_computed_values(proxy: Proxy, ledger: Ledger) -> None:
+    """Seeded usage in a window of its own (March 2001) and accounts in a tier of their own."""
+    tag = "an" + str(time.monotonic_ns())
+    subjects = [f"{tag}-{i}" for i in range(3)]
+    for s in subjects:
+        await ledger.create_account(s, tier="free")
+    # (subject index, day, charged, cost, status, prompt, completion)
+    seeded = [
+        (0, 1, 500_000, 500_000, "success", 100, 10),
+        (0, 2, 1_500_000, 1_500_000, "success", 200, 20),
+        (1, 2, 3_000_000, 3_000_000, "success", 300, 30),
+        (2, 3, 0, 700_000, "success", 50, 5),  # an unlimited tier: cost recorded, nothing charged
+        (1, 4, 0, 0, "failed", 0, 0),
+    ]
+    for n, (i, day, charged, cost, status, p, comp) in enumerate(seeded):
+        await ledger.pool.execute(
+            "INSERT INTO credits.usage_events (subject_id, request_id, model, cost, charged, status,"
+            " prompt_tokens, completion_tokens, created_at) VALUES ($1, $2, 'm', $3, $4, $5, $6, $7, $8)",
+            subjects[i], f"{tag}-{n}", cost, charged, status, p, comp,
+            datetime(2001, 3, day, 12, tzinfo=timezone.utc),
+        )  # fmt: skip
+    window = {"start_date": "2001-03-01", "end_date": "2001-03-31"}
+    with proxy.admin() as admin:
+        system = admin.get("/api/v1/admin/credits/analytics/system", params=window).json()
+        assert (system["requests"], system["succeeded"], system["failed"]) == (5, 4, 1)
+        assert (system["prompt_tokens"], system["completion_tokens"]) == (650, 65)
+        assert (system["cost"], system["charged"], system["active_accounts"]) == ("5.700000", "5.000000", 3)
+        top = admin.get("/api/v1/admin/credits/analytics/top-spenders", params={**window, "limit": 2}).json()
+        assert [(t["rank"], t["user_id"], t["charged"]) for t in top["items"]] == [
+            (1, subjects[1], "3.000000"), (2, subjects[0], "2.000000")]  # fmt: skip
+        march_2 = admin.get(
+            "/api/v1/admin/credits/analytics/system",
+            params={"start_date": "2001-03-02", "end_date": "2001-03-02"},
+        ).json()
+        assert (march_2["requests"], march_2["charged"]) == (2, "4.500000")
+
+    tier = "dist-" + tag
+    for balance in (-2_000_000, 0, 500_000, 5_000_000, 50_000_000, 50_000_000, 2_000_000_000):
+        s = f"{tier}-{balance}-{time.monotonic_ns()}"
+        await ledger.create_account(s, tier=tier)
+        if balance > 0:
+            await ledger.credit(s, balance)
+        elif balance < 0:
+            await ledger.credit(s, balance, type="adjustment")
+    with proxy.admin() as admin:
+        dist = admin.get("/api/v1/admin/credits/analytics/distribution").json()
+        [ours] = [t for t in dist["tiers"] if t["tier"] == tier]
+        assert (ours["accounts"], ours["balance"]) == (7, "2103.500000")
+        assert [b["accounts"] for b in ours["histogram"]] == [1, 2, 1, 2, 0, 1]
+        with user_client(proxy, proxy.create_account("1")[1]) as user:
+            assert user.get("/api/v1/admin/credits/analytics/system").status_code == 403

@@ -8,11 +8,14 @@ from fastapi import APIRouter, Path, Query
 
 from .. import auth as keys
 from ..accounts import Accounts
+from ..analytics import Analytics
 from ..errors import InvalidRequest, NotFound
+from ..history import Period
 from ..money import format_credits, micro_ceil
 from ..runtime import Runtime
 from . import schemas
 from .routes import AdminDep, Limit, Offset
+from .user import Days, EndDate, StartDate
 
 KeyId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
@@ -186,6 +189,33 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
                 for t in txs
             ],
         }
+
+    async def analytics() -> Analytics:
+        return Analytics((await runtime.ledger()).pool)
+
+    @router.get("/admin/credits/analytics/system", response_model=schemas.SystemAnalytics)
+    async def system_analytics(
+        _: AdminDep, days: Days = None, start_date: StartDate = None, end_date: EndDate = None
+    ) -> dict[str, Any]:
+        """Usage and credits across all accounts over a period (default the last 30 days)."""
+        return await (await analytics()).system(Period.of(days=days, start=start_date, end=end_date))
+
+    @router.get("/admin/credits/analytics/top-spenders", response_model=schemas.TopSpenders)
+    async def top_spenders(
+        _: AdminDep,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 10,
+        days: Days = None,
+        start_date: StartDate = None,
+        end_date: EndDate = None,
+    ) -> dict[str, Any]:
+        """The accounts that spent the most credits in the period."""
+        period = Period.of(days=days, start=start_date, end=end_date)
+        return await (await analytics()).top_spenders(period, limit)
+
+    @router.get("/admin/credits/analytics/distribution", response_model=schemas.Distribution)
+    async def distribution(_: AdminDep) -> dict[str, Any]:
+        """Balances by tier, as a histogram."""
+        return await (await analytics()).distribution()
 
 
 __all__ = ["add_admin_routes"]

@@ -317,6 +317,48 @@ class BulkAllocated(BaseModel):
     items: list[Granted]
 
 
+class SystemAnalytics(UsageTotals):
+    start: str
+    end: str
+    active_accounts: int = Field(description="accounts with usage in the period")
+    credited: dict[str, str] = Field(description="credits added in the period, by transaction type")
+    accounts: int
+    accounts_active: int
+    outstanding_balance: str = Field(description="the sum of all balances now")
+    held: str
+
+
+class Spender(BaseModel):
+    rank: int
+    user_id: str
+    charged: str
+    cost: str
+    requests: int
+
+
+class TopSpenders(BaseModel):
+    start: str
+    end: str
+    items: list[Spender]
+
+
+class Bucket(BaseModel):
+    range: str = Field(description="balance range in credits, lower bound included")
+    accounts: int
+
+
+class TierDistribution(BaseModel):
+    tier: str
+    accounts: int
+    balance: str
+    held: str
+    histogram: list[Bucket]
+
+
+class Distribution(BaseModel):
+    tiers: list[TierDistribution]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -345,6 +387,7 @@ __all__ = [
     "CreateAccount",
     "CreateKey",
     "Deduct",
+    "Distribution",
     "ErrorBody",
     "KeyCreated",
     "KeyInfo",
@@ -354,6 +397,8 @@ __all__ = [
     "Refund",
     "Refunded",
     "SetMonthlyCap",
+    "SystemAnalytics",
+    "TopSpenders",
     "Transaction",
     "TransactionPage",
     "UpdateAccount",
