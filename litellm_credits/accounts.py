@@ -8,7 +8,8 @@ from typing import Any
 import asyncpg
 
 from .errors import AccountNotFound, InvalidRequest
-from .ledger import ACCOUNT_COLUMNS, Account
+from .ledger_sql import ACCOUNT_COLUMNS
+from .records import Account
 
 _UNSET: Any = object()
 

@@ -6,7 +6,8 @@ import uuid
 from collections.abc import Mapping
 
 from .errors import Conflict
-from .ledger import SQL_TX_BY_KEY, Ledger
+from .ledger import Ledger
+from .ledger_sql import SQL_TX_BY_KEY
 from .records import Charge, Quote, Transaction, UsageRecord
 
 # hold ids of charges derive from (account, idempotency key) in this namespace

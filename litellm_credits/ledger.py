@@ -32,6 +32,20 @@ from .errors import (
     RefundTooLarge,
     ServiceUnavailable,
 )
+from .ledger_sql import (
+    SQL_CREATE_ACCOUNT,
+    SQL_CREDIT,
+    SQL_DISCREPANCIES,
+    SQL_EXPIRED_HOLDS,
+    SQL_GET_ACCOUNT,
+    SQL_HOLD,
+    SQL_HOLD_AGAIN,
+    SQL_LOCK_ACCOUNT,
+    SQL_REFUNDABLE,
+    SQL_RESOLVE,
+    SQL_SET_CAP,
+    SQL_TX_BY_KEY,
+)
 from .money import format_credits
 from .records import Account, Hold, Quote, Settlement, Transaction, UsageRecord
 
@@ -39,155 +53,6 @@ log = logging.getLogger("litellm_credits.ledger")
 T = TypeVar("T")
 
 CreditType = Literal["allocation", "bonus", "refund", "coupon", "adjustment"]
-
-# The month the spend counts, from the database clock; a write that sees an older month_start
-# starts the month from zero.
-_THIS_MONTH = "date_trunc('month', now() AT TIME ZONE 'UTC')::date"
-_NEXT_MONTH_AT = f"(({_THIS_MONTH} + interval '1 month') AT TIME ZONE 'UTC')"
-_MONTH_SPEND = f"(CASE WHEN a.month_start < {_THIS_MONTH} THEN 0 ELSE a.month_spend END)"
-
-ACCOUNT_COLUMNS = f"""
-    a.subject_id, a.subject_type, a.tier, a.balance, a.held, a.monthly_cap,
-    {_MONTH_SPEND} AS month_spend, a.status, a.display_name, a.created_at, a.updated_at,
-    {_NEXT_MONTH_AT} AS resets_at
-"""
-
-SQL_GET_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM credits.credit_accounts a WHERE a.subject_id = $1"
-
-SQL_CREATE_ACCOUNT = f"""
-INSERT INTO credits.credit_accounts AS a (subject_id, subject_type, tier, monthly_cap, display_name)
-VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (subject_id) DO NOTHING
-RETURNING {ACCOUNT_COLUMNS}
-"""
-
-SQL_CREDIT = """
-WITH a AS (
-    UPDATE credits.credit_accounts SET balance = balance + $2
-    WHERE subject_id = $1
-    RETURNING balance
-)
-INSERT INTO credits.credit_transactions
-    (subject_id, amount, balance_after, type, idempotency_key, description, metadata, refund_of)
-SELECT $1, $2, a.balance, $3, $4, $5, $6, $7 FROM a
-RETURNING id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
-"""
-SQL_LOCK_ACCOUNT = "SELECT balance FROM credits.credit_accounts WHERE subject_id = $1 FOR UPDATE"
-SQL_REFUNDABLE = """
-SELECT t.type,
-       -t.amount - coalesce((SELECT sum(r.amount) FROM credits.credit_transactions r
-                             WHERE r.subject_id = t.subject_id AND r.refund_of = t.id), 0) AS refundable
-FROM credits.credit_transactions t WHERE t.subject_id = $1 AND t.id = $2
-"""
-
-SQL_TX_BY_KEY = """
-SELECT id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
-FROM credits.credit_transactions WHERE subject_id = $1 AND idempotency_key = $2
-"""
-
-# Takes a hold in one statement. The amount depends on the account's tier (its markup, or no
-# debit at all on an unlimited tier), so the caller quotes every tier and the statement picks the
-# account's: $3 tiers, $4 amounts, $5 debits (parallel arrays), $6 the tier for unknown ones.
-# $1 subject, $2 hold id, $7 ttl seconds, $8 model, $9 power level
-SQL_HOLD = f"""
-WITH a AS (
-    UPDATE credits.credit_accounts a SET
-        held        = a.held + CASE WHEN q.debits THEN q.amount ELSE 0 END,
-        month_spend = {_MONTH_SPEND},
-        month_start = greatest(a.month_start, {_THIS_MONTH})
-    FROM unnest($3::text[], $4::bigint[], $5::boolean[]) AS q(tier, amount, debits)
-    WHERE a.subject_id = $1
-      AND q.tier = CASE WHEN a.tier = ANY($3::text[]) THEN a.tier ELSE $6 END
-      AND a.status = 'active'
-      AND (NOT q.debits OR q.amount = 0 OR (
-               a.balance - a.held >= q.amount
-           AND (a.monthly_cap IS NULL OR {_MONTH_SPEND} + a.held + q.amount <= a.monthly_cap)))
-    RETURNING a.subject_id, a.tier, q.amount, q.debits
-), h AS (
-    INSERT INTO credits.holds (id, subject_id, amount, debits, expires_at, model, power_level)
-    SELECT $2, a.subject_id, a.amount, a.debits, now() + make_interval(secs => $7), $8, $9 FROM a
-    RETURNING expires_at
-)
-SELECT h.expires_at, a.tier, a.amount, a.debits FROM h, a
-"""
-
-# Ends an open hold (or settles an expired one late). $3 is the charge (NULL = the hold's own
-# amount, i.e. capture; 0 = void).
-# $1 subject, $2 hold id, $3 charge, $4 hold status, $5 usage status, $6 service, $7 model,
-# $8 provider, $9 prompt, $10 completion, $11 cached, $12 reasoning, $13 cost, $14 latency ms,
-# $15 metadata
-SQL_RESOLVE = f"""
-WITH prior AS (
-    SELECT status FROM credits.holds WHERE subject_id = $1 AND id = $2 FOR UPDATE
-), h AS (
-    UPDATE credits.holds SET
-        status = $4,
-        resolved_at = now(),
-        settled_amount = coalesce($3, amount)
-    FROM prior
-    WHERE subject_id = $1 AND id = $2
-      -- an open hold ends once; a hold the sweeper released (expired) may still be settled by
-      -- the usage that arrives late, since the upstream did serve it
-      AND (prior.status = 'open' OR ($4 = 'settled' AND prior.status = 'expired'))
-    RETURNING amount, debits, power_level, coalesce($3, amount) AS charge,
-              prior.status = 'open' AS was_open
-), a AS (
-    UPDATE credits.credit_accounts a SET
-        balance     = a.balance - CASE WHEN h.debits THEN h.charge ELSE 0 END,
-        held        = a.held - CASE WHEN h.debits AND h.was_open THEN h.amount ELSE 0 END,
-        month_spend = {_MONTH_SPEND} + CASE WHEN h.debits THEN h.charge ELSE 0 END,
-        month_start = greatest(a.month_start, {_THIS_MONTH})
-    FROM h
-    WHERE a.subject_id = $1
-    RETURNING a.balance, h.debits, h.charge, h.power_level
-), t AS (
-    INSERT INTO credits.credit_transactions
-        (subject_id, amount, balance_after, type, idempotency_key, hold_id, model, provider,
-         power_level, prompt_tokens, completion_tokens, metadata)
-    SELECT $1, -a.charge, a.balance, 'usage', 'hold:' || $2::text, $2, $7, $8,
-           a.power_level, $9, $10, $15
-    FROM a WHERE a.debits AND a.charge > 0
-    RETURNING id
-), u AS (
-    INSERT INTO credits.usage_events
-        (subject_id, request_id, service, model, provider, power_level, prompt_tokens,
-         completion_tokens, cached_tokens, reasoning_tokens, cost, charged, latency_ms, status,
-         transaction_id, metadata)
-    SELECT $1, $2::text, $6, $7, $8, a.power_level, $9, $10, $11, $12,
-           coalesce($13, a.charge), CASE WHEN a.debits THEN a.charge ELSE 0 END, $14, $5,
-           (SELECT id FROM t), $15
-    FROM a
-    ON CONFLICT (subject_id, request_id) DO UPDATE SET
-        status = EXCLUDED.status, model = EXCLUDED.model, provider = EXCLUDED.provider,
-        prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
-        cached_tokens = EXCLUDED.cached_tokens, reasoning_tokens = EXCLUDED.reasoning_tokens,
-        cost = EXCLUDED.cost, charged = EXCLUDED.charged, latency_ms = EXCLUDED.latency_ms,
-        transaction_id = EXCLUDED.transaction_id,
-        metadata = credits.usage_events.metadata || EXCLUDED.metadata
-    RETURNING id
-)
-SELECT a.balance, a.charge, a.debits, (SELECT id FROM t) AS transaction_id FROM a
-"""
-
-SQL_HOLD_AGAIN = """
-SELECT h.expires_at, a.tier, h.amount, h.debits
-FROM credits.holds h JOIN credits.credit_accounts a USING (subject_id)
-WHERE h.subject_id = $1 AND h.id = $2
-"""
-
-SQL_EXPIRED_HOLDS = """
-SELECT subject_id, id FROM credits.holds
-WHERE status = 'open' AND expires_at < now()
-ORDER BY expires_at
-LIMIT $1
-"""
-
-SQL_SET_CAP = f"""
-UPDATE credits.credit_accounts a SET monthly_cap = $2 WHERE a.subject_id = $1
-RETURNING {ACCOUNT_COLUMNS}
-"""
-
-SQL_DISCREPANCIES = "SELECT * FROM credits.v_ledger_discrepancies"
 
 # The database is unreachable, overloaded or restarting, and callers answer 503 rather than 500.
 # A statement may be tried again only if doing it twice is harmless: the commit may have happened
