@@ -3,11 +3,17 @@
     CreditsError                      500 internal_error (base; never shown with details)
     ├── AuthenticationError           401 authentication_error
     ├── PermissionDenied              403 permission_denied
-    │   └── AccountDisabled           403 account_disabled
+    │   ├── AccountDisabled           403 account_disabled
+    │   └── CouponNotApplicable       403 coupon_not_applicable
     ├── NotFound                      404 not_found
-    │   └── AccountNotFound           404 account_not_found
+    │   ├── AccountNotFound           404 account_not_found
+    │   └── CouponNotFound            404 coupon_not_found
     ├── Conflict                      409 conflict
-    │   └── AccountExists             409 account_exists
+    │   ├── AccountExists             409 account_exists
+    │   ├── CouponExists              409 coupon_exists
+    │   ├── CouponExhausted           409 coupon_exhausted
+    │   └── CouponAlreadyRedeemed     409 coupon_already_redeemed
+    ├── CouponExpired                 410 coupon_expired
     ├── InvalidRequest                400 invalid_request
     │   ├── ModelNotPriced            400 model_not_priced
     │   └── RefundTooLarge            400 refund_exceeds_charge
@@ -107,6 +113,31 @@ class RefundTooLarge(InvalidRequest):
     type = "refund_exceeds_charge"
 
 
+class CouponNotFound(NotFound):
+    type = "coupon_not_found"
+
+
+class CouponExpired(CreditsError):
+    status = 410
+    type = "coupon_expired"
+
+
+class CouponExhausted(Conflict):
+    type = "coupon_exhausted"
+
+
+class CouponAlreadyRedeemed(Conflict):
+    type = "coupon_already_redeemed"
+
+
+class CouponExists(Conflict):
+    type = "coupon_exists"
+
+
+class CouponNotApplicable(PermissionDenied):
+    type = "coupon_not_applicable"
+
+
 class ServiceUnavailable(CreditsError):
     status = 503
     type = "service_unavailable"
@@ -139,6 +170,12 @@ __all__ = [
     "AccountNotFound",
     "AuthenticationError",
     "Conflict",
+    "CouponAlreadyRedeemed",
+    "CouponExhausted",
+    "CouponExists",
+    "CouponExpired",
+    "CouponNotApplicable",
+    "CouponNotFound",
     "CreditsError",
     "InsufficientCredits",
     "InvalidRequest",

@@ -33,6 +33,7 @@ from .errors import (
     ServiceUnavailable,
 )
 from .ledger_sql import (
+    SQL_APPLY_BONUS,
     SQL_CREATE_ACCOUNT,
     SQL_CREDIT,
     SQL_DISCREPANCIES,
@@ -165,9 +166,13 @@ class Ledger:
             raise InvalidRequest("amount cannot be zero", param="amount")
         key = idempotency_key or f"{type}:{uuid.uuid4()}"
         try:
-            row = await self.pool.fetchrow(
-                SQL_CREDIT, subject_id, amount, type, key, description, metadata or {}, None
-            )
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    SQL_CREDIT, subject_id, amount, type, key, description, metadata or {}, None
+                )
+                if row is not None and type == "allocation":
+                    # a redeemed percent coupon pays its bonus on the next allocation
+                    await conn.execute(SQL_APPLY_BONUS, subject_id, amount, row["id"])
         except asyncpg.UniqueViolationError:
             row = await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key)
             if row is None or row["amount"] != amount or row["type"] != type:
@@ -255,8 +260,10 @@ class Ledger:
                 )
                 if row is None:
                     missing.append(subject)
-                else:
-                    rows.append(row)
+                    continue
+                rows.append(row)
+                if type == "allocation":
+                    await conn.execute(SQL_APPLY_BONUS, subject, grants[subject], row["id"])
             if missing:
                 raise AccountNotFound(
                     f"{len(missing)} of {len(grants)} accounts do not exist; nothing was credited",

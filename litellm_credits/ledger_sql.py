@@ -38,6 +38,34 @@ INSERT INTO credits.credit_transactions
 SELECT $1, $2, a.balance, $3, $4, $5, $6, $7 FROM a
 RETURNING id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
 """
+# After an allocation of $2 (transaction $3): the oldest pending percent coupon of account $1
+# becomes a bonus of that percentage (rounded down to the micro-credit), once.
+SQL_APPLY_BONUS = """
+WITH r AS (
+    SELECT code, value FROM credits.coupon_redemptions
+    WHERE subject_id = $1 AND type = 'percent' AND applied_at IS NULL
+    ORDER BY created_at, code
+    LIMIT 1
+    FOR UPDATE
+), b AS (
+    SELECT r.code, floor($2 * r.value / 100)::bigint AS bonus FROM r
+), a AS (
+    UPDATE credits.credit_accounts SET balance = balance + b.bonus
+    FROM b
+    WHERE subject_id = $1 AND b.bonus > 0
+    RETURNING balance, b.bonus, b.code
+), t AS (
+    INSERT INTO credits.credit_transactions
+        (subject_id, amount, balance_after, type, idempotency_key, description, metadata)
+    SELECT $1, a.bonus, a.balance, 'coupon', 'coupon-bonus:' || a.code,
+           'coupon ' || a.code || ': bonus on an allocation',
+           jsonb_build_object('coupon', a.code, 'allocation_id', $3::bigint)
+    FROM a
+    RETURNING id
+)
+UPDATE credits.coupon_redemptions SET applied_at = now(), transaction_id = (SELECT id FROM t)
+WHERE subject_id = $1 AND code = (SELECT code FROM a)
+"""
 SQL_LOCK_ACCOUNT = "SELECT balance FROM credits.credit_accounts WHERE subject_id = $1 FOR UPDATE"
 SQL_REFUNDABLE = """
 SELECT t.type,
@@ -158,6 +186,7 @@ SQL_DISCREPANCIES = "SELECT * FROM credits.v_ledger_discrepancies"
 
 __all__ = [
     "ACCOUNT_COLUMNS",
+    "SQL_APPLY_BONUS",
     "SQL_CREATE_ACCOUNT",
     "SQL_CREDIT",
     "SQL_DISCREPANCIES",

@@ -480,3 +480,54 @@ async def test_admin_analytics_match_hand_computed_values(proxy: Proxy, ledger: 
         assert [b["accounts"] for b in ours["histogram"]] == [1, 2, 1, 2, 0, 1]
         with user_client(proxy, proxy.create_account("1")[1]) as user:
             assert user.get("/api/v1/admin/credits/analytics/system").status_code == 403
+
+
+def test_coupons_through_the_api(proxy: Proxy) -> None:
+    tag = str(time.monotonic_ns())[-8:]
+    user, key = proxy.create_account("0")
+    with proxy.admin() as admin, user_client(proxy, key) as me:
+        made = admin.post(
+            "/api/v1/admin/credits/coupons",
+            json={"code": f"WELCOME{tag}", "type": "fixed", "value": "5", "max_uses": 100},
+        )
+        assert made.status_code == 201, made.text
+        admin.post(
+            "/api/v1/admin/credits/coupons", json={"code": f"BOOST{tag}", "type": "percent", "value": "10"}
+        ).raise_for_status()
+        admin.post("/api/v1/admin/credits/coupons",
+                   json={"code": f"OLD{tag}", "type": "fixed", "value": "1",
+                         "expires_at": "2020-01-01T00:00:00Z"}).raise_for_status()  # fmt: skip
+        dup = admin.post(
+            "/api/v1/admin/credits/coupons", json={"code": f"welcome{tag}", "type": "fixed", "value": "1"}
+        )
+        assert dup.status_code == 409 and dup.json()["error"]["type"] == "coupon_exists"
+        coupons_url = "/api/v1/admin/credits/coupons"
+        too_short = {"code": "x", "type": "fixed", "value": "1"}
+        assert admin.post(coupons_url, json=too_short).status_code == 422
+        too_much = {"code": f"P{tag}", "type": "percent", "value": "5000"}
+        assert admin.post(coupons_url, json=too_much).status_code == 422
+        by_user = {"code": f"U{tag}", "type": "fixed", "value": "1"}
+        assert me.post(coupons_url, json=by_user).status_code == 403
+
+        def redeem(code: str) -> httpx.Response:
+            return me.post("/api/v1/credits/coupons/redeem", json={"code": code})
+
+        ok = redeem(f"welcome{tag}")
+        assert ok.status_code == 200, ok.text
+        assert (ok.json()["credited"], ok.json()["balance"]) == ("5.000000", "5.000000")
+        for code, status, error in [
+            (f"WELCOME{tag}", 409, "coupon_already_redeemed"),
+            (f"OLD{tag}", 410, "coupon_expired"),
+            (f"MISSING{tag}", 404, "coupon_not_found"),
+        ]:
+            r = redeem(code)
+            assert (r.status_code, r.json()["error"]["type"]) == (status, error)
+        assert redeem(f"BOOST{tag}").json()["credited"] == "0.000000"
+        admin.post(
+            "/api/v1/admin/credits/allocate", json={"user_id": user, "amount": "20"}
+        ).raise_for_status()
+        assert me.get("/api/v1/credits/balance").json()["balance"] == "27.000000"  # 5 + 20 + 10 % of 20
+        gone = admin.post(f"/api/v1/admin/credits/coupons/WELCOME{tag}/deactivate")
+        assert gone.json()["active"] is False and gone.json()["uses"] == 1
+        listed = admin.get("/api/v1/admin/credits/coupons", params={"active": "false", "limit": 1000}).json()
+        assert f"WELCOME{tag}" in {c["code"] for c in listed["items"]}

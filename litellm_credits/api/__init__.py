@@ -10,6 +10,7 @@ from ..pricing import ModelPrice
 from ..runtime import Runtime
 from .admin import add_admin_routes
 from .charges import add_charge_routes
+from .coupon_routes import add_coupon_routes
 from .routes import ERROR_RESPONSES, SECURITY_HEADERS, CreditsRoute
 from .user import add_user_routes
 
@@ -23,6 +24,7 @@ def build_router(runtime: Runtime, price_of: Callable[[str], ModelPrice] | None 
     price_of = price_of or runtime.pricing.price
     add_user_routes(router, runtime, price_of)
     add_charge_routes(router, runtime, price_of)
+    add_coupon_routes(router, runtime)
     return router
 
 

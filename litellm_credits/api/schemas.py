@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -359,6 +360,61 @@ class Distribution(BaseModel):
     tiers: list[TierDistribution]
 
 
+CouponCode = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{3,64}$", description="letters, digits, _ and -")]
+
+
+class CreateCoupon(_In):
+    code: CouponCode
+    type: Literal["fixed", "percent"]
+    value: PositiveAmount = Field(
+        description="credits (fixed) or a percentage of the next allocation (percent)"
+    )
+    max_uses: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    expires_at: datetime | None = None
+    tiers: Annotated[list[Tier], Field(min_length=1, max_length=50)] | None = Field(
+        None, description="only accounts in these tiers may redeem it"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CreateCoupon:
+        if self.type == "percent" and self.value > 1000 * 1_000_000:
+            raise ValueError("a percent coupon is at most 1000 (percent)")
+        return self
+
+
+class Coupon(BaseModel):
+    code: str
+    type: str
+    value: str
+    max_uses: int | None
+    uses: int
+    expires_at: str | None
+    tiers: list[str] | None
+    active: bool
+    created_at: str
+
+
+class CouponPage(BaseModel):
+    items: list[Coupon]
+    total: int
+    limit: int
+    offset: int
+
+
+class Redeem(_In):
+    code: CouponCode
+
+
+class Redeemed(BaseModel):
+    user_id: str
+    code: str
+    type: str
+    value: str
+    credited: str = Field(description="credits granted now (a percent coupon pays on the next allocation)")
+    balance: str | None
+    transaction_id: int | None
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -384,7 +440,10 @@ __all__ = [
     "CalculateCost",
     "Charged",
     "CostQuote",
+    "Coupon",
+    "CouponPage",
     "CreateAccount",
+    "CreateCoupon",
     "CreateKey",
     "Deduct",
     "Distribution",
@@ -394,6 +453,8 @@ __all__ = [
     "MonthlyCap",
     "NonNegativeAmount",
     "PositiveAmount",
+    "Redeem",
+    "Redeemed",
     "Refund",
     "Refunded",
     "SetMonthlyCap",
