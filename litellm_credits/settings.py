@@ -87,6 +87,8 @@ class CreditsConfig(_Strict):
     free_model_suffixes: tuple[str, ...] = (":free",)
     holds: HoldConfig = Field(default_factory=HoldConfig)
     max_amount: Dec = Decimal(1_000_000_000)
+    # other origins (scheme://host[:port]) whose pages may change credits with a browser session
+    allowed_origins: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> CreditsConfig:

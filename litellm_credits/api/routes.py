@@ -55,14 +55,42 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     return _error(422, "validation_error", f"{param or 'request'}: {first['msg']}", param, fields=fields)
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+KEY_HEADERS = ("authorization", "x-litellm-api-key", "api-key", "x-api-key")
+
+
 class CreditsRoute(APIRoute):
-    """Maps every error to one JSON shape and adds security headers."""
+    """Maps every error to one JSON shape, adds security headers, refuses cross-site writes."""
+
+    # origins besides the proxy's own that may change state with a browser session (cookie)
+    allowed_origins: frozenset[str] = frozenset()
+
+    def cross_origin(self, request: Request) -> bool:
+        """A state-changing request carried by a browser cookie from a foreign page (CSRF).
+
+        A request with an API key in a header was not sent by a browser on its own: another site
+        cannot make a browser add one, so only cookie-authenticated writes are checked.
+        """
+        if request.method in SAFE_METHODS or "cookie" not in request.headers:
+            return False
+        if any(request.headers.get(h) for h in KEY_HEADERS):
+            return False
+        origin = request.headers.get("origin")
+        if origin is None:
+            return False  # not a browser's cross-site request: browsers send Origin on every POST
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        return origin != own and origin not in self.allowed_origins
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         original = super().get_route_handler()
 
         async def handler(request: Request) -> Response:
             try:
+                if self.cross_origin(request):
+                    raise PermissionDenied(
+                        "cross-origin request refused: a browser session cannot change credits from "
+                        "another site (send an API key, or add the origin to allowed_origins)"
+                    )
                 response = await original(request)
             except CreditsError as err:
                 response = JSONResponse(status_code=err.status, content=err.to_body())
