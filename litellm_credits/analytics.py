@@ -1,21 +1,27 @@
 """System-wide reports for operators: usage totals, top spenders, balance distribution.
 
-These read across accounts, so they are for admins only, and they scan ``usage_events`` by
-time (its BRIN index on ``created_at``).
+They read ``usage_daily``, the rollup of ``usage_events`` a trigger keeps exact, so a month of
+any traffic is a few thousand rows: periods are whole UTC days (the days the period touches).
 """
 
 from __future__ import annotations
 
+from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
 import asyncpg
 
-from .history import USAGE_TOTALS, Period
+from .history import Period
 from .money import format_credits
 
+ROLLUP_TOTALS = """coalesce(sum(requests), 0) AS requests, coalesce(sum(succeeded), 0) AS succeeded,
+       coalesce(sum(failed), 0) AS failed, coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+       coalesce(sum(completion_tokens), 0) AS completion_tokens, coalesce(sum(cost), 0) AS cost,
+       coalesce(sum(charged), 0) AS charged"""
+# $1 first day, $2 the day after the last
 SQL_SYSTEM = f"""
-SELECT {USAGE_TOTALS}, count(DISTINCT subject_id) AS active_accounts
-FROM credits.usage_events WHERE created_at >= $1 AND created_at < $2
+SELECT {ROLLUP_TOTALS}, count(DISTINCT subject_id) FILTER (WHERE requests > 0) AS active_accounts
+FROM credits.usage_daily WHERE day >= $1 AND day < $2
 """
 SQL_CREDITED = """
 SELECT type, count(*) AS entries, coalesce(sum(amount), 0) AS amount
@@ -29,9 +35,10 @@ SELECT count(*) AS accounts, count(*) FILTER (WHERE status = 'active') AS active
 FROM credits.credit_accounts
 """
 SQL_TOP = """
-SELECT subject_id, sum(charged) AS charged, sum(cost) AS cost, count(*) AS requests
-FROM credits.usage_events WHERE created_at >= $1 AND created_at < $2
+SELECT subject_id, sum(charged) AS charged, sum(cost) AS cost, sum(requests) AS requests
+FROM credits.usage_daily WHERE day >= $1 AND day < $2
 GROUP BY subject_id
+HAVING sum(requests) > 0
 ORDER BY sum(charged) DESC, subject_id
 LIMIT $3
 """
@@ -50,18 +57,36 @@ GROUP BY tier ORDER BY tier
 """
 
 
+def whole_days(period: Period) -> tuple[date, date]:
+    """The UTC days a period touches: [first, after-last)."""
+    start = period.start.astimezone(timezone.utc)
+    end = period.end.astimezone(timezone.utc)
+    last = end.date() if end.time() == time() else end.date() + timedelta(days=1)
+    return start.date(), max(last, start.date() + timedelta(days=1))
+
+
+def _day_bounds(first: date, after: date) -> dict[str, str]:
+    return {
+        "start": datetime.combine(first, time(), tzinfo=timezone.utc).isoformat(),
+        "end": datetime.combine(after, time(), tzinfo=timezone.utc).isoformat(),
+    }
+
+
 class Analytics:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
     async def system(self, period: Period) -> dict[str, Any]:
+        first, after = whole_days(period)
+        bounds = _day_bounds(first, after)
         async with self.pool.acquire() as conn:
-            usage = await conn.fetchrow(SQL_SYSTEM, period.start, period.end)
-            credited = await conn.fetch(SQL_CREDITED, period.start, period.end)
+            usage = await conn.fetchrow(SQL_SYSTEM, first, after)
+            credited = await conn.fetch(
+                SQL_CREDITED, datetime.fromisoformat(bounds["start"]), datetime.fromisoformat(bounds["end"])
+            )
             accounts = await conn.fetchrow(SQL_ACCOUNTS)
         return {
-            "start": period.start.isoformat(),
-            "end": period.end.isoformat(),
+            **bounds,
             "requests": usage["requests"],
             "succeeded": usage["succeeded"],
             "failed": usage["failed"],
@@ -78,10 +103,10 @@ class Analytics:
         }
 
     async def top_spenders(self, period: Period, limit: int) -> dict[str, Any]:
-        rows = await self.pool.fetch(SQL_TOP, period.start, period.end, limit)
+        first, after = whole_days(period)
+        rows = await self.pool.fetch(SQL_TOP, first, after, limit)
         return {
-            "start": period.start.isoformat(),
-            "end": period.end.isoformat(),
+            **_day_bounds(first, after),
             "items": [
                 {
                     "rank": i + 1,
@@ -116,4 +141,4 @@ class Analytics:
         return {"tiers": tiers}
 
 
-__all__ = ["BUCKET_LABELS", "Analytics"]
+__all__ = ["BUCKET_LABELS", "Analytics", "whole_days"]

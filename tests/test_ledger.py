@@ -401,3 +401,35 @@ async def test_bulk_credit_is_all_or_nothing(ledger: Ledger, account: AccountFac
     assert {t.id for t in again} == {t.id for t in txs}
     assert (await ledger.require_account(b)).balance == c("2")
     await assert_sound(ledger, a)
+
+
+async def test_daily_rollup_equals_the_events(ledger: Ledger, account: AccountFactory) -> None:
+    """usage_daily is kept by a trigger through inserts and late-settle updates; it must always
+    equal a fresh aggregate of usage_events."""
+    subject = await account("10")
+    stale = await ledger.hold(subject, c("1"), ttl_seconds=1)
+    await ledger.settle(subject, (await ledger.hold(subject, c("1"), ttl_seconds=60)).id, c("0.5"), USAGE)
+    await asyncio.sleep(1.1)
+    await ledger.expire(policy="void", batch=1000)
+    await ledger.settle(subject, stale.id, c("0.25"), USAGE)  # updates the expired event in place
+    drift = await ledger.pool.fetch(
+        """
+        SELECT coalesce(e.subject_id, d.subject_id) AS subject_id
+        FROM (SELECT subject_id, (created_at AT TIME ZONE 'UTC')::date AS day, service,
+                     coalesce(model, '') AS model, coalesce(power_level, '') AS power_level,
+                     count(*) AS requests, sum(charged) AS charged, sum(cost) AS cost,
+                     count(*) FILTER (WHERE status = 'success') AS succeeded
+              FROM credits.usage_events GROUP BY 1, 2, 3, 4, 5) e
+        FULL JOIN (SELECT * FROM credits.usage_daily WHERE requests <> 0) d
+          USING (subject_id, day, service, model, power_level)
+        WHERE e.requests IS DISTINCT FROM d.requests OR e.charged IS DISTINCT FROM d.charged
+           OR e.cost IS DISTINCT FROM d.cost OR e.succeeded IS DISTINCT FROM d.succeeded
+        """
+    )
+    assert drift == []
+    mine = await ledger.pool.fetchrow(
+        "SELECT sum(requests) AS requests, sum(charged) AS charged"
+        " FROM credits.usage_daily WHERE subject_id = $1",
+        subject,
+    )
+    assert (mine["requests"], mine["charged"]) == (2, c("0.75"))
