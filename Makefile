@@ -30,8 +30,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-bench: install
+bench: install  ## ledger throughput (bench/run.py), then reads on a 1M-row ledger and 10M usage events
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/reads.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -88,8 +88,12 @@ class CpuMeter:
         machine, client, pg = (b - a for a, b in zip(self.start, self.sample(), strict=True))
         if math.isnan(machine):
             return {}
-        return {"machine": machine / wall, "client": client / wall, "postgres": pg / wall,
-                "other": max(0.0, machine - client - pg) / wall}
+        return {
+            "machine": machine / wall,
+            "client": client / wall,
+            "postgres": pg / wall,
+            "other": max(0.0, machine - client - pg) / wall,
+        }
 
 
 async def measure(
@@ -177,6 +181,7 @@ def find_pgbench(embedded: bool) -> str | None:
 
 async def pgbench(exe: str, dsn: str, clients: int, seconds: int) -> tuple[float | None, str]:
     """``pgbench -N`` on a scratch database (initialised at scale 10): its tps, and a summary line."""
+
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([exe, *args, dsn], capture_output=True, text=True, check=False)
 
@@ -197,10 +202,15 @@ async def pgbench(exe: str, dsn: str, clients: int, seconds: int) -> tuple[float
 
 
 async def machine(conn: asyncpg.Connection) -> list[str]:
-    mem = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text()) if os.path.exists(
-        "/proc/meminfo") else None
-    settings = [f"{s}={await conn.fetchval(f'SHOW {s}')}" for s in (
-        "shared_buffers", "max_connections", "synchronous_commit", "fsync", "wal_sync_method")]
+    mem = (
+        re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        if os.path.exists("/proc/meminfo")
+        else None
+    )
+    settings = [
+        f"{s}={await conn.fetchval(f'SHOW {s}')}"
+        for s in ("shared_buffers", "max_connections", "synchronous_commit", "fsync", "wal_sync_method")
+    ]
     return [
         f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"cores (nproc): {len(os.sched_getaffinity(0))}",

@@ -69,8 +69,11 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             await conn.close()
         credits = CreditsConfig.model_validate({"models": PRICES})
-        runtime = Runtime(Settings.load(database_url=dsn, credits=credits, sweeper=False,
-                                        db_pool_max=clients, auto_migrate=False))
+        runtime = Runtime(
+            Settings.load(
+                database_url=dsn, credits=credits, sweeper=False, db_pool_max=clients, auto_migrate=False
+            )
+        )
         ledger = await runtime.ledger()
         subjects = [f"bench-{i:04d}" for i in range(SUBJECTS)]
 
@@ -79,8 +82,10 @@ async def main(args: argparse.Namespace) -> None:
             await ledger.credit(subject, OPENING, description="bench opening balance")
 
         await asyncio.gather(*(open_account(s) for s in [*subjects, "bench-hot"]))
-        print(f"== scratch database {name}: {SUBJECTS} accounts + 1 hot account; "
-              f"{clients} callers, {seconds} s per phase after {warmup} s warm-up")
+        print(
+            f"== scratch database {name}: {SUBJECTS} accounts + 1 hot account; "
+            f"{clients} callers, {seconds} s per phase after {warmup} s warm-up"
+        )
 
         hot_cycles = 0
 
@@ -91,12 +96,21 @@ async def main(args: argparse.Namespace) -> None:
                 raise RuntimeError(f"hold {hold.id} was already resolved")
             hot_cycles += subject == "bench-hot"
 
-        spread = await h.measure(f"[1] ledger hold+settle, {SUBJECTS} subjects, {clients} callers",
-                                 lambda: cycle(random.choice(subjects)),
-                                 clients=clients, seconds=seconds, warmup=warmup)
+        spread = await h.measure(
+            f"[1] ledger hold+settle, {SUBJECTS} subjects, {clients} callers",
+            lambda: cycle(random.choice(subjects)),
+            clients=clients,
+            seconds=seconds,
+            warmup=warmup,
+        )
         print(spread.line("cycles"))
-        hot = await h.measure(f"[2] ledger hold+settle, 1 subject, {clients} callers",
-                              lambda: cycle("bench-hot"), clients=clients, seconds=seconds, warmup=warmup)
+        hot = await h.measure(
+            f"[2] ledger hold+settle, 1 subject, {clients} callers",
+            lambda: cycle("bench-hot"),
+            clients=clients,
+            seconds=seconds,
+            warmup=warmup,
+        )
         print(hot.line("cycles"))
 
         handler = CreditsHandler(runtime, deployments=lambda g: [])
@@ -107,8 +121,13 @@ async def main(args: argparse.Namespace) -> None:
 
         hook_phases = []
         for n in (1, clients):
-            phase = await h.measure(f"[3] pre-call hook (one hold statement), {n} caller(s)", pre_call,
-                                    clients=n, seconds=seconds, warmup=warmup)
+            phase = await h.measure(
+                f"[3] pre-call hook (one hold statement), {n} caller(s)",
+                pre_call,
+                clients=n,
+                seconds=seconds,
+                warmup=warmup,
+            )
             print(phase.line("calls"))
             hook_phases.append(phase)
 
@@ -116,9 +135,11 @@ async def main(args: argparse.Namespace) -> None:
         account = await ledger.require_account("bench-hot")
         expected = OPENING - hot_cycles * CHARGE
         ok = account.balance == expected and account.held == 0
-        print(f"audit: {len(bad)} ledger discrepancies; hot account {'matches' if ok else 'DOES NOT match'} "
-              f"its {hot_cycles:,} settled cycles (balance {account.balance}, expected {expected}, "
-              f"held {account.held})")
+        print(
+            f"audit: {len(bad)} ledger discrepancies; hot account {'matches' if ok else 'DOES NOT match'} "
+            f"its {hot_cycles:,} settled cycles (balance {account.balance}, expected {expected}, "
+            f"held {account.held})"
+        )
         await runtime.close()  # free the connections before pgbench opens its own
         runtime = None
 
@@ -129,8 +150,11 @@ async def main(args: argparse.Namespace) -> None:
         else:
             await h.admin(server, f'CREATE DATABASE "{pgb_name}"')
             tps, summary = await h.pgbench(exe, h.with_database(server, pgb_name), clients, seconds)
-            print(f"[4] pgbench -N -c {clients} -j 2 -T {seconds} ({exe}): {summary}"
-                  if tps else f"[4] {summary}; ratios skipped")
+            print(
+                f"[4] pgbench -N -c {clients} -j 2 -T {seconds} ({exe}): {summary}"
+                if tps
+                else f"[4] {summary}; ratios skipped"
+            )
 
         print("\n== summary")
         print("| figure | rate | p50 ms | p99 ms |\n|---|---:|---:|---:|")
@@ -139,8 +163,10 @@ async def main(args: argparse.Namespace) -> None:
         if tps:
             print(f"| pgbench -N, {clients} clients | {tps:,.1f} tps | | |")
             for p in (spread, hot):
-                print(f"ratio, {p.label[4:]}: cycles/s ÷ pgbench tps = {p.rate / tps:.3f}; "
-                      f"transactions/s (2 per cycle) ÷ pgbench tps = {2 * p.rate / tps:.3f}")
+                print(
+                    f"ratio, {p.label[4:]}: cycles/s ÷ pgbench tps = {p.rate / tps:.3f}; "
+                    f"transactions/s (2 per cycle) ÷ pgbench tps = {2 * p.rate / tps:.3f}"
+                )
     finally:
         if runtime is not None:
             await runtime.close()
@@ -151,11 +177,13 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="2 s per phase: a smoke run")
     parser.add_argument("--seconds", type=int, default=10, help="measured seconds per phase (default 10)")
     parser.add_argument("--clients", type=int, default=64, help="concurrent callers (default 64)")
-    parser.add_argument("--embedded", action="store_true",
-                        help="use an embedded PostgreSQL even if a server is reachable")
+    parser.add_argument(
+        "--embedded", action="store_true", help="use an embedded PostgreSQL even if a server is reachable"
+    )
     asyncio.run(main(parser.parse_args()))

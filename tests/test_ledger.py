@@ -415,13 +415,11 @@ async def test_daily_rollup_equals_the_events(ledger: Ledger, account: AccountFa
     drift = await ledger.pool.fetch(
         """
         SELECT coalesce(e.subject_id, d.subject_id) AS subject_id
-        FROM (SELECT subject_id, (created_at AT TIME ZONE 'UTC')::date AS day, service,
-                     coalesce(model, '') AS model, coalesce(power_level, '') AS power_level,
+        FROM (SELECT subject_id, (created_at AT TIME ZONE 'UTC')::date AS day,
                      count(*) AS requests, sum(charged) AS charged, sum(cost) AS cost,
                      count(*) FILTER (WHERE status = 'success') AS succeeded
-              FROM credits.usage_events GROUP BY 1, 2, 3, 4, 5) e
-        FULL JOIN (SELECT * FROM credits.usage_daily WHERE requests <> 0) d
-          USING (subject_id, day, service, model, power_level)
+              FROM credits.usage_events GROUP BY 1, 2) e
+        FULL JOIN (SELECT * FROM credits.usage_daily WHERE requests <> 0) d USING (subject_id, day)
         WHERE e.requests IS DISTINCT FROM d.requests OR e.charged IS DISTINCT FROM d.charged
            OR e.cost IS DISTINCT FROM d.cost OR e.succeeded IS DISTINCT FROM d.succeeded
         """
