@@ -12,6 +12,7 @@ from ..analytics import Analytics
 from ..errors import InvalidRequest, NotFound
 from ..history import Period
 from ..money import format_credits, micro_ceil
+from ..records import Transaction
 from ..runtime import Runtime
 from . import schemas
 from .routes import AdminDep, Limit, Offset
@@ -19,6 +20,25 @@ from .user import Days, EndDate, StartDate
 
 KeyId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 UserIdPath = Annotated[str, Path(min_length=1, max_length=256)]
+
+
+def _credited(tx: Transaction) -> dict[str, Any]:
+    return {
+        "user_id": tx.subject_id,
+        "balance": format_credits(tx.balance_after),
+        "transaction_id": tx.id,
+        "transaction": tx.to_json(),
+    }
+
+
+def _issued(issued: keys.IssuedKey) -> dict[str, Any]:
+    return {
+        "id": issued.id,
+        "user_id": issued.subject_id,
+        "prefix": issued.prefix,
+        "role": issued.role,
+        "api_key": issued.key,
+    }
 
 
 def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
@@ -56,12 +76,7 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
             idempotency_key=body.idempotency_key,
             description=body.reason,
         )
-        return {
-            "user_id": body.user_id,
-            "balance": format_credits(tx.balance_after),
-            "transaction_id": tx.id,
-            "transaction": tx.to_json(),
-        }
+        return _credited(tx)
 
     @router.post("/admin/credits/keys", status_code=201, response_model=schemas.KeyCreated)
     async def create_key(body: schemas.CreateKey, _: AdminDep) -> dict[str, Any]:
@@ -69,8 +84,7 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
         ledger = await runtime.ledger()
         await ledger.require_account(body.user_id)
         issued = await keys.issue_key(ledger.pool, body.user_id, role=body.role, name=body.name)
-        return {"id": issued.id, "user_id": issued.subject_id, "prefix": issued.prefix, "role": issued.role,
-                "api_key": issued.key}  # fmt: skip
+        return _issued(issued)
 
     @router.get("/admin/credits/keys", response_model=list[schemas.KeyInfo])
     async def list_keys(_: AdminDep, user_id: Annotated[str, Query(max_length=256)]) -> list[dict[str, Any]]:
@@ -92,8 +106,7 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
             issued = await keys.rotate_key(conn, key_id)
         if issued is None:
             raise NotFound(f"no live key {key_id}", param="key_id")
-        return {"id": issued.id, "user_id": issued.subject_id, "prefix": issued.prefix, "role": issued.role,
-                "api_key": issued.key}  # fmt: skip
+        return _issued(issued)
 
     async def accounts() -> Accounts:
         return Accounts((await runtime.ledger()).pool)
@@ -153,12 +166,7 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
             idempotency_key=body.idempotency_key,
             description=body.reason,
         )
-        return {
-            "user_id": body.user_id,
-            "balance": format_credits(tx.balance_after),
-            "transaction_id": tx.id,
-            "transaction": tx.to_json(),
-        }
+        return _credited(tx)
 
     @router.post("/admin/credits/bulk-allocate", response_model=schemas.BulkAllocated)
     async def bulk_allocate(body: schemas.BulkAllocate, _: AdminDep) -> dict[str, Any]:
