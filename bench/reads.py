@@ -55,6 +55,10 @@ SELECT 'acct-' || lpad((i % $3::int)::text, 4, '0'), 'seed:' || i,
        now() - (i % ($4::int * 1440)) * interval '1 minute'
 FROM generate_series($1::int, $2::int) i
 """
+SQL_900TH = """
+SELECT id FROM credits.credit_transactions WHERE subject_id = $1
+ORDER BY created_at DESC, id DESC OFFSET 899 LIMIT 1
+"""
 # what migration 0005 runs on an existing database
 BACKFILL = """
 INSERT INTO credits.usage_daily
@@ -141,6 +145,15 @@ async def main(args: argparse.Namespace) -> None:
             lambda: history.page(account(), limit=100, offset=900),
             10,
         )
+        cursors = [
+            (s, await pool.fetchval(SQL_900TH, s)) for s in (f"acct-{i:04d}" for i in range(0, ACCOUNTS, 20))
+        ]
+
+        async def keyset_page() -> object:
+            subject, before = rng.choice(cursors)
+            return await history.page(subject, limit=100, before=before)
+
+        await timed("history page 10 (keyset: before=...)", args.runs, keyset_page, 10)
         await timed(
             "30-day usage summary, one account",
             args.runs,

@@ -24,9 +24,12 @@ TX_WHERE = """subject_id = $1
   AND ($3::timestamptz IS NULL OR created_at >= $3)
   AND ($4::timestamptz IS NULL OR created_at < $4)"""
 
+# $7: keyset paging, only rows older than this transaction (cheap at any depth, unlike OFFSET)
 SQL_PAGE = f"""
 SELECT {TX_COLUMNS} FROM credits.credit_transactions
 WHERE {TX_WHERE}
+  AND ($7::bigint IS NULL OR (created_at, id) < (
+        SELECT c.created_at, c.id FROM credits.credit_transactions c WHERE c.subject_id = $1 AND c.id = $7))
 ORDER BY created_at DESC, id DESC
 LIMIT $5 OFFSET $6
 """
@@ -126,10 +129,18 @@ class History:
         self.pool = pool
 
     async def page(
-        self, subject_id: str, *, limit: int, offset: int, where: TxFilter = TxFilter()
+        self,
+        subject_id: str,
+        *,
+        limit: int,
+        offset: int = 0,
+        where: TxFilter = TxFilter(),
+        before: int | None = None,
     ) -> tuple[list[Transaction], int]:
+        """A page, newest first, and the total matching ``where``; ``before`` (a transaction id)
+        continues after that transaction, at the cost of the first page."""
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(SQL_PAGE, subject_id, *where.args(), limit, offset)
+            rows = await conn.fetch(SQL_PAGE, subject_id, *where.args(), limit, offset, before)
             total = await conn.fetchval(SQL_COUNT, subject_id, *where.args())
         return [Transaction(**dict(r)) for r in rows], total
 

@@ -531,3 +531,22 @@ def test_coupons_through_the_api(proxy: Proxy) -> None:
         assert gone.json()["active"] is False and gone.json()["uses"] == 1
         listed = admin.get("/api/v1/admin/credits/coupons", params={"active": "false", "limit": 1000}).json()
         assert f"WELCOME{tag}" in {c["code"] for c in listed["items"]}
+
+
+def test_keyset_paging_walks_the_whole_ledger(proxy: Proxy, busy_account: tuple[str, str]) -> None:
+    _, key = busy_account
+    with user_client(proxy, key) as c:
+        by_offset = [
+            t["id"] for t in c.get("/api/v1/credits/transactions", params={"limit": 100}).json()["items"]
+        ]
+        walked, before = [], None
+        while True:
+            params: dict[str, object] = {"limit": 1}
+            if before is not None:
+                params["before"] = before
+            page = c.get("/api/v1/credits/transactions", params=params).json()
+            walked += [t["id"] for t in page["items"]]
+            before = page["next_before"]
+            if before is None:
+                break
+        assert walked == by_offset and len(walked) == 4

@@ -123,6 +123,7 @@ class TransactionPage(BaseModel):
     total: int
     limit: int
     offset: int
+    next_before: int | None = Field(None, description="pass as `before` for the next page; null on the last")
 
 
 class Balance(Account):

@@ -100,14 +100,26 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
         type: TypeQuery = None,
         start_date: StartDate = None,
         end_date: EndDate = None,
+        before: Annotated[
+            int | None, Query(ge=1, le=2**63 - 1, description="continue after this transaction (next_before)")
+        ] = None,
         user_id: UserIdQuery = None,
     ) -> dict[str, Any]:
-        """The caller's ledger, newest first; amounts are signed decimal strings."""
+        """The caller's ledger, newest first; amounts are signed decimal strings.
+
+        Page with ``offset``, or, cheaper at any depth, with ``before=<next_before of the last page>``.
+        """
         where = _filter(type, start_date, end_date)
         items, total = await (await history()).page(
-            target(caller, user_id), limit=limit, offset=offset, where=where
+            target(caller, user_id), limit=limit, offset=offset, where=where, before=before
         )
-        return {"items": [t.to_json() for t in items], "total": total, "limit": limit, "offset": offset}
+        return {
+            "items": [t.to_json() for t in items],
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "next_before": items[-1].id if len(items) == limit else None,
+        }
 
     @router.get(
         "/credits/transactions/export",
