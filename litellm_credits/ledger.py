@@ -317,7 +317,7 @@ class Ledger:
             try:
                 return await self.pool.fetchrow(
                     SQL_HOLD, subject_id, hold_id, tiers, amounts, debits, default_tier,
-                    float(ttl_seconds), model, power_level,
+                    int(ttl_seconds), model, power_level,
                 )  # fmt: skip
             except asyncpg.UniqueViolationError:
                 # a retry after a commit whose reply was lost: the hold exists, it is ours

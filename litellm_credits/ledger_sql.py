@@ -99,7 +99,7 @@ WITH a AS (
     RETURNING a.subject_id, a.tier, q.amount, q.debits
 ), h AS (
     INSERT INTO credits.holds (id, subject_id, amount, debits, expires_at, model, power_level)
-    SELECT $2, a.subject_id, a.amount, a.debits, now() + make_interval(secs => $7), $8, $9 FROM a
+    SELECT $2, a.subject_id, a.amount, a.debits, now() + $7::integer * interval '1 second', $8, $9 FROM a
     RETURNING expires_at
 )
 SELECT h.expires_at, a.tier, a.amount, a.debits FROM h, a
