@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import auth, db, migrations
+from . import auth, crypto, db, migrations
 from .errors import CreditsError
 from .ledger import Ledger
 from .money import AmountError, parse_credits
@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("sweep", help="resolve expired holds now")
     sub.add_parser("dsn", help="print the database DSN in use")
     sub.add_parser("stop-db", help="stop the embedded PostgreSQL (it outlives the proxy)")
+    rk = sub.add_parser("rotate-keys", help="re-encrypt stored secrets under the current encryption key")
+    rk.add_argument("--batch", type=int, default=100)
     s = sub.add_parser("serve", help="migrate, then run the LiteLLM proxy with the plugin")
     s.add_argument("--config", default="litellm_config.yaml")
     s.add_argument("--host", default="127.0.0.1")
@@ -116,6 +118,22 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             bad = await ledger.discrepancies()
             _print(bad)
             return 1 if bad else 0
+        elif args.command == "rotate-keys":
+            keys = settings.encryption_keys.get_secret_value() if settings.encryption_keys else None
+            rotation = await crypto.rotate_stored_secrets(
+                pool, crypto.SecretBox.from_env_value(keys), batch=args.batch
+            )
+            print(
+                f"re-encrypted {rotation.rotated} secrets; "
+                f"{rotation.current} were already under the current key"
+            )
+            if rotation.unreadable:
+                print(
+                    f"{len(rotation.unreadable)} secrets open with no configured key (accounts: "
+                    f"{', '.join(rotation.unreadable[:20])}); add their old key and run again",
+                    file=sys.stderr,
+                )
+                return 1
         elif args.command == "sweep":
             n = await ledger.expire(policy=cfg.holds.expiry_policy, batch=cfg.holds.sweep_batch)
             print(f"resolved {n} expired holds ({cfg.holds.expiry_policy})")

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import platformdirs
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .money import to_decimal
@@ -127,6 +127,8 @@ class Settings(BaseSettings):
 
     database_url: str | None = Field(None, description="PostgreSQL DSN; embedded server when unset")
     redis_url: str | None = None
+    # Fernet keys for secrets at rest, comma-separated, the current one first
+    encryption_keys: SecretStr | None = None
     data_dir: Path = Field(default_factory=_default_data_dir, description="embedded PostgreSQL data")
     config_path: Path | None = Field(None, alias="CREDITS_CONFIG")
     auto_migrate: bool = True

@@ -1,0 +1,140 @@
+"""Secrets at rest: encryption, masking, keyed hashes, and key rotation on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from litellm_credits.crypto import (
+    EncryptionNotConfigured,
+    Secret,
+    SecretBox,
+    UndecryptableSecret,
+    mask,
+    rotate_stored_secrets,
+)
+from litellm_credits.ledger import Ledger
+
+from .conftest import AccountFactory
+
+PROVIDER_KEY = "sk-or-v1-0123456789abcdef0123456789abcdef-TAIL"
+
+
+def new_key() -> str:
+    return Fernet.generate_key().decode()
+
+
+def test_round_trip_and_masking() -> None:
+    box = SecretBox([new_key()])
+    token = box.encrypt(PROVIDER_KEY)
+    assert PROVIDER_KEY.encode() not in token
+    secret = box.decrypt(token)
+    assert secret.reveal() == PROVIDER_KEY
+    for shown in (repr(secret), str(secret), f"{secret}", repr([secret]), repr(box)):
+        assert PROVIDER_KEY not in shown and "0123456789" not in shown
+    assert secret.tail == "…TAIL" and mask("short") == "…"
+    assert secret == Secret(PROVIDER_KEY)
+
+
+def test_no_key_is_a_clear_refusal() -> None:
+    for value in (None, "", " , "):
+        with pytest.raises(EncryptionNotConfigured) as err:
+            SecretBox.from_env_value(value)
+        assert err.value.status == 503 and "CREDITS_ENCRYPTION_KEYS" in err.value.message
+    with pytest.raises(EncryptionNotConfigured):
+        SecretBox(["not-a-fernet-key"])
+
+
+def test_old_keys_decrypt_and_rotation_moves_to_the_current_key() -> None:
+    old, new = new_key(), new_key()
+    token = SecretBox([old]).encrypt(PROVIDER_KEY)
+    both = SecretBox([new, old])
+    assert both.decrypt(token).reveal() == PROVIDER_KEY and not both.is_current(token)
+    rotated = both.rotate(token)
+    assert both.is_current(rotated)
+    assert SecretBox([new]).decrypt(rotated).reveal() == PROVIDER_KEY
+    with pytest.raises(UndecryptableSecret):
+        SecretBox([new]).decrypt(token)
+
+
+def test_lookup_hashes_survive_a_rotation() -> None:
+    old, new = new_key(), new_key()
+    stored = SecretBox([old]).lookup_hash(PROVIDER_KEY)
+    assert stored in SecretBox([new, old]).lookup_hashes(PROVIDER_KEY)
+    assert SecretBox([new, old]).lookup_hash(PROVIDER_KEY) != stored
+    assert SecretBox([old]).lookup_hash("another key") != stored
+
+
+async def _store(ledger: Ledger, subject: str, box: SecretBox, plaintext: str) -> None:
+    await ledger.pool.execute(
+        "INSERT INTO credits.openrouter_accounts (subject_id, key_hash, encrypted_key, key_tail)"
+        " VALUES ($1, $2, $3, $4)",
+        subject, box.lookup_hash(plaintext), box.encrypt(plaintext), mask(plaintext),
+    )  # fmt: skip
+
+
+async def test_rotation_is_resumable_and_safe_to_rerun(
+    ledger: Ledger, account: AccountFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    old, new = new_key(), new_key()
+    subjects = [await account("0") for _ in range(5)]
+    plaintexts = {s: f"{PROVIDER_KEY}-{i}" for i, s in enumerate(subjects)}
+    for s in subjects:
+        await _store(ledger, s, SecretBox([old]), plaintexts[s])
+    box = SecretBox([new, old])
+
+    async def stored(subject: str) -> bytes:
+        sql = "SELECT encrypted_key FROM credits.openrouter_accounts WHERE subject_id = $1"
+        return bytes(await ledger.pool.fetchval(sql, subject))
+
+    # interrupted after two rows: those two are rotated, the rest still readable under the old key
+    first = await rotate_stored_secrets(ledger.pool, box, batch=2, max_rows=2)
+    assert first.seen == 2
+    for s in subjects:
+        assert box.decrypt(await stored(s)).reveal() == plaintexts[s]
+    # the second run finishes the job; a third finds nothing to do
+    await rotate_stored_secrets(ledger.pool, box, batch=2)
+    again = await rotate_stored_secrets(ledger.pool, box, batch=2)
+    assert again.rotated == 0 and again.current >= len(subjects)
+    assert not set(subjects) & set(again.unreadable)
+    only_new = SecretBox([new])
+    for s in subjects:
+        token = await stored(s)
+        assert only_new.decrypt(token).reveal() == plaintexts[s]
+        digest = await ledger.pool.fetchval(
+            "SELECT key_hash FROM credits.openrouter_accounts WHERE subject_id = $1", s
+        )
+        assert bytes(digest) == only_new.lookup_hash(plaintexts[s])
+    logged = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert PROVIDER_KEY not in logged and old not in logged and new not in logged
+
+
+async def test_unreadable_secrets_are_reported_not_fatal(ledger: Ledger, account: AccountFactory) -> None:
+    lost, kept = new_key(), new_key()
+    orphan, fine = await account("0"), await account("0")
+    await _store(ledger, orphan, SecretBox([lost]), PROVIDER_KEY)
+    await _store(ledger, fine, SecretBox([kept]), PROVIDER_KEY)
+    report = await rotate_stored_secrets(ledger.pool, SecretBox([new_key(), kept]))
+    assert orphan in report.unreadable and fine not in report.unreadable
+    assert report.rotated >= 1
+
+
+def test_cli_rotate_keys(fresh_database: Callable[[], str]) -> None:
+    env = {**os.environ, "CREDITS_DATABASE_URL": fresh_database()}
+    exe = Path(sys.executable).parent / "litellm-credits"
+    missing = subprocess.run([str(exe), "rotate-keys"], env={**env, "CREDITS_ENCRYPTION_KEYS": ""},
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode == 2 and "CREDITS_ENCRYPTION_KEYS" in missing.stderr
+    key = new_key()
+    ok = subprocess.run([str(exe), "rotate-keys"], env={**env, "CREDITS_ENCRYPTION_KEYS": key},
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "already under the current key" in ok.stdout and key not in ok.stdout + ok.stderr
