@@ -123,6 +123,13 @@ class ModelPrice:
             changes["free"] = True
         return replace(self, **changes, source="config")
 
+    def scaled(self, factor: Decimal) -> ModelPrice:
+        """Every price (long-prompt tiers too) times ``factor``, exactly."""
+        with localcontext(EXACT):
+            values = {k: getattr(self, k) * factor for k in PRICE_KEYS if getattr(self, k) is not None}
+            above = tuple((t, tuple((k, r * factor) for k, r in rates)) for t, rates in self.above)
+        return replace(self, **values, above=above)
+
     @property
     def priced(self) -> bool:
         return self.free or any(getattr(self, k) is not None for k in PRICE_KEYS)
@@ -308,6 +315,9 @@ class Pricing:
                 param="model",
                 model=model_group,
             )
+        if any(n.startswith("openrouter/") for n in names) and self.config.openrouter_markup:
+            # resold OpenRouter models carry the operator's margin (free ones returned above)
+            base = base.scaled(1 + self.config.openrouter_markup)
         return base
 
     def output_cap(self, price: ModelPrice, requested: int | None) -> int:

@@ -85,6 +85,8 @@ class CreditsConfig(_Strict):
     models: dict[str, ModelPriceConfig] = Field(default_factory=dict)
     unknown_model_price: ModelPriceConfig | None = None
     free_model_suffixes: tuple[str, ...] = (":free",)
+    # margin on paid openrouter/* models (0.1 = +10 %); free ones always cost 0
+    openrouter_markup: Dec = Decimal("0.10")
     holds: HoldConfig = Field(default_factory=HoldConfig)
     max_amount: Dec = Decimal(1_000_000_000)
     # other origins (scheme://host[:port]) whose pages may change credits with a browser session

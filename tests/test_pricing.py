@@ -873,3 +873,16 @@ def test_long_prompt_tiers_match_litellm(beyond: bool, no_network: None) -> None
         if not agrees(ours, theirs):
             mismatches.append((name, ours, float(theirs)))
     assert not mismatches, f"{len(mismatches)} of {len(names)} models differ: {mismatches[:10]}"
+
+
+def test_openrouter_markup_on_paid_models_only() -> None:
+    deployment = {"input_cost_per_token": "0.000001", "output_cost_per_token": "0.000002"}
+    usage = Usage(prompt_tokens=1000, completion_tokens=1000)
+    default = Pricing(CreditsConfig())
+    paid = usd_cost(default.price("or-paid", "openrouter/vendor/model", deployment), usage)
+    assert paid == Decimal("0.0033")  # (0.001 + 0.002) USD + 10 %
+    assert usd_cost(default.price("or-free", "openrouter/vendor/model:free", deployment), usage) == 0
+    direct = usd_cost(default.price("direct", "openai/model", deployment), usage)
+    assert direct == Decimal("0.003")
+    none = Pricing(CreditsConfig(openrouter_markup=0))
+    assert usd_cost(none.price("or-paid", "openrouter/vendor/model", deployment), usage) == Decimal("0.003")
