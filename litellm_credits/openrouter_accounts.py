@@ -1,0 +1,143 @@
+"""Per-account OpenRouter keys: provisioned by the operator or brought by the user (BYOK).
+
+A provisioned key's OpenRouter credit limit is kept equal to what the account can still pay
+(``balance - held``, in USD), so even a bug in the proxy cannot overspend at the provider.
+Keys are stored encrypted (:mod:`crypto`), found by keyed hash, and shown only as a tail.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_DOWN, Decimal
+from typing import Any
+
+import asyncpg
+
+from .crypto import Secret, SecretBox, mask
+from .errors import Conflict, InvalidRequest, NotFound
+from .ledger import Ledger
+from .openrouter import OpenRouterClient, OpenRouterError
+
+SQL_INSERT = """
+INSERT INTO credits.openrouter_accounts
+    (subject_id, key_hash, encrypted_key, key_tail, provider_key_id, byok, credit_limit)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (subject_id) DO NOTHING
+RETURNING subject_id
+"""
+SQL_GET = """
+SELECT subject_id, encrypted_key, key_tail, provider_key_id, byok, credit_limit, last_synced_at, status
+FROM credits.openrouter_accounts WHERE subject_id = $1
+"""
+SQL_DELETE = "DELETE FROM credits.openrouter_accounts WHERE subject_id = $1"
+SQL_SYNCED = """
+UPDATE credits.openrouter_accounts SET credit_limit = $2, last_synced_at = now() WHERE subject_id = $1
+"""
+CENT = Decimal("0.01")
+
+
+class OpenRouterAccounts:
+    def __init__(
+        self, ledger: Ledger, box: SecretBox, client: OpenRouterClient, credits_per_usd: Decimal
+    ) -> None:
+        self.ledger = ledger
+        self.box = box
+        self.client = client
+        self.credits_per_usd = credits_per_usd
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.ledger.pool
+
+    async def spendable_usd(self, subject_id: str) -> Decimal:
+        """What the account can still pay, in USD, rounded down to the cent (never negative)."""
+        account = await self.ledger.require_account(subject_id)
+        credits = Decimal(max(account.available, 0)).scaleb(-6)
+        return (credits / self.credits_per_usd).quantize(CENT, rounding=ROUND_DOWN)
+
+    async def provision(self, subject_id: str) -> dict[str, Any]:
+        """Create the account's OpenRouter key, capped at what the account can pay."""
+        if await self.pool.fetchrow(SQL_GET, subject_id) is not None:
+            raise Conflict("this account already has an OpenRouter key", param="user_id")
+        limit = await self.spendable_usd(subject_id)
+        created = await self.client.create_key(f"credits:{subject_id}", limit=limit)
+        assert created.key is not None
+        plaintext = created.key.reveal()
+        try:
+            stored = await self.pool.fetchval(
+                SQL_INSERT, subject_id, self.box.lookup_hash(plaintext), self.box.encrypt(plaintext),
+                mask(plaintext), created.hash, False, _micro_usd(limit),
+            )  # fmt: skip
+        except BaseException:
+            await self.client.delete_key(created.hash)  # do not leave an orphan key at OpenRouter
+            raise
+        if stored is None:  # a concurrent provision won: remove ours
+            await self.client.delete_key(created.hash)
+            raise Conflict("this account already has an OpenRouter key", param="user_id")
+        return await self.status(subject_id)
+
+    async def bring_own_key(self, subject_id: str, key: str) -> dict[str, Any]:
+        """Store a key the user brought, after OpenRouter confirms it works."""
+        await self.ledger.require_account(subject_id)
+        try:
+            await self.client.key_usage(Secret(key))
+        except OpenRouterError:
+            raise InvalidRequest("OpenRouter does not accept this key", param="key") from None
+        await self.pool.execute(SQL_DELETE, subject_id)
+        await self.pool.fetchval(
+            SQL_INSERT,
+            subject_id,
+            self.box.lookup_hash(key),
+            self.box.encrypt(key),
+            mask(key),
+            None,
+            True,
+            None,
+        )
+        return await self.status(subject_id)
+
+    async def key_for(self, subject_id: str) -> Secret | None:
+        row = await self.pool.fetchrow(SQL_GET, subject_id)
+        if row is None or row["status"] != "active":
+            return None
+        return self.box.decrypt(bytes(row["encrypted_key"]))
+
+    async def status(self, subject_id: str) -> dict[str, Any]:
+        row = await self.pool.fetchrow(SQL_GET, subject_id)
+        if row is None:
+            raise NotFound("this account has no OpenRouter key", param="user_id")
+        limit = row["credit_limit"]
+        return {
+            "user_id": subject_id,
+            "key": row["key_tail"],
+            "byok": row["byok"],
+            "credit_limit_usd": None if limit is None else str(Decimal(limit).scaleb(-6)),
+            "last_synced_at": row["last_synced_at"].isoformat() if row["last_synced_at"] else None,
+            "status": row["status"],
+        }
+
+    async def sync(self, subject_id: str) -> dict[str, Any]:
+        """Set a provisioned key's OpenRouter limit to what the account can pay now."""
+        row = await self.pool.fetchrow(SQL_GET, subject_id)
+        if row is None:
+            raise NotFound("this account has no OpenRouter key", param="user_id")
+        if row["byok"]:
+            return await self.status(subject_id)  # the user's own key: its limit is theirs
+        limit = await self.spendable_usd(subject_id)
+        await self.client.update_key(row["provider_key_id"], limit=limit)
+        await self.pool.execute(SQL_SYNCED, subject_id, _micro_usd(limit))
+        return await self.status(subject_id)
+
+    async def remove(self, subject_id: str) -> None:
+        row = await self.pool.fetchrow(SQL_GET, subject_id)
+        if row is None:
+            raise NotFound("this account has no OpenRouter key", param="user_id")
+        if not row["byok"]:
+            await self.client.delete_key(row["provider_key_id"])
+        await self.pool.execute(SQL_DELETE, subject_id)
+
+
+def _micro_usd(usd: Decimal) -> int:
+    return int(usd.scaleb(6))
+
+
+__all__ = ["OpenRouterAccounts"]

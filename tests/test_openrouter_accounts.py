@@ -1,0 +1,103 @@
+"""Per-account OpenRouter keys on a real PostgreSQL, with OpenRouter faked by respx."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import httpx
+import pytest
+import respx
+from cryptography.fernet import Fernet
+
+from litellm_credits.crypto import Secret, SecretBox
+from litellm_credits.errors import Conflict, InvalidRequest, NotFound
+from litellm_credits.ledger import Ledger
+from litellm_credits.money import parse_credits as c
+from litellm_credits.openrouter import OpenRouterClient, OpenRouterUnavailable
+from litellm_credits.openrouter_accounts import OpenRouterAccounts
+
+from .conftest import AccountFactory
+
+BASE = "https://openrouter.test/api/v1"
+NEW_KEY = "sk-or-v1-new-account-key-2222222222222222222222222222222222222222222222-ABCD"
+HASH = "9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c"
+
+
+@pytest.fixture
+async def accounts(ledger: Ledger) -> AsyncIterator[OpenRouterAccounts]:
+    client = OpenRouterClient(
+        provisioning_key=Secret("sk-or-v1-prov"), base_url=BASE, retries=1, backoff=0.001
+    )
+    yield OpenRouterAccounts(ledger, SecretBox([Fernet.generate_key().decode()]), client, Decimal(1000))
+    await client.aclose()
+
+
+def key_data(limit: float) -> dict[str, object]:
+    return {"hash": HASH, "name": "credits:x", "limit": limit, "usage": 0, "disabled": False}
+
+
+@respx.mock
+async def test_provision_caps_the_key_at_what_the_account_can_pay(
+    accounts: OpenRouterAccounts, ledger: Ledger, account: AccountFactory
+) -> None:
+    subject = await account("12.345")  # 12.345 credits = 0.012345 USD at 1000 credits/USD
+    await ledger.hold(subject, c("2.345"), ttl_seconds=60)  # held credits are not spendable
+    created = respx.post(f"{BASE}/keys").respond(201, json={"data": key_data(0.01), "key": NEW_KEY})
+    status = await accounts.provision(subject)
+    assert json.loads(created.calls.last.request.content)["limit"] == 0.01  # 10 credits, rounded down
+    assert (status["key"], status["byok"], status["credit_limit_usd"]) == ("…ABCD", False, "0.010000")
+    assert (await accounts.key_for(subject)).reveal() == NEW_KEY  # type: ignore[union-attr]
+    stored = await ledger.pool.fetchval(
+        "SELECT encrypted_key FROM credits.openrouter_accounts WHERE subject_id = $1", subject
+    )
+    assert NEW_KEY.encode() not in bytes(stored)
+    with pytest.raises(Conflict):
+        await accounts.provision(subject)
+
+
+@respx.mock
+async def test_sync_follows_the_balance_and_remove_deletes_the_key(
+    accounts: OpenRouterAccounts, ledger: Ledger, account: AccountFactory
+) -> None:
+    subject = await account("5")
+    respx.post(f"{BASE}/keys").respond(201, json={"data": key_data(0.005), "key": NEW_KEY})
+    await accounts.provision(subject)
+    await ledger.credit(subject, c("20"))
+    patched = respx.patch(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.02)})
+    status = await accounts.sync(subject)
+    assert json.loads(patched.calls.last.request.content) == {"limit": 0.02}
+    assert status["credit_limit_usd"] == "0.020000" and status["last_synced_at"]
+    deleted = respx.delete(f"{BASE}/keys/{HASH}").respond(200, json={"data": {"success": True}})
+    await accounts.remove(subject)
+    assert deleted.called and await accounts.key_for(subject) is None
+    with pytest.raises(NotFound):
+        await accounts.status(subject)
+
+
+@respx.mock
+async def test_failed_provisioning_leaves_nothing_behind(
+    accounts: OpenRouterAccounts, account: AccountFactory
+) -> None:
+    subject = await account("5")
+    respx.post(f"{BASE}/keys").respond(503)
+    with pytest.raises(OpenRouterUnavailable):
+        await accounts.provision(subject)
+    assert await accounts.key_for(subject) is None
+
+
+@respx.mock
+async def test_bring_your_own_key(accounts: OpenRouterAccounts, account: AccountFactory) -> None:
+    subject = await account("1")
+    route = respx.get(f"{BASE}/key")
+    route.side_effect = [httpx.Response(401, json={"error": {"message": "bad key"}})]
+    with pytest.raises(InvalidRequest):
+        await accounts.bring_own_key(subject, "sk-or-v1-not-a-real-key-xyz")
+    route.side_effect = [
+        httpx.Response(200, json={"data": {"usage": 0, "limit": None, "is_free_tier": False}})
+    ]
+    status = await accounts.bring_own_key(subject, "sk-or-v1-users-own-key-0000000000000000-WXYZ")
+    assert (status["byok"], status["key"]) == (True, "…WXYZ")
+    assert (await accounts.sync(subject))["byok"] is True  # nothing to cap on the user's own key
+    await accounts.remove(subject)  # the user's key is forgotten, not deleted at OpenRouter
