@@ -16,7 +16,10 @@ import threading
 from dataclasses import dataclass, field
 
 from . import db, migrations
+from .crypto import Secret, SecretBox
 from .ledger import Ledger
+from .openrouter import OpenRouterClient
+from .openrouter_accounts import OpenRouterAccounts
 from .pricing import Pricing
 from .settings import Settings
 
@@ -39,12 +42,28 @@ class Runtime:
     _migrated: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _loops: dict[asyncio.AbstractEventLoop, _LoopState] = field(default_factory=dict)
+    _openrouter_clients: dict[asyncio.AbstractEventLoop, OpenRouterClient] = field(default_factory=dict)
 
     @property
     def pricing(self) -> Pricing:
         if self._pricing is None:
             self._pricing = Pricing(self.settings.credits)
         return self._pricing
+
+    async def openrouter_accounts(self) -> OpenRouterAccounts:
+        """The OpenRouter account service; refused (503) until encryption keys are configured."""
+        s = self.settings
+        box = SecretBox.from_env_value(s.encryption_keys.get_secret_value() if s.encryption_keys else None)
+        loop = asyncio.get_running_loop()
+        client = self._openrouter_clients.get(loop)
+        if client is None:
+            provisioning = s.openrouter_provisioning_key
+            client = OpenRouterClient(
+                provisioning_key=Secret(provisioning.get_secret_value()) if provisioning else None,
+                base_url=s.openrouter_base_url,
+            )
+            self._openrouter_clients[loop] = client
+        return OpenRouterAccounts(await self.ledger(), box, client, s.credits.credits_per_usd)
 
     def _resolve_dsn(self) -> str:
         with self._lock:

@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # Fernet keys for secrets at rest, comma-separated, the current one first
     encryption_keys: SecretStr | None = None
+    openrouter_base_url: str = "https://openrouter.ai/api/v1"
+    # the operator's OpenRouter provisioning (management) key
+    openrouter_provisioning_key: SecretStr | None = None
     data_dir: Path = Field(default_factory=_default_data_dir, description="embedded PostgreSQL data")
     config_path: Path | None = Field(None, alias="CREDITS_CONFIG")
     auto_migrate: bool = True

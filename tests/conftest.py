@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -33,6 +34,7 @@ from litellm_credits.money import parse_credits
 from litellm_credits.runtime import Runtime
 from litellm_credits.settings import CreditsConfig, Settings
 
+from .fake_openrouter import PROVISIONING_KEY, FakeOpenRouter
 from .fake_upstream import FakeUpstream
 
 TESTS = Path(__file__).resolve().parent
@@ -161,6 +163,16 @@ def upstream() -> Iterator[FakeUpstream]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def openrouter() -> Iterator[FakeOpenRouter]:
+    with FakeOpenRouter() as server:
+        yield server
+
+
+# the proxy's encryption key for provider secrets (a fresh Fernet key per run)
+ENCRYPTION_KEY = Fernet.generate_key().decode()
+
+
 @dataclass
 class Proxy:
     url: str
@@ -242,14 +254,23 @@ def proxy_env(database_url: str, master_key: str, upstream_url: str, **extra: st
 
 @pytest.fixture(scope="session")
 def proxy(
-    database_url: str, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+    database_url: str,
+    upstream: FakeUpstream,
+    openrouter: FakeOpenRouter,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Proxy]:
     """The real LiteLLM proxy (a subprocess) with the plugin, on the test database."""
     master = "sk-master-" + secrets.token_urlsafe(24)
     log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
-    proc, url = start_proxy(
-        TESTS / "proxy_config.yaml", proxy_env(database_url, master, upstream.url), log_path
+    env = proxy_env(
+        database_url,
+        master,
+        upstream.url,
+        CREDITS_OPENROUTER_BASE_URL=openrouter.url,
+        CREDITS_OPENROUTER_PROVISIONING_KEY=PROVISIONING_KEY,
+        CREDITS_ENCRYPTION_KEYS=ENCRYPTION_KEY,
     )
+    proc, url = start_proxy(TESTS / "proxy_config.yaml", env, log_path)
     try:
         yield Proxy(url=url, master_key=master, log_path=log_path)
     finally:

@@ -6,6 +6,7 @@ import csv
 import io
 import time
 from datetime import date, datetime, timedelta, timezone
+from typing import Any
 
 import httpx
 import openai
@@ -550,3 +551,32 @@ def test_keyset_paging_walks_the_whole_ledger(proxy: Proxy, busy_account: tuple[
             if before is None:
                 break
         assert walked == by_offset and len(walked) == 4
+
+
+def test_openrouter_accounts_through_the_proxy(proxy: Proxy, openrouter: Any) -> None:
+    user, key = proxy.create_account("25")  # 25 credits = 0.025 USD: the key's cap, rounded down to cents
+    with proxy.admin() as admin, user_client(proxy, key) as me:
+        assert me.post("/api/v1/admin/credits/openrouter/accounts", json={"user_id": user}).status_code == 403
+        r = admin.post("/api/v1/admin/credits/openrouter/accounts", json={"user_id": user})
+        assert r.status_code == 201, r.text
+        assert (r.json()["byok"], r.json()["credit_limit_usd"]) == (False, "0.020000")
+        [stored] = [k for k in openrouter.keys.values() if k["name"] == f"credits:{user}"]
+        assert stored["limit"] == 0.02
+        assert stored["key"] not in r.text and r.json()["key"] == "…" + stored["key"][-4:]
+        dup = admin.post("/api/v1/admin/credits/openrouter/accounts", json={"user_id": user})
+        assert dup.status_code == 409
+        admin.post(
+            "/api/v1/admin/credits/allocate", json={"user_id": user, "amount": "100"}
+        ).raise_for_status()
+        synced = admin.post(f"/api/v1/admin/credits/openrouter/accounts/{user}/sync").json()
+        assert synced["credit_limit_usd"] == "0.120000" and stored["limit"] == 0.12
+        assert me.delete("/api/v1/credits/openrouter/key").status_code == 403  # provisioned: the operator's
+        assert admin.delete(f"/api/v1/admin/credits/openrouter/accounts/{user}").status_code == 204
+        assert not [k for k in openrouter.keys.values() if k["name"] == f"credits:{user}"]
+        bad = me.put("/api/v1/credits/openrouter/key", json={"key": "sk-or-v1-rejected-key-123456"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "key"
+        own = me.put("/api/v1/credits/openrouter/key", json={"key": "sk-or-v1-good-users-own-key-9876"})
+        assert own.status_code == 200 and own.json()["byok"] is True and own.json()["key"] == "…9876"
+        assert "users-own" not in own.text
+        assert me.delete("/api/v1/credits/openrouter/key").status_code == 204
+        assert admin.get(f"/api/v1/admin/credits/openrouter/accounts/{user}").status_code == 404

@@ -11,6 +11,7 @@ from ..runtime import Runtime
 from .admin import add_admin_routes
 from .charges import add_charge_routes
 from .coupon_routes import add_coupon_routes
+from .openrouter_routes import add_openrouter_routes
 from .routes import ERROR_RESPONSES, SECURITY_HEADERS, CreditsRoute
 from .user import add_user_routes
 
@@ -25,6 +26,7 @@ def build_router(runtime: Runtime, price_of: Callable[[str], ModelPrice] | None 
     add_user_routes(router, runtime, price_of)
     add_charge_routes(router, runtime, price_of)
     add_coupon_routes(router, runtime)
+    add_openrouter_routes(router, runtime)
     return router
 
 

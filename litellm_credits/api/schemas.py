@@ -416,6 +416,23 @@ class Redeemed(BaseModel):
     transaction_id: int | None
 
 
+class ProvisionOpenRouter(_In):
+    user_id: SubjectId
+
+
+class BringOpenRouterKey(_In):
+    key: Annotated[str, Field(pattern=r"^sk-or-[A-Za-z0-9_-]{10,200}$", description="an OpenRouter API key")]
+
+
+class OpenRouterStatus(BaseModel):
+    user_id: str
+    key: str = Field(description="the key's last four characters only")
+    byok: bool
+    credit_limit_usd: str | None
+    last_synced_at: str | None
+    status: str
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -435,6 +452,7 @@ __all__ = [
     "Allocate",
     "Allocated",
     "Balance",
+    "BringOpenRouterKey",
     "BulkAllocate",
     "BulkAllocated",
     "CalculateAndDeduct",
@@ -453,7 +471,9 @@ __all__ = [
     "KeyInfo",
     "MonthlyCap",
     "NonNegativeAmount",
+    "OpenRouterStatus",
     "PositiveAmount",
+    "ProvisionOpenRouter",
     "Redeem",
     "Redeemed",
     "Refund",
