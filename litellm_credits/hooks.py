@@ -29,6 +29,7 @@ from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
+from .crypto import EncryptionNotConfigured, Secret
 from .errors import (
     AccountNotFound,
     CreditsError,
@@ -360,8 +361,30 @@ class CreditsHandler(CustomLogger):
             )
             hold = await take()
         rate = pricing.rate(hold.tier, power_level)
+        if self._openrouter_group(str(model_group)):
+            own_key = await self._openrouter_key(subject)
+            if own_key is not None:
+                # the account's own OpenRouter key: the provider caps it at what the account can pay
+                data["api_key"] = own_key[0].reveal()
+                if own_key[1]:  # brought by the user: metered, charged only the configured fee
+                    rate *= self.runtime.settings.credits.openrouter_byok_fee
         metadata[HOLD_KEY] = self.signer.sign(HoldClaim(hold.id, subject, rate, power_level, service))
         return data
+
+    def _openrouter_group(self, model_group: str) -> bool:
+        return any(
+            str((d.get("litellm_params") or {}).get("model", "")).startswith("openrouter/")
+            for d in self.deployments(model_group)
+        )
+
+    async def _openrouter_key(self, subject: str) -> tuple[Secret, bool] | None:
+        """The account's OpenRouter key and whether the user brought it; None without one (or
+        without encryption configured, when no such keys can exist)."""
+        try:
+            accounts = await self.runtime.openrouter_accounts()
+        except EncryptionNotConfigured:
+            return None
+        return await accounts.key_and_kind(subject)
 
     def _claim(self, container: Mapping[str, Any]) -> HoldClaim | None:
         """The signed hold claim in a request's metadata (either name LiteLLM uses for it)."""

@@ -96,10 +96,15 @@ class OpenRouterAccounts:
         return await self.status(subject_id)
 
     async def key_for(self, subject_id: str) -> Secret | None:
+        found = await self.key_and_kind(subject_id)
+        return found[0] if found else None
+
+    async def key_and_kind(self, subject_id: str) -> tuple[Secret, bool] | None:
+        """The account's live key and whether the user brought it (BYOK)."""
         row = await self.pool.fetchrow(SQL_GET, subject_id)
         if row is None or row["status"] != "active":
             return None
-        return self.box.decrypt(bytes(row["encrypted_key"]))
+        return self.box.decrypt(bytes(row["encrypted_key"])), bool(row["byok"])
 
     async def status(self, subject_id: str) -> dict[str, Any]:
         row = await self.pool.fetchrow(SQL_GET, subject_id)

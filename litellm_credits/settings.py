@@ -87,6 +87,8 @@ class CreditsConfig(_Strict):
     free_model_suffixes: tuple[str, ...] = (":free",)
     # margin on paid openrouter/* models (0.1 = +10 %); free ones always cost 0
     openrouter_markup: Dec = Decimal("0.10")
+    # share of the price charged when the account uses its own OpenRouter key (0 = metered only)
+    openrouter_byok_fee: Dec = Decimal(0)
     holds: HoldConfig = Field(default_factory=HoldConfig)
     max_amount: Dec = Decimal(1_000_000_000)
     # other origins (scheme://host[:port]) whose pages may change credits with a browser session

@@ -51,6 +51,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
         self.server.requests.append(body)
+        self.server.authorizations.append(self.headers.get("authorization", ""))
         d = _directives(body)
         if "sleep" in d:
             time.sleep(float(d["sleep"]))
@@ -178,6 +179,7 @@ class FakeUpstream(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.requests: list[dict[str, Any]] = []
+        self.authorizations: list[str] = []
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     @property

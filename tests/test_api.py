@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import time
@@ -14,6 +15,7 @@ import pytest
 
 from litellm_credits.api.user import csv_cell
 from litellm_credits.ledger import Ledger
+from litellm_credits.money import parse_credits as c
 
 from .conftest import Proxy
 
@@ -580,3 +582,43 @@ def test_openrouter_accounts_through_the_proxy(proxy: Proxy, openrouter: Any) ->
         assert "users-own" not in own.text
         assert me.delete("/api/v1/credits/openrouter/key").status_code == 204
         assert admin.get(f"/api/v1/admin/credits/openrouter/accounts/{user}").status_code == 404
+
+
+async def test_openrouter_calls_use_the_accounts_own_key(
+    proxy: Proxy, openrouter: Any, upstream: Any, ledger: Ledger
+) -> None:
+    plain, plain_key = proxy.create_account("10")
+    provisioned, provisioned_key = proxy.create_account("10")
+    byok, byok_key = proxy.create_account("10")
+    with proxy.admin() as admin:
+        admin.post(
+            "/api/v1/admin/credits/openrouter/accounts", json={"user_id": provisioned}
+        ).raise_for_status()
+    [stored] = [k for k in openrouter.keys.values() if k["name"] == f"credits:{provisioned}"]
+    own = "sk-or-v1-good-brought-by-the-user-0000"
+    with user_client(proxy, byok_key) as me:
+        me.put("/api/v1/credits/openrouter/key", json={"key": own}).raise_for_status()
+
+    def call_or(key: str) -> str:
+        with openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0) as oa:
+            messages = [{"role": "user", "content": "usage=1000,1000"}]
+            oa.chat.completions.create(model="or-paid", messages=messages, max_tokens=1000)  # type: ignore[arg-type]
+        return str(upstream.authorizations[-1])
+
+    assert call_or(plain_key) == "Bearer operator-openrouter-key"
+    assert call_or(provisioned_key) == f"Bearer {stored['key']}"
+    assert call_or(byok_key) == f"Bearer {own}"
+    for subject in (plain, provisioned, byok):
+        deadline = time.monotonic() + 20
+        while await ledger.pool.fetchval(
+            "SELECT count(*) FROM credits.holds WHERE subject_id = $1 AND status = 'open'", subject
+        ):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    charged = {s: (await ledger.require_account(s)).balance for s in (plain, provisioned, byok)}
+    # (1000 x 1e-6 + 1000 x 2e-6) USD = 0.003 USD, +10 % OpenRouter markup = 3.3 credits
+    assert charged == {plain: c("10") - c("3.3"), provisioned: c("10") - c("3.3"), byok: c("10")}
+    events = await ledger.pool.fetchval(
+        "SELECT count(*) FROM credits.usage_events WHERE subject_id = $1", byok
+    )
+    assert events == 1  # brought keys are metered even when not charged
