@@ -27,6 +27,7 @@ from . import auth, crypto, db, migrations
 from .errors import CreditsError
 from .ledger import Ledger
 from .money import AmountError, parse_credits
+from .runtime import Runtime
 from .settings import Settings
 
 
@@ -52,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("sweep", help="resolve expired holds now")
     sub.add_parser("dsn", help="print the database DSN in use")
     sub.add_parser("stop-db", help="stop the embedded PostgreSQL (it outlives the proxy)")
+    orp = sub.add_parser("openrouter", help="OpenRouter keys of accounts").add_subparsers(
+        dest="action", required=True
+    )
+    orp.add_parser("sync", help="set every provisioned key's limit to what its account can pay")
+    orp.add_parser("reconcile", help="compare OpenRouter's usage per key with the ledger")
     rk = sub.add_parser("rotate-keys", help="re-encrypt stored secrets under the current encryption key")
     rk.add_argument("--batch", type=int, default=100)
     s = sub.add_parser("serve", help="migrate, then run the LiteLLM proxy with the plugin")
@@ -118,6 +124,17 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             bad = await ledger.discrepancies()
             _print(bad)
             return 1 if bad else 0
+        elif args.command == "openrouter":
+            runtime = Runtime(settings)
+            try:
+                accounts = await runtime.openrouter_accounts()
+                if args.action == "sync":
+                    results = await accounts.sync_all()
+                    _print(results)
+                    return 0 if all(v == "ok" for v in results.values()) else 1
+                _print(await accounts.reconcile())
+            finally:
+                await runtime.close()
         elif args.command == "rotate-keys":
             keys = settings.encryption_keys.get_secret_value() if settings.encryption_keys else None
             rotation = await crypto.rotate_stored_secrets(

@@ -462,7 +462,8 @@ class CreditsHandler(CustomLogger):
             )
         except CreditsError:
             price = self.group_price(model_group)
-        cost = self.runtime.pricing.to_micro(usd_cost(price, usage), claim.rate)
+        usd = usd_cost(price, usage)
+        cost = self.runtime.pricing.to_micro(usd, claim.rate)
         latency = int((end - start).total_seconds() * 1000) if start and end else None
         result = await ledger.settle(
             claim.subject_id,
@@ -483,6 +484,8 @@ class CreditsHandler(CustomLogger):
                     "call_id": kwargs.get("litellm_call_id"),
                     # LiteLLM's own float estimate, kept for audit; never used to charge
                     "litellm_response_cost": str(slo.get("response_cost")),
+                    # the exact price in USD (markups included), for reconciling with providers
+                    "usd": format(usd.normalize(), "f"),
                 },
             ),
         )

@@ -7,13 +7,14 @@ Keys are stored encrypted (:mod:`crypto`), found by keyed hash, and shown only a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
 import asyncpg
 
 from .crypto import Secret, SecretBox, mask
-from .errors import Conflict, InvalidRequest, NotFound
+from .errors import Conflict, CreditsError, InvalidRequest, NotFound
 from .ledger import Ledger
 from .openrouter import OpenRouterClient, OpenRouterError
 
@@ -31,6 +32,15 @@ FROM credits.openrouter_accounts WHERE subject_id = $1
 SQL_DELETE = "DELETE FROM credits.openrouter_accounts WHERE subject_id = $1"
 SQL_SYNCED = """
 UPDATE credits.openrouter_accounts SET credit_limit = $2, last_synced_at = now() WHERE subject_id = $1
+"""
+SQL_PROVISIONED = """
+SELECT subject_id FROM credits.openrouter_accounts WHERE NOT byok AND status = 'active' ORDER BY subject_id
+"""
+# what the ledger priced for openrouter usage since the key exists, in USD (exact, from settlement)
+SQL_LEDGER_USD = """
+SELECT coalesce(sum((e.metadata->>'usd')::numeric), 0)
+FROM credits.usage_events e JOIN credits.openrouter_accounts o USING (subject_id)
+WHERE e.subject_id = $1 AND e.provider = 'openrouter' AND e.created_at >= o.created_at
 """
 CENT = Decimal("0.01")
 
@@ -131,6 +141,39 @@ class OpenRouterAccounts:
         await self.client.update_key(row["provider_key_id"], limit=limit)
         await self.pool.execute(SQL_SYNCED, subject_id, _micro_usd(limit))
         return await self.status(subject_id)
+
+    async def provisioned(self, only: Iterable[str] | None = None) -> list[str]:
+        subjects = [r["subject_id"] for r in await self.pool.fetch(SQL_PROVISIONED)]
+        return subjects if only is None else [s for s in subjects if s in set(only)]
+
+    async def sync_all(self, only: Iterable[str] | None = None) -> dict[str, str]:
+        """Sync every provisioned key; account -> "ok" or the error type (one failure stops none)."""
+        results = {}
+        for subject in await self.provisioned(only):
+            try:
+                await self.sync(subject)
+                results[subject] = "ok"
+            except CreditsError as err:
+                results[subject] = err.type
+        return results
+
+    async def reconcile(self, only: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Per provisioned key: OpenRouter's usage against what the ledger priced, in USD."""
+        report = []
+        for subject in await self.provisioned(only):
+            stored = await self.pool.fetchrow(SQL_GET, subject)
+            remote = await self.client.get_key(stored["provider_key_id"])
+            ledger_usd = Decimal(await self.pool.fetchval(SQL_LEDGER_USD, subject))
+            report.append(
+                {
+                    "user_id": subject,
+                    "openrouter_usage_usd": str(remote.usage),
+                    "ledger_usd": str(ledger_usd),
+                    # positive: OpenRouter counted more than the ledger charged for
+                    "drift_usd": str(remote.usage - ledger_usd),
+                }
+            )
+        return report
 
     async def remove(self, subject_id: str) -> None:
         row = await self.pool.fetchrow(SQL_GET, subject_id)

@@ -121,6 +121,9 @@ class Runtime:
 
     async def close(self) -> None:
         """Stop the sweeper and close the pool of the running loop."""
+        client = self._openrouter_clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
         state = self._loops.pop(asyncio.get_running_loop(), None)
         if state is None:
             return

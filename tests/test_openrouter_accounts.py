@@ -101,3 +101,28 @@ async def test_bring_your_own_key(accounts: OpenRouterAccounts, account: Account
     assert (status["byok"], status["key"]) == (True, "…WXYZ")
     assert (await accounts.sync(subject))["byok"] is True  # nothing to cap on the user's own key
     await accounts.remove(subject)  # the user's key is forgotten, not deleted at OpenRouter
+
+
+@respx.mock
+async def test_sync_all_and_reconcile(
+    accounts: OpenRouterAccounts, ledger: Ledger, account: AccountFactory
+) -> None:
+    subject = await account("30")
+    respx.post(f"{BASE}/keys").respond(201, json={"data": key_data(0.03), "key": NEW_KEY})
+    await accounts.provision(subject)
+    # two settled OpenRouter requests the ledger priced at 0.0011 and 0.0022 USD
+    for n, usd in enumerate(("0.0011", "0.0022")):
+        await ledger.pool.execute(
+            "INSERT INTO credits.usage_events (subject_id, request_id, provider, cost, charged,"
+            " status, metadata) VALUES ($1, $2, 'openrouter', 1, 1, 'success', $3)",
+            subject, f"or-{n}", {"usd": usd},
+        )  # fmt: skip
+    respx.get(f"{BASE}/keys/{HASH}").respond(200, json={"data": {**key_data(0.03), "usage": 0.0041}})
+    [row] = await accounts.reconcile(only=[subject])
+    assert (row["openrouter_usage_usd"], row["ledger_usd"], row["drift_usd"]) == (
+        "0.0041",
+        "0.0033",
+        "0.0008",
+    )
+    respx.patch(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.03)})
+    assert await accounts.sync_all(only=[subject]) == {subject: "ok"}
