@@ -7,6 +7,7 @@ Keys are stored encrypted (:mod:`crypto`), found by keyed hash, and shown only a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
@@ -17,6 +18,8 @@ from .crypto import Secret, SecretBox, mask
 from .errors import Conflict, CreditsError, InvalidRequest, NotFound
 from .ledger import Ledger
 from .openrouter import OpenRouterClient, OpenRouterError
+
+log = logging.getLogger("litellm_credits.openrouter")
 
 SQL_INSERT = """
 INSERT INTO credits.openrouter_accounts
@@ -155,6 +158,9 @@ class OpenRouterAccounts:
                 results[subject] = "ok"
             except CreditsError as err:
                 results[subject] = err.type
+            except Exception as exc:  # one account's surprise must not stop the others' sync
+                log.exception("litellm-credits: syncing the OpenRouter key of %s failed", subject)
+                results[subject] = type(exc).__name__
         return results
 
     async def reconcile(self, only: Iterable[str] | None = None) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ log = logging.getLogger("litellm_credits")
 class _LoopState:
     ready: asyncio.Task[Ledger]
     sweeper: asyncio.Task[None] | None = None
+    openrouter_sync: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -93,6 +94,8 @@ class Runtime:
         ledger = await asyncio.shield(state.ready)
         if self.settings.sweeper and state.sweeper is None:
             state.sweeper = loop.create_task(self._sweep(ledger))
+            if self.settings.openrouter_provisioning_key and self.settings.encryption_keys:
+                state.openrouter_sync = loop.create_task(self._sync_openrouter())
         return ledger
 
     def start_soon(self) -> None:
@@ -119,6 +122,21 @@ class Runtime:
             except Exception:
                 log.exception("litellm-credits: hold sweeper failed; will retry")
 
+    async def _sync_openrouter(self) -> None:
+        """Keep every provisioned OpenRouter key's limit at what its account can pay."""
+        interval = self.settings.credits.openrouter_sync_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                results = await (await self.openrouter_accounts()).sync_all()
+                failed = {k: v for k, v in results.items() if v != "ok"}
+                if failed:
+                    log.warning("litellm-credits: %d OpenRouter keys not synced: %s", len(failed), failed)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("litellm-credits: OpenRouter sync failed; will retry")
+
     async def close(self) -> None:
         """Stop the sweeper and close the pool of the running loop."""
         client = self._openrouter_clients.pop(asyncio.get_running_loop(), None)
@@ -127,10 +145,11 @@ class Runtime:
         state = self._loops.pop(asyncio.get_running_loop(), None)
         if state is None:
             return
-        if state.sweeper is not None:
-            state.sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await state.sweeper
+        for task in (state.sweeper, state.openrouter_sync):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if state.ready.done() and state.ready.exception() is None:
             await state.ready.result().pool.close()
 

@@ -89,6 +89,8 @@ class CreditsConfig(_Strict):
     openrouter_markup: Dec = Decimal("0.10")
     # share of the price charged when the account uses its own OpenRouter key (0 = metered only)
     openrouter_byok_fee: Dec = Decimal(0)
+    # how often each proxy process re-caps provisioned OpenRouter keys at the accounts' balances
+    openrouter_sync_interval_seconds: float = Field(300.0, gt=0)
     holds: HoldConfig = Field(default_factory=HoldConfig)
     max_amount: Dec = Decimal(1_000_000_000)
     # other origins (scheme://host[:port]) whose pages may change credits with a browser session

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
 import respx
 from cryptography.fernet import Fernet
+from pydantic import SecretStr
 
 from litellm_credits.crypto import Secret, SecretBox
 from litellm_credits.errors import Conflict, InvalidRequest, NotFound
@@ -126,3 +129,34 @@ async def test_sync_all_and_reconcile(
     )
     respx.patch(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.03)})
     assert await accounts.sync_all(only=[subject]) == {subject: "ok"}
+
+
+@respx.mock
+async def test_the_proxy_process_keeps_provisioned_keys_capped(
+    settings: Any, account: AccountFactory
+) -> None:
+    """The runtime's periodic job re-caps keys at the balance (interval shortened for the test)."""
+    from litellm_credits.runtime import Runtime
+    from litellm_credits.settings import CreditsConfig
+
+    cfg = CreditsConfig.model_validate(
+        {**settings.credits.model_dump(), "openrouter_sync_interval_seconds": 0.05}
+    )
+    rt = Runtime(settings.model_copy(update={
+        "credits": cfg, "sweeper": True, "openrouter_base_url": BASE,
+        "openrouter_provisioning_key": SecretStr("sk-or-v1-prov"),
+        "encryption_keys": SecretStr(Fernet.generate_key().decode()),
+    }))  # fmt: skip
+    try:
+        subject = await account("7")
+        respx.post(f"{BASE}/keys").respond(201, json={"data": key_data(0.007), "key": NEW_KEY})
+        await (await rt.openrouter_accounts()).provision(subject)
+        patched = respx.patch(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.007)})
+        for _ in range(100):
+            if patched.called:
+                break
+            await asyncio.sleep(0.05)
+        assert patched.called
+        assert json.loads(patched.calls.last.request.content) == {"limit": 0.0}  # 7 credits < 1 cent
+    finally:
+        await rt.close()
