@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -151,12 +152,48 @@ async def test_the_proxy_process_keeps_provisioned_keys_capped(
         subject = await account("7")
         respx.post(f"{BASE}/keys").respond(201, json={"data": key_data(0.007), "key": NEW_KEY})
         await (await rt.openrouter_accounts()).provision(subject)
-        patched = respx.patch(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.007)})
+        respx.patch(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.007)})
+        accounts = await rt.openrouter_accounts()
         for _ in range(100):
-            if patched.called:
+            if (await accounts.status(subject))["last_synced_at"]:
                 break
             await asyncio.sleep(0.05)
-        assert patched.called
-        assert json.loads(patched.calls.last.request.content) == {"limit": 0.0}  # 7 credits < 1 cent
+        status = await accounts.status(subject)
+        assert status["last_synced_at"] and status["credit_limit_usd"] == "0.000000"  # 7 credits < 1 cent
     finally:
         await rt.close()
+
+
+@respx.mock
+async def test_no_key_material_in_debug_logs_of_a_whole_flow(
+    accounts: OpenRouterAccounts, ledger: Ledger, account: AccountFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Provision, sync, read, reconcile, bring a key, fail, remove: with every logger at DEBUG
+    (httpx, asyncpg, ours), no key appears in a log record or an error."""
+    caplog.set_level(logging.DEBUG)
+    own = "sk-or-v1-good-a-users-very-own-key-5555555555"
+    subject, other = await account("40"), await account("1")
+    respx.post(f"{BASE}/keys").respond(201, json={"data": key_data(0.04), "key": NEW_KEY})
+    respx.patch(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.04)})
+    respx.get(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.04)})
+    respx.delete(f"{BASE}/keys/{HASH}").respond(200, json={"data": {"success": True}})
+    respx.get(f"{BASE}/key").respond(200, json={"data": {"usage": 0, "limit": None, "is_free_tier": False}})
+    errors = []
+    await accounts.provision(subject)
+    await accounts.sync(subject)
+    await accounts.reconcile(only=[subject])
+    await accounts.bring_own_key(other, own)
+    try:
+        await accounts.provision(subject)
+    except Conflict as exc:
+        errors.append(repr(exc) + str(exc.to_body()))
+    respx.get(f"{BASE}/key").respond(401)
+    try:
+        await accounts.bring_own_key(other, own + "x")
+    except InvalidRequest as exc:
+        errors.append(repr(exc) + str(exc.to_body()))
+    await accounts.remove(subject)
+    text = caplog.text + "".join(repr(r.args) + str(r.msg) for r in caplog.records) + "".join(errors)
+    assert len(errors) == 2
+    for secret in (NEW_KEY, own, "sk-or-v1-prov"):
+        assert secret not in text
