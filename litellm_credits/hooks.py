@@ -209,6 +209,7 @@ class CreditsHandler(CustomLogger):
         self.deployments = deployments
         self.signer = signer or HoldSigner()
         self._pending: set[asyncio.Task[None]] = set()
+        self._provider_models: object = None
 
     # identity ----------------------------------------------------------------------------
 
@@ -320,6 +321,7 @@ class CreditsHandler(CustomLogger):
         service = _SERVICES.get(call_type.rsplit(".", 1)[-1], "other")
         pricing = self.runtime.pricing
         power_level = pricing.power_level(self._requested_power_level(data))
+        await self._load_provider_prices(str(model_group))
         price = self.group_price(str(model_group))
         output = pricing.output_cap(price, self._requested_output(data))
         n = _choices(data)
@@ -370,6 +372,33 @@ class CreditsHandler(CustomLogger):
                     rate *= self.runtime.settings.credits.openrouter_byok_fee
         metadata[HOLD_KEY] = self.signer.sign(HoldClaim(hold.id, subject, rate, power_level, service))
         return data
+
+    async def _load_provider_prices(self, model_group: str) -> None:
+        """Before pricing an OpenRouter model group: OpenRouter's own current prices, cached."""
+        if not self._openrouter_group(model_group):
+            return
+        catalog = await self.runtime.openrouter_catalog()
+        if catalog is None:
+            return
+        try:
+            models = await catalog.models()
+        except CreditsError as err:  # no list yet: price from the other sources
+            log.warning("litellm-credits: OpenRouter prices unavailable (%s)", err.type)
+            return
+        if models is self._provider_models:
+            return  # already loaded
+        self._provider_models = models
+        self.runtime.pricing.provider_prices.update(
+            {
+                f"openrouter/{m.id}": ModelPrice(
+                    input_cost_per_token=m.prompt,
+                    output_cost_per_token=m.completion,
+                    free=m.free,
+                    source="openrouter",
+                )
+                for m in models.values()
+            }
+        )
 
     def _openrouter_group(self, model_group: str) -> bool:
         return any(

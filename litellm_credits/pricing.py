@@ -255,6 +255,8 @@ class Pricing:
     config: CreditsConfig
     model_cost: Mapping[str, Mapping[str, Any]] | None = None
     _map_cache: dict[str, ModelPrice | None] = field(default_factory=dict, repr=False)
+    # live prices a provider publishes (OpenRouter's model list), by LiteLLM model name
+    provider_prices: dict[str, ModelPrice] = field(default_factory=dict, repr=False)
 
     def _litellm_map(self) -> Mapping[str, Mapping[str, Any]]:
         if self.model_cost is None:
@@ -303,6 +305,10 @@ class Pricing:
             base = ModelPrice.from_mapping(deployment_params, "deployment")
         if base is None:
             base = next((p for p in (self.from_map(n) for n in names[1:] + names[:1]) if p), None)
+        if base is None and model in self.provider_prices:
+            base = self.provider_prices[model]
+            if base.free:
+                return FREE
         if base is None and self.config.unknown_model_price is not None:
             base = replace(
                 ModelPrice().overlay(self.config.unknown_model_price), source="unknown_model_price"

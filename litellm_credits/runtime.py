@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from . import db, migrations
 from .crypto import Secret, SecretBox
 from .ledger import Ledger
-from .openrouter import OpenRouterClient
+from .openrouter import ModelCatalog, OpenRouterClient
 from .openrouter_accounts import OpenRouterAccounts
 from .pricing import Pricing
 from .settings import Settings
@@ -44,6 +44,7 @@ class Runtime:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _loops: dict[asyncio.AbstractEventLoop, _LoopState] = field(default_factory=dict)
     _openrouter_clients: dict[asyncio.AbstractEventLoop, OpenRouterClient] = field(default_factory=dict)
+    _openrouter_catalogs: dict[asyncio.AbstractEventLoop, ModelCatalog] = field(default_factory=dict)
 
     @property
     def pricing(self) -> Pricing:
@@ -55,16 +56,31 @@ class Runtime:
         """The OpenRouter account service; refused (503) until encryption keys are configured."""
         s = self.settings
         box = SecretBox.from_env_value(s.encryption_keys.get_secret_value() if s.encryption_keys else None)
+        client = await self.openrouter_client()
+        return OpenRouterAccounts(await self.ledger(), box, client, s.credits.credits_per_usd)
+
+    async def openrouter_catalog(self) -> ModelCatalog | None:
+        """OpenRouter's model list (cached), or None without a provisioning key."""
+        if self.settings.openrouter_provisioning_key is None:
+            return None
+        loop = asyncio.get_running_loop()
+        catalog = self._openrouter_catalogs.get(loop)
+        if catalog is None:
+            client = await self.openrouter_client()
+            catalog = self._openrouter_catalogs[loop] = ModelCatalog(client)
+        return catalog
+
+    async def openrouter_client(self) -> OpenRouterClient:
         loop = asyncio.get_running_loop()
         client = self._openrouter_clients.get(loop)
         if client is None:
-            provisioning = s.openrouter_provisioning_key
+            provisioning = self.settings.openrouter_provisioning_key
             client = OpenRouterClient(
                 provisioning_key=Secret(provisioning.get_secret_value()) if provisioning else None,
-                base_url=s.openrouter_base_url,
+                base_url=self.settings.openrouter_base_url,
             )
             self._openrouter_clients[loop] = client
-        return OpenRouterAccounts(await self.ledger(), box, client, s.credits.credits_per_usd)
+        return client
 
     def _resolve_dsn(self) -> str:
         with self._lock:
@@ -139,6 +155,7 @@ class Runtime:
 
     async def close(self) -> None:
         """Stop the sweeper and close the pool of the running loop."""
+        self._openrouter_catalogs.pop(asyncio.get_running_loop(), None)
         client = self._openrouter_clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.aclose()

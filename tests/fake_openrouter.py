@@ -44,6 +44,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(
                 200, {"data": {"usage": 0, "limit": (known or {}).get("limit"), "is_free_tier": False}}
             )
+        if path == "/models" and method == "GET":
+            return self._send(200, {"data": [
+                {"id": "vendor/live-model", "pricing": {"prompt": "0.000003", "completion": "0.000004"}},
+                {"id": "lab/zero-priced", "pricing": {"prompt": "0", "completion": "0"}},
+            ]})  # fmt: skip
         if self._auth() != PROVISIONING_KEY:
             return self._send(401, {"error": {"message": "No auth credentials found", "code": 401}})
         if path == "/keys" and method == "POST":

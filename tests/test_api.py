@@ -622,3 +622,23 @@ async def test_openrouter_calls_use_the_accounts_own_key(
         "SELECT count(*) FROM credits.usage_events WHERE subject_id = $1", byok
     )
     assert events == 1  # brought keys are metered even when not charged
+
+
+async def test_openrouter_models_priced_from_openrouters_list(proxy: Proxy, ledger: Ledger) -> None:
+    user, key = proxy.create_account("10")
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0) as oa:
+        for model in ("or-live", "or-zero"):
+            oa.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "usage=1000,1000"}], max_tokens=1000
+            )
+    deadline = time.monotonic() + 20
+    while (
+        await ledger.pool.fetchval(
+            "SELECT count(*) FROM credits.usage_events WHERE subject_id = $1 AND status = 'success'", user
+        )
+        < 2
+    ):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    # (1000 x 0.000003 + 1000 x 0.000004) USD = 0.007 USD, +10 % = 7.7 credits; the zero-priced one is free
+    assert (await ledger.require_account(user)).balance == c("10") - c("7.7")
