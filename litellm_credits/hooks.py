@@ -82,6 +82,12 @@ def proxy_deployments(model_group: str) -> list[dict[str, Any]]:
     return [dict(d) for d in router.get_model_list(model_name=model_group) or []]
 
 
+def _is_openrouter(deployments: list[dict[str, Any]]) -> bool:
+    return any(
+        str((d.get("litellm_params") or {}).get("model", "")).startswith("openrouter/") for d in deployments
+    )
+
+
 def deployment_prices(deployment: Mapping[str, Any]) -> dict[str, Any]:
     """Price keys set on a deployment, ``model_info`` first, ``litellm_params`` winning."""
     merged: dict[str, Any] = {}
@@ -250,10 +256,11 @@ class CreditsHandler(CustomLogger):
         value = headers.get(POWER_LEVEL_HEADER)
         return str(value) if value else None
 
-    def group_price(self, model_group: str) -> ModelPrice:
+    def group_price(self, model_group: str, deployments: list[dict[str, Any]] | None = None) -> ModelPrice:
         """The worst price among the deployments a model group may route to."""
         pricing = self.runtime.pricing
-        deployments = self.deployments(model_group)
+        if deployments is None:
+            deployments = self.deployments(model_group)
         if not deployments:
             return pricing.price(model_group)
         return max_price(
@@ -321,8 +328,11 @@ class CreditsHandler(CustomLogger):
         service = _SERVICES.get(call_type.rsplit(".", 1)[-1], "other")
         pricing = self.runtime.pricing
         power_level = pricing.power_level(self._requested_power_level(data))
-        await self._load_provider_prices(str(model_group))
-        price = self.group_price(str(model_group))
+        deployments = self.deployments(str(model_group))
+        via_openrouter = _is_openrouter(deployments)
+        if via_openrouter:
+            await self._load_provider_prices()
+        price = self.group_price(str(model_group), deployments)
         output = pricing.output_cap(price, self._requested_output(data))
         n = _choices(data)
         if service == "chat":
@@ -363,7 +373,7 @@ class CreditsHandler(CustomLogger):
             )
             hold = await take()
         rate = pricing.rate(hold.tier, power_level)
-        if self._openrouter_group(str(model_group)):
+        if via_openrouter:
             own_key = await self._openrouter_key(subject)
             if own_key is not None:
                 # the account's own OpenRouter key: the provider caps it at what the account can pay
@@ -373,10 +383,8 @@ class CreditsHandler(CustomLogger):
         metadata[HOLD_KEY] = self.signer.sign(HoldClaim(hold.id, subject, rate, power_level, service))
         return data
 
-    async def _load_provider_prices(self, model_group: str) -> None:
+    async def _load_provider_prices(self) -> None:
         """Before pricing an OpenRouter model group: OpenRouter's own current prices, cached."""
-        if not self._openrouter_group(model_group):
-            return
         catalog = await self.runtime.openrouter_catalog()
         if catalog is None:
             return
@@ -398,12 +406,6 @@ class CreditsHandler(CustomLogger):
                 )
                 for m in models.values()
             }
-        )
-
-    def _openrouter_group(self, model_group: str) -> bool:
-        return any(
-            str((d.get("litellm_params") or {}).get("model", "")).startswith("openrouter/")
-            for d in self.deployments(model_group)
         )
 
     async def _openrouter_key(self, subject: str) -> tuple[Secret, bool] | None:

@@ -45,6 +45,7 @@ class Runtime:
     _loops: dict[asyncio.AbstractEventLoop, _LoopState] = field(default_factory=dict)
     _openrouter_clients: dict[asyncio.AbstractEventLoop, OpenRouterClient] = field(default_factory=dict)
     _openrouter_catalogs: dict[asyncio.AbstractEventLoop, ModelCatalog] = field(default_factory=dict)
+    _box: SecretBox | None = None
 
     @property
     def pricing(self) -> Pricing:
@@ -55,7 +56,11 @@ class Runtime:
     async def openrouter_accounts(self) -> OpenRouterAccounts:
         """The OpenRouter account service; refused (503) until encryption keys are configured."""
         s = self.settings
-        box = SecretBox.from_env_value(s.encryption_keys.get_secret_value() if s.encryption_keys else None)
+        if self._box is None:  # derived once: key parsing and HMAC keys are not free
+            self._box = SecretBox.from_env_value(
+                s.encryption_keys.get_secret_value() if s.encryption_keys else None
+            )
+        box = self._box
         client = await self.openrouter_client()
         return OpenRouterAccounts(await self.ledger(), box, client, s.credits.credits_per_usd)
 
