@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     orp = sub.add_parser("openrouter", help="OpenRouter keys of accounts").add_subparsers(
         dest="action", required=True
     )
-    orp.add_parser("sync", help="set every provisioned key's limit to what its account can pay")
+    orp.add_parser("sync", help="cap provisioned keys at what their accounts can pay; read every key's usage")
     orp.add_parser("reconcile", help="compare OpenRouter's usage per key with the ledger")
     rk = sub.add_parser("rotate-keys", help="re-encrypt stored secrets under the current encryption key")
     rk.add_argument("--batch", type=int, default=100)

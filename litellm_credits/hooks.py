@@ -102,9 +102,12 @@ class HoldClaim:
 
     hold_id: uuid.UUID
     subject_id: str
-    rate: Decimal
+    rate: Decimal  # credits per USD of list price (tier markup x power level)
     power_level: str
     service: Service
+    # on a key the user brought: the share of the cost charged (the usage event still records
+    # the full cost); None on the operator's or a provisioned key
+    byok_fee: Decimal | None = None
 
 
 class HoldSigner:
@@ -115,7 +118,14 @@ class HoldSigner:
 
     def sign(self, claim: HoldClaim) -> str:
         body = json.dumps(
-            [str(claim.hold_id), claim.subject_id, str(claim.rate), claim.power_level, claim.service],
+            [
+                str(claim.hold_id),
+                claim.subject_id,
+                str(claim.rate),
+                claim.power_level,
+                claim.service,
+                None if claim.byok_fee is None else str(claim.byok_fee),
+            ],
             separators=(",", ":"),
         ).encode()
         mac = hmac.new(self._key, body, hashlib.sha256).digest()
@@ -132,8 +142,15 @@ class HoldSigner:
             return None
         if not hmac.compare_digest(mac, hmac.new(self._key, body, hashlib.sha256).digest()):
             return None
-        hold_id, subject_id, rate, power_level, service = json.loads(body)
-        return HoldClaim(uuid.UUID(hold_id), subject_id, Decimal(rate), power_level, service)
+        hold_id, subject_id, rate, power_level, service, fee = json.loads(body)
+        return HoldClaim(
+            uuid.UUID(hold_id),
+            subject_id,
+            Decimal(rate),
+            power_level,
+            service,
+            None if fee is None else Decimal(fee),
+        )
 
 
 def _metadata(data: dict) -> dict:
@@ -346,10 +363,14 @@ class CreditsHandler(CustomLogger):
         )
 
         cfg = self.runtime.settings.credits
+        own_key = await self._openrouter_key(subject) if via_openrouter else None
+        # a key the user brought pays the provider itself: only the configured fee is charged
+        byok_fee = cfg.openrouter_byok_fee if own_key is not None and own_key[1] else None
+        factor = Decimal(1) if byok_fee is None else byok_fee
         quotes = {}
         for tier in cfg.tiers:
-            amount = pricing.to_micro(estimate_usd, pricing.rate(tier, power_level))
-            if amount == 0 and not price.free:
+            amount = pricing.to_micro(estimate_usd, pricing.rate(tier, power_level) * factor)
+            if amount == 0 and not price.free and factor:
                 # a priced call whose cost cannot be bounded up front (audio by duration, say)
                 # still needs a paying account: the smallest hold keeps an empty balance out
                 amount = 1
@@ -372,15 +393,14 @@ class CreditsHandler(CustomLogger):
                 subject, tier=cfg.default_tier, subject_type=cfg.subject, exist_ok=True
             )
             hold = await take()
+        if own_key is not None:
+            # the account's own OpenRouter key: a provisioned one is capped at what the account
+            # can pay, a brought one is the user's
+            data["api_key"] = own_key[0].reveal()
         rate = pricing.rate(hold.tier, power_level)
-        if via_openrouter:
-            own_key = await self._openrouter_key(subject)
-            if own_key is not None:
-                # the account's own OpenRouter key: the provider caps it at what the account can pay
-                data["api_key"] = own_key[0].reveal()
-                if own_key[1]:  # brought by the user: metered, charged only the configured fee
-                    rate *= self.runtime.settings.credits.openrouter_byok_fee
-        metadata[HOLD_KEY] = self.signer.sign(HoldClaim(hold.id, subject, rate, power_level, service))
+        metadata[HOLD_KEY] = self.signer.sign(
+            HoldClaim(hold.id, subject, rate, power_level, service, byok_fee)
+        )
         return data
 
     async def _load_provider_prices(self) -> None:
@@ -495,11 +515,14 @@ class CreditsHandler(CustomLogger):
             price = self.group_price(model_group)
         usd = usd_cost(price, usage)
         cost = self.runtime.pricing.to_micro(usd, claim.rate)
+        charge = cost
+        if claim.byok_fee is not None:  # the user's own key paid the provider: only the fee
+            charge = self.runtime.pricing.to_micro(usd, claim.rate * claim.byok_fee)
         latency = int((end - start).total_seconds() * 1000) if start and end else None
         result = await ledger.settle(
             claim.subject_id,
             claim.hold_id,
-            cost,
+            charge,
             UsageRecord(
                 service=claim.service,
                 model=model_group or model,
@@ -517,6 +540,7 @@ class CreditsHandler(CustomLogger):
                     "litellm_response_cost": str(slo.get("response_cost")),
                     # the exact price in USD (markups included), for reconciling with providers
                     "usd": format(usd.normalize(), "f"),
+                    **({"byok": True} if claim.byok_fee is not None else {}),
                 },
             ),
         )

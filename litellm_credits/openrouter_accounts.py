@@ -29,15 +29,26 @@ ON CONFLICT (subject_id) DO NOTHING
 RETURNING subject_id
 """
 SQL_GET = """
-SELECT subject_id, encrypted_key, key_tail, provider_key_id, byok, credit_limit, last_synced_at, status
+SELECT subject_id, encrypted_key, key_tail, provider_key_id, byok, credit_limit, last_synced_at, status,
+       provider_usage_usd, provider_limit_remaining_usd, is_free_tier
 FROM credits.openrouter_accounts WHERE subject_id = $1
 """
 SQL_DELETE = "DELETE FROM credits.openrouter_accounts WHERE subject_id = $1"
-SQL_SYNCED = """
-UPDATE credits.openrouter_accounts SET credit_limit = $2, last_synced_at = now() WHERE subject_id = $1
+# the cap just set at OpenRouter ($2, micro-USD; NULL on a brought key) and the key's usage then
+SQL_CAPPED = """
+UPDATE credits.openrouter_accounts SET credit_limit = coalesce($2, credit_limit), provider_usage_usd = $3
+WHERE subject_id = $1
 """
-SQL_PROVISIONED = """
-SELECT subject_id FROM credits.openrouter_accounts WHERE NOT byok AND status = 'active' ORDER BY subject_id
+# what the key itself reports: usage, credit left under its limit, free tier; the sync is complete
+SQL_SYNCED = """
+UPDATE credits.openrouter_accounts SET
+    provider_usage_usd = $2, provider_limit_remaining_usd = $3, is_free_tier = $4, last_synced_at = now()
+WHERE subject_id = $1
+"""
+SQL_SYNCABLE = """
+SELECT subject_id FROM credits.openrouter_accounts
+WHERE status = 'active' AND ($1 OR NOT byok)
+ORDER BY subject_id
 """
 # what the ledger priced for openrouter usage since the key exists, in USD (exact, from settlement)
 SQL_LEDGER_USD = """
@@ -92,7 +103,7 @@ class OpenRouterAccounts:
         """Store a key the user brought, after OpenRouter confirms it works."""
         await self.ledger.require_account(subject_id)
         try:
-            await self.client.key_usage(Secret(key))
+            usage = await self.client.key_usage(Secret(key))
         except OpenRouterError:
             raise InvalidRequest("OpenRouter does not accept this key", param="key") from None
         await self.pool.execute(SQL_DELETE, subject_id)
@@ -105,6 +116,9 @@ class OpenRouterAccounts:
             None,
             True,
             None,
+        )
+        await self.pool.execute(
+            SQL_SYNCED, subject_id, usage.usage, usage.limit_remaining, usage.is_free_tier
         )
         return await self.status(subject_id)
 
@@ -131,32 +145,44 @@ class OpenRouterAccounts:
             "credit_limit_usd": None if limit is None else str(Decimal(limit).scaleb(-6)),
             "last_synced_at": row["last_synced_at"].isoformat() if row["last_synced_at"] else None,
             "status": row["status"],
+            "openrouter_usage_usd": _usd(row["provider_usage_usd"]),
+            "openrouter_limit_remaining_usd": _usd(row["provider_limit_remaining_usd"]),
+            "is_free_tier": row["is_free_tier"],
         }
 
     async def sync(self, subject_id: str) -> dict[str, Any]:
-        """Set a provisioned key's OpenRouter limit to what the account can pay now."""
+        """Cap a provisioned key at what the account can pay now, then read what OpenRouter says
+        of the key: its usage, the credit left under its limit and whether its account is on the
+        free tier. A brought key is only read (its limit is the user's business)."""
         row = await self.pool.fetchrow(SQL_GET, subject_id)
         if row is None:
             raise NotFound("this account has no OpenRouter key", param="user_id")
-        if row["byok"]:
-            return await self.status(subject_id)  # the user's own key: its limit is theirs
-        limit = await self.spendable_usd(subject_id)
-        await self.client.update_key(row["provider_key_id"], limit=limit)
-        await self.pool.execute(SQL_SYNCED, subject_id, _micro_usd(limit))
+        if not row["byok"]:
+            # the cap first: it is what keeps the provider from overspending, so a failed read
+            # of the key's usage afterwards must not hold it back
+            limit = await self.spendable_usd(subject_id)
+            capped = await self.client.update_key(row["provider_key_id"], limit=limit)
+            await self.pool.execute(SQL_CAPPED, subject_id, _micro_usd(limit), capped.usage)
+        usage = await self.client.key_usage(self.box.decrypt(bytes(row["encrypted_key"])))
+        await self.pool.execute(
+            SQL_SYNCED, subject_id, usage.usage, usage.limit_remaining, usage.is_free_tier
+        )
         return await self.status(subject_id)
 
-    async def provisioned(self, only: Iterable[str] | None = None) -> list[str]:
-        subjects = [r["subject_id"] for r in await self.pool.fetch(SQL_PROVISIONED)]
+    async def syncable(self, only: Iterable[str] | None = None, *, brought: bool = True) -> list[str]:
+        """Accounts with a live key (provisioned ones only unless ``brought``)."""
+        subjects = [r["subject_id"] for r in await self.pool.fetch(SQL_SYNCABLE, brought)]
         return subjects if only is None else [s for s in subjects if s in set(only)]
 
     async def sync_all(self, only: Iterable[str] | None = None) -> dict[str, str]:
-        """Sync every provisioned key; account -> "ok" or the error type (one failure stops none)."""
+        """Sync every live key; account -> "ok" or the error type (one failure stops none)."""
         results = {}
-        for subject in await self.provisioned(only):
+        for subject in await self.syncable(only):
             try:
                 await self.sync(subject)
                 results[subject] = "ok"
             except CreditsError as err:
+                log.warning("litellm-credits: syncing the OpenRouter key of %s failed: %s", subject, err.type)
                 results[subject] = err.type
             except Exception as exc:  # one account's surprise must not stop the others' sync
                 log.exception("litellm-credits: syncing the OpenRouter key of %s failed", subject)
@@ -166,7 +192,7 @@ class OpenRouterAccounts:
     async def reconcile(self, only: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Per provisioned key: OpenRouter's usage against what the ledger priced, in USD."""
         report = []
-        for subject in await self.provisioned(only):
+        for subject in await self.syncable(only, brought=False):
             stored = await self.pool.fetchrow(SQL_GET, subject)
             remote = await self.client.get_key(stored["provider_key_id"])
             ledger_usd = Decimal(await self.pool.fetchval(SQL_LEDGER_USD, subject))
@@ -192,6 +218,10 @@ class OpenRouterAccounts:
 
 def _micro_usd(usd: Decimal) -> int:
     return int(usd.scaleb(6))
+
+
+def _usd(value: Decimal | None) -> str | None:
+    return None if value is None else format(value.normalize(), "f")
 
 
 __all__ = ["OpenRouterAccounts"]

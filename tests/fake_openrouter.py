@@ -41,9 +41,12 @@ class _Handler(BaseHTTPRequestHandler):
             known = next((k for k in keys.values() if k["key"] == key), None)
             if known is None and not key.startswith("sk-or-v1-good"):
                 return self._send(401, {"error": {"message": "Invalid API key", "code": 401}})
-            return self._send(
-                200, {"data": {"usage": 0, "limit": (known or {}).get("limit"), "is_free_tier": False}}
-            )
+            known = known or {"usage": 0, "limit": None}
+            remaining = None if known["limit"] is None else round(known["limit"] - known["usage"], 12)
+            return self._send(200, {"data": {
+                "usage": known["usage"], "limit": known["limit"], "limit_remaining": remaining,
+                "is_free_tier": known["limit"] is None,
+            }})  # fmt: skip
         if path == "/models" and method == "GET":
             return self._send(200, {"data": [
                 {"id": "vendor/live-model", "pricing": {"prompt": "0.000003", "completion": "0.000004"}},

@@ -570,8 +570,16 @@ def test_openrouter_accounts_through_the_proxy(proxy: Proxy, openrouter: Any) ->
         admin.post(
             "/api/v1/admin/credits/allocate", json={"user_id": user, "amount": "100"}
         ).raise_for_status()
+        stored["usage"] = 0.0123  # what OpenRouter has counted on the key so far
         synced = admin.post(f"/api/v1/admin/credits/openrouter/accounts/{user}/sync").json()
         assert synced["credit_limit_usd"] == "0.120000" and stored["limit"] == 0.12
+        assert (synced["openrouter_usage_usd"], synced["openrouter_limit_remaining_usd"]) == (
+            "0.0123",
+            "0.1077",
+        )
+        assert synced["is_free_tier"] is False
+        mine = me.get("/api/v1/credits/openrouter/key")
+        assert mine.status_code == 200 and mine.json() == synced  # the user sees the same, masked
         assert me.delete("/api/v1/credits/openrouter/key").status_code == 403  # provisioned: the operator's
         assert admin.delete(f"/api/v1/admin/credits/openrouter/accounts/{user}").status_code == 204
         assert not [k for k in openrouter.keys.values() if k["name"] == f"credits:{user}"]
@@ -589,7 +597,7 @@ async def test_openrouter_calls_use_the_accounts_own_key(
 ) -> None:
     plain, plain_key = proxy.create_account("10")
     provisioned, provisioned_key = proxy.create_account("10")
-    byok, byok_key = proxy.create_account("10")
+    byok, byok_key = proxy.create_account("0")  # pays OpenRouter itself: no credits needed
     with proxy.admin() as admin:
         admin.post(
             "/api/v1/admin/credits/openrouter/accounts", json={"user_id": provisioned}
@@ -617,11 +625,13 @@ async def test_openrouter_calls_use_the_accounts_own_key(
             await asyncio.sleep(0.1)
     charged = {s: (await ledger.require_account(s)).balance for s in (plain, provisioned, byok)}
     # (1000 x 1e-6 + 1000 x 2e-6) USD = 0.003 USD, +10 % OpenRouter markup = 3.3 credits
-    assert charged == {plain: c("10") - c("3.3"), provisioned: c("10") - c("3.3"), byok: c("10")}
-    events = await ledger.pool.fetchval(
-        "SELECT count(*) FROM credits.usage_events WHERE subject_id = $1", byok
+    assert charged == {plain: c("10") - c("3.3"), provisioned: c("10") - c("3.3"), byok: 0}
+    [event] = await ledger.pool.fetch(
+        "SELECT cost, charged, metadata FROM credits.usage_events WHERE subject_id = $1", byok
     )
-    assert events == 1  # brought keys are metered even when not charged
+    # brought keys are metered at the full price even when nothing is charged
+    assert (event["cost"], event["charged"]) == (c("3.3"), 0)
+    assert event["metadata"]["byok"] is True and event["metadata"]["usd"] == "0.0033"
 
 
 async def test_openrouter_models_priced_from_openrouters_list(proxy: Proxy, ledger: Ledger) -> None:

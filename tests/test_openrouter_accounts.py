@@ -69,10 +69,22 @@ async def test_sync_follows_the_balance_and_remove_deletes_the_key(
     respx.post(f"{BASE}/keys").respond(201, json={"data": key_data(0.005), "key": NEW_KEY})
     await accounts.provision(subject)
     await ledger.credit(subject, c("20"))
-    patched = respx.patch(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.02)})
+    patched = respx.patch(f"{BASE}/keys/{HASH}").respond(
+        200, json={"data": {**key_data(0.02), "usage": 0.0042}}
+    )
+    read = respx.get(f"{BASE}/key").respond(200, json={"data": {
+        "label": "sk-or-v1-new...ABCD", "usage": 0.0042, "limit": 0.02, "limit_remaining": 0.0158,
+        "is_free_tier": True, "is_provisioning_key": False,
+    }})  # fmt: skip
     status = await accounts.sync(subject)
     assert json.loads(patched.calls.last.request.content) == {"limit": 0.02}
+    assert read.calls.last.request.headers["authorization"] == f"Bearer {NEW_KEY}"  # the key itself
     assert status["credit_limit_usd"] == "0.020000" and status["last_synced_at"]
+    assert (
+        status["openrouter_usage_usd"],
+        status["openrouter_limit_remaining_usd"],
+        status["is_free_tier"],
+    ) == ("0.0042", "0.0158", True)
     deleted = respx.delete(f"{BASE}/keys/{HASH}").respond(200, json={"data": {"success": True}})
     await accounts.remove(subject)
     assert deleted.called and await accounts.key_for(subject) is None
@@ -99,11 +111,16 @@ async def test_bring_your_own_key(accounts: OpenRouterAccounts, account: Account
     with pytest.raises(InvalidRequest):
         await accounts.bring_own_key(subject, "sk-or-v1-not-a-real-key-xyz")
     route.side_effect = [
-        httpx.Response(200, json={"data": {"usage": 0, "limit": None, "is_free_tier": False}})
+        httpx.Response(200, json={"data": {"usage": 0, "limit": None, "is_free_tier": True}}),
+        httpx.Response(200, json={"data": {"usage": 1.25, "limit": 5, "limit_remaining": 3.75}}),
     ]
     status = await accounts.bring_own_key(subject, "sk-or-v1-users-own-key-0000000000000000-WXYZ")
-    assert (status["byok"], status["key"]) == (True, "…WXYZ")
-    assert (await accounts.sync(subject))["byok"] is True  # nothing to cap on the user's own key
+    assert (status["byok"], status["key"], status["is_free_tier"]) == (True, "…WXYZ", True)
+    assert status["openrouter_usage_usd"] == "0" and status["last_synced_at"]
+    # nothing to cap on the user's own key: only read (a PATCH would hit no route and fail)
+    synced = await accounts.sync(subject)
+    assert (synced["byok"], synced["credit_limit_usd"], synced["is_free_tier"]) == (True, None, False)
+    assert (synced["openrouter_usage_usd"], synced["openrouter_limit_remaining_usd"]) == ("1.25", "3.75")
     await accounts.remove(subject)  # the user's key is forgotten, not deleted at OpenRouter
 
 
@@ -129,7 +146,36 @@ async def test_sync_all_and_reconcile(
         "0.0008",
     )
     respx.patch(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.03)})
+    respx.get(f"{BASE}/key").respond(200, json={"data": {"usage": 0.0041, "is_free_tier": False}})
     assert await accounts.sync_all(only=[subject]) == {subject: "ok"}
+
+
+@respx.mock
+async def test_sync_all_covers_brought_keys_and_a_failed_read_keeps_the_cap(
+    accounts: OpenRouterAccounts, ledger: Ledger, account: AccountFactory
+) -> None:
+    provisioned, brought = await account("9"), await account("1")
+    respx.post(f"{BASE}/keys").respond(201, json={"data": key_data(0.009), "key": NEW_KEY})
+    await accounts.provision(provisioned)
+    own = "sk-or-v1-users-own-key-1111111111111111-QRST"
+    reads = respx.get(f"{BASE}/key")
+    reads.side_effect = [httpx.Response(200, json={"data": {"usage": 0, "is_free_tier": False}})]
+    await accounts.bring_own_key(brought, own)
+    await ledger.credit(provisioned, c("21"))  # 30 credits: 0.03 USD
+    patched = respx.patch(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.03)})
+
+    def by_key(request: httpx.Request) -> httpx.Response:
+        if request.headers["authorization"] == f"Bearer {own}":
+            return httpx.Response(401, json={"error": {"message": "User not found", "code": 401}})
+        return httpx.Response(503)
+
+    reads.side_effect = by_key
+    results = await accounts.sync_all(only=[provisioned, brought])
+    assert results == {provisioned: "openrouter_unavailable", brought: "openrouter_error"}
+    # the cap went through before the read failed, and is what the status shows
+    assert json.loads(patched.calls.last.request.content) == {"limit": 0.03}
+    status = await accounts.status(provisioned)
+    assert (status["credit_limit_usd"], status["last_synced_at"]) == ("0.030000", None)
 
 
 @respx.mock
@@ -153,6 +199,7 @@ async def test_the_proxy_process_keeps_provisioned_keys_capped(
         respx.post(f"{BASE}/keys").respond(201, json={"data": key_data(0.007), "key": NEW_KEY})
         await (await rt.openrouter_accounts()).provision(subject)
         respx.patch(f"{BASE}/keys/{HASH}").respond(200, json={"data": key_data(0.007)})
+        respx.get(f"{BASE}/key").respond(200, json={"data": {"usage": 0, "is_free_tier": False}})
         accounts = await rt.openrouter_accounts()
         for _ in range(100):
             if (await accounts.status(subject))["last_synced_at"]:

@@ -37,6 +37,11 @@ def add_openrouter_routes(router: APIRouter, runtime: Runtime) -> None:
         await (await runtime.openrouter_accounts()).remove(user_id)
         return Response(status_code=204)
 
+    @router.get("/credits/openrouter/key", response_model=schemas.OpenRouterStatus)
+    async def my_key(caller: CallerDep, user_id: UserIdQuery = None) -> dict[str, Any]:
+        """Your account's OpenRouter key (last four characters only), its cap and its usage."""
+        return await (await runtime.openrouter_accounts()).status(target(caller, user_id))
+
     @router.put("/credits/openrouter/key", response_model=schemas.OpenRouterStatus)
     async def bring_key(
         body: schemas.BringOpenRouterKey, caller: CallerDep, user_id: UserIdQuery = None

@@ -428,9 +428,16 @@ class OpenRouterStatus(BaseModel):
     user_id: str
     key: str = Field(description="the key's last four characters only")
     byok: bool
-    credit_limit_usd: str | None
+    credit_limit_usd: str | None = Field(description="the cap set at OpenRouter (provisioned keys)")
     last_synced_at: str | None
     status: str
+    openrouter_usage_usd: str | None = Field(description="the key's usage as OpenRouter last reported it")
+    openrouter_limit_remaining_usd: str | None = Field(
+        description="credit left under the key's limit at OpenRouter (a brought key: the user's own)"
+    )
+    is_free_tier: bool | None = Field(
+        description="OpenRouter's account has bought no credits: free models and its daily allowance only"
+    )
 
 
 class ErrorDetail(BaseModel):
