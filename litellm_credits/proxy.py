@@ -25,7 +25,14 @@ def mount(app: object | None = None) -> None:
         app = proxy_app
     if getattr(app, "_litellm_credits_mounted", False):
         return
+    routes = app.router.routes  # type: ignore[attr-defined]
+    before = len(routes)
     app.include_router(build_router(runtime, handler.group_price))  # type: ignore[attr-defined]
+    # first in line: the proxy has hundreds of routes, and matching a request against them in
+    # order took a quarter of a credits request's time; no other route shares these paths
+    ours = routes[before:]
+    del routes[before:]
+    routes[0:0] = ours
     app._litellm_credits_mounted = True  # type: ignore[attr-defined]
 
 

@@ -19,7 +19,7 @@ from .user import add_user_routes
 def build_router(runtime: Runtime, price_of: Callable[[str], ModelPrice] | None = None) -> APIRouter:
     """Every credits route; ``price_of`` prices a model group (the proxy's deployments)."""
     router = APIRouter(
-        prefix="/api/v1", tags=["credits"], route_class=CreditsRoute, responses=ERROR_RESPONSES
+        prefix="/api/v1", tags=["credits"], route_class=CreditsRoute.bind(runtime), responses=ERROR_RESPONSES
     )
     add_admin_routes(router, runtime)
     price_of = price_of or runtime.pricing.price
