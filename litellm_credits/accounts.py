@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,8 @@ def like_escape(text: str) -> str:
 @dataclass
 class Accounts:
     pool: asyncpg.Pool
+    # told after an account changed (the cache invalidates it)
+    on_change: Callable[[str], Awaitable[None]] | None = None
 
     async def search(
         self,
@@ -79,6 +82,8 @@ class Accounts:
         row = await self.pool.fetchrow(SQL_UPDATE, subject_id, *args)
         if row is None:
             raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+        if self.on_change is not None:
+            await self.on_change(subject_id)
         return Account(**dict(row))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ SQL_LIST_KEYS = f"SELECT {KEY_COLUMNS} FROM credits.api_keys WHERE subject_id = 
 SQL_REVOKE_KEY = f"""
 UPDATE credits.api_keys SET revoked_at = now()
 WHERE id = $1 AND revoked_at IS NULL
-RETURNING {KEY_COLUMNS}
+RETURNING {KEY_COLUMNS}, key_hash
 """
 SQL_GET_KEY = f"SELECT {KEY_COLUMNS} FROM credits.api_keys WHERE id = $1"
 SQL_LOOKUP_KEY = """
@@ -94,19 +95,34 @@ async def list_keys(conn: asyncpg.Pool | asyncpg.Connection, subject_id: str) ->
     return [key_json(r) for r in await conn.fetch(SQL_LIST_KEYS, subject_id)]
 
 
-async def revoke_key(conn: asyncpg.Pool | asyncpg.Connection, key_id: int) -> dict[str, Any] | None:
+# told the hash of a key that was just revoked (the cache forgets it)
+Revoked = Callable[[bytes], Awaitable[None]]
+
+
+async def revoke_key(
+    conn: asyncpg.Pool | asyncpg.Connection, key_id: int, *, on_revoked: Revoked | None = None
+) -> dict[str, Any] | None:
     """Revoke a live key; None if there is no such live key."""
     row = await conn.fetchrow(SQL_REVOKE_KEY, key_id)
-    return key_json(row) if row else None
+    if row is None:
+        return None
+    if on_revoked is not None:
+        await on_revoked(bytes(row["key_hash"]))
+    return key_json(row)
 
 
-async def rotate_key(conn: asyncpg.Connection, key_id: int) -> IssuedKey | None:
+async def rotate_key(
+    conn: asyncpg.Connection, key_id: int, *, on_revoked: Revoked | None = None
+) -> IssuedKey | None:
     """Revoke a live key and issue its successor (same account, role and name), atomically."""
     async with conn.transaction():
         row = await conn.fetchrow(SQL_REVOKE_KEY, key_id)
         if row is None:
             return None
-        return await issue_key(conn, row["subject_id"], role=row["role"], name=row["name"])
+        issued = await issue_key(conn, row["subject_id"], role=row["role"], name=row["name"])
+    if on_revoked is not None:
+        await on_revoked(bytes(row["key_hash"]))
+    return issued
 
 
 async def lookup_key(conn: asyncpg.Pool | asyncpg.Connection, key: str) -> tuple[str, str] | None:
@@ -148,8 +164,7 @@ async def custom_auth(request: Any, api_key: str) -> Any:
         if not key.startswith(KEY_PREFIX):
             raise AuthenticationError("invalid API key")
         try:
-            ledger = await runtime.ledger()
-            found = await lookup_key(ledger.pool, key)
+            found = await runtime.lookup_key(key)
         except UNAVAILABLE_ERRORS:
             raise ServiceUnavailable("the credit ledger is unavailable; try again") from None
         if found is None:

@@ -11,7 +11,7 @@ coupon row, whose row lock serialises the last use.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -99,6 +99,8 @@ class Redemption:
 @dataclass
 class Coupons:
     pool: asyncpg.Pool
+    # told after a redemption credited an account (the cache invalidates it)
+    on_change: Callable[[str], Awaitable[None]] | None = None
 
     async def create(
         self,
@@ -131,7 +133,12 @@ class Coupons:
 
     async def redeem(self, subject_id: str, code: str) -> Redemption:
         """Redeem ``code`` for the account, all in one transaction (nothing happens on an error)."""
-        code = normalize(code)
+        redeemed = await self._redeem(subject_id, normalize(code))
+        if redeemed.credited and self.on_change is not None:
+            await self.on_change(subject_id)
+        return redeemed
+
+    async def _redeem(self, subject_id: str, code: str) -> Redemption:
         async with self.pool.acquire() as conn, conn.transaction():
             tier = await conn.fetchval(SQL_ACCOUNT_TIER, subject_id)
             if tier is None:

@@ -20,6 +20,7 @@
     ├── PaymentRequired               402 (abstract)
     │   ├── InsufficientCredits       402 insufficient_credits
     │   └── MonthlyCapExceeded        402 monthly_cap_exceeded
+    ├── RateLimited                   429 rate_limited (with Retry-After)
     └── ServiceUnavailable            503 service_unavailable
 
 Every error renders as an OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}``;
@@ -28,6 +29,7 @@ structured details (balance, required, cap, resets_at) travel under ``error.deta
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -53,6 +55,11 @@ class CreditsError(Exception):
         if self.details:
             error["details"] = self.details
         return {"error": error}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that go with this error's answer."""
+        return {}
 
 
 class AuthenticationError(CreditsError):
@@ -138,6 +145,18 @@ class CouponNotApplicable(PermissionDenied):
     type = "coupon_not_applicable"
 
 
+class RateLimited(CreditsError):
+    status = 429
+    type = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float, **details: Any) -> None:
+        super().__init__(message, retry_after=max(1, math.ceil(retry_after)), **details)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.details["retry_after"])}
+
+
 class ServiceUnavailable(CreditsError):
     status = 503
     type = "service_unavailable"
@@ -161,6 +180,7 @@ def to_proxy_exception(err: CreditsError) -> Exception:
         param=err.param,
         code=err.status,
         provider_specific_fields={"details": err.details} if err.details else None,
+        headers=err.headers or None,
     )
 
 
@@ -184,6 +204,7 @@ __all__ = [
     "NotFound",
     "PaymentRequired",
     "PermissionDenied",
+    "RateLimited",
     "RefundTooLarge",
     "ServiceUnavailable",
     "to_proxy_exception",

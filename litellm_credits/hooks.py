@@ -12,35 +12,32 @@ own metadata is never acted on.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
-import hashlib
-import hmac
 import json
 import logging
-import secrets
 import time
-import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
+from .claims import HoldClaim, HoldSigner
 from .crypto import EncryptionNotConfigured, Secret
 from .errors import (
     AccountNotFound,
     CreditsError,
     InvalidRequest,
     PermissionDenied,
+    RateLimited,
     ServiceUnavailable,
     to_proxy_exception,
 )
 from .ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS
 from .pricing import ModelPrice, Usage, max_price, usd_cost, worst_case
-from .records import Quote, Service, UsageRecord
+from .ratelimit import Rate
+from .records import Hold, Quote, Service, UsageRecord
 from .runtime import Runtime
 
 log = logging.getLogger("litellm_credits.hooks")
@@ -94,63 +91,6 @@ def deployment_prices(deployment: Mapping[str, Any]) -> dict[str, Any]:
     merged.update(deployment.get("model_info") or {})
     merged.update(deployment.get("litellm_params") or {})
     return merged
-
-
-@dataclass(frozen=True)
-class HoldClaim:
-    """What the pre-call hook promised the settlement: who, which hold, at what rate."""
-
-    hold_id: uuid.UUID
-    subject_id: str
-    rate: Decimal  # credits per USD of list price (tier markup x power level)
-    power_level: str
-    service: Service
-    # on a key the user brought: the share of the cost charged (the usage event still records
-    # the full cost); None on the operator's or a provisioned key
-    byok_fee: Decimal | None = None
-
-
-class HoldSigner:
-    """Signs hold claims so that only this process's pre-call hook can mint them."""
-
-    def __init__(self, key: bytes | None = None) -> None:
-        self._key = key or secrets.token_bytes(32)
-
-    def sign(self, claim: HoldClaim) -> str:
-        body = json.dumps(
-            [
-                str(claim.hold_id),
-                claim.subject_id,
-                str(claim.rate),
-                claim.power_level,
-                claim.service,
-                None if claim.byok_fee is None else str(claim.byok_fee),
-            ],
-            separators=(",", ":"),
-        ).encode()
-        mac = hmac.new(self._key, body, hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(body).decode() + "." + base64.urlsafe_b64encode(mac).decode()
-
-    def verify(self, token: Any) -> HoldClaim | None:
-        if not isinstance(token, str) or "." not in token:
-            return None
-        try:
-            body_b64, mac_b64 = token.split(".", 1)
-            body = base64.urlsafe_b64decode(body_b64)
-            mac = base64.urlsafe_b64decode(mac_b64)
-        except (ValueError, TypeError):
-            return None
-        if not hmac.compare_digest(mac, hmac.new(self._key, body, hashlib.sha256).digest()):
-            return None
-        hold_id, subject_id, rate, power_level, service, fee = json.loads(body)
-        return HoldClaim(
-            uuid.UUID(hold_id),
-            subject_id,
-            Decimal(rate),
-            power_level,
-            service,
-            None if fee is None else Decimal(fee),
-        )
 
 
 def _metadata(data: dict) -> dict:
@@ -393,15 +333,37 @@ class CreditsHandler(CustomLogger):
                 subject, tier=cfg.default_tier, subject_type=cfg.subject, exist_ok=True
             )
             hold = await take()
+        await self._rate_limit(subject, hold, service, str(model_group))
         if own_key is not None:
             # the account's own OpenRouter key: a provisioned one is capped at what the account
             # can pay, a brought one is the user's
             data["api_key"] = own_key[0].reveal()
         rate = pricing.rate(hold.tier, power_level)
         metadata[HOLD_KEY] = self.signer.sign(
-            HoldClaim(hold.id, subject, rate, power_level, service, byok_fee)
+            HoldClaim(hold.id, subject, rate, power_level, service, byok_fee, hold.tier)
         )
         return data
+
+    async def _rate_limit(self, subject: str, hold: Hold, service: Service, model: str) -> None:
+        """The tier's requests and tokens per minute for this account; a refusal releases the hold.
+
+        Checked after the hold, which tells the account's tier without another read; tokens are
+        counted when the call settles, so here the question is only whether the account is in debt.
+        """
+        tier = self.runtime.settings.credits.tiers.get(hold.tier)
+        if tier is None or (tier.rpm is None and tier.tpm is None):
+            return
+        limiter = self.runtime.limiter
+        try:
+            if tier.rpm is not None:
+                await limiter.check(subject, "llm_rpm", Rate(tier.rpm, 60))
+            if tier.tpm is not None:
+                await limiter.check(subject, "llm_tpm", Rate(tier.tpm, 60), cost=0)
+        except RateLimited:
+            ledger = await self.runtime.ledger()
+            usage = UsageRecord(service=service, model=model, cost=0, metadata={"error": "rate_limited"})
+            await ledger.void(subject, hold.id, usage)
+            raise
 
     async def _load_provider_prices(self) -> None:
         """Before pricing an OpenRouter model group: OpenRouter's own current prices, cached."""
@@ -547,6 +509,14 @@ class CreditsHandler(CustomLogger):
         if result is None:
             log.warning(
                 "litellm-credits: hold %s was already resolved; usage not charged again", claim.hold_id
+            )
+            return
+        tier = self.runtime.settings.credits.tiers.get(claim.tier)
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        if tier is not None and tier.tpm is not None and tokens:
+            # the call happened: its tokens count even past the limit (the next call waits)
+            await self.runtime.limiter.hit(
+                claim.subject_id, "llm_tpm", Rate(tier.tpm, 60), tokens, force=True
             )
 
     async def async_post_call_failure_hook(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import asyncpg
@@ -80,6 +80,10 @@ _TRANSIENT = (
 )
 
 
+# told (subject ids, whether to wait for other instances) after accounts changed
+ChangeHook = Callable[[Sequence[str], bool], Awaitable[None]]
+
+
 def _account(row: asyncpg.Record) -> Account:
     return Account(**dict(row))
 
@@ -91,10 +95,28 @@ def _transaction(row: asyncpg.Record) -> Transaction:
 class Ledger:
     """Accounts, credits, holds and history on one asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool, *, retries: int = 3, retry_delay: float = 0.05) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        retries: int = 3,
+        retry_delay: float = 0.05,
+        on_change: ChangeHook | None = None,
+    ) -> None:
         self.pool = pool
         self.retries = retries
         self.retry_delay = retry_delay
+        # told which accounts changed, after the commit (the cache invalidates them)
+        self.on_change = on_change
+
+    async def changed(self, *subject_ids: str, wait: bool = True) -> None:
+        """Announce committed changes to accounts; ``wait=False`` on the request path."""
+        if self.on_change is None or not subject_ids:
+            return
+        try:
+            await self.on_change(subject_ids, wait)
+        except Exception:  # a cache must never fail a committed write
+            log.exception("ledger: announcing a change to %d accounts failed", len(subject_ids))
 
     async def _retry(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run an idempotent statement again after a connection-level failure."""
@@ -136,6 +158,8 @@ class Ledger:
             SQL_CREATE_ACCOUNT, subject_id, subject_type, tier, monthly_cap, display_name
         )
         if row is not None:
+            if conn is None:  # inside a caller's transaction, the caller announces it
+                await self.changed(subject_id)
             return _account(row)
         if exist_ok:
             return await self.require_account(subject_id)
@@ -145,6 +169,7 @@ class Ledger:
         row = await self.pool.fetchrow(SQL_SET_CAP, subject_id, cap)
         if row is None:
             raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+        await self.changed(subject_id)
         return _account(row)
 
     # credits -----------------------------------------------------------------------------
@@ -182,6 +207,7 @@ class Ledger:
             return _transaction(row)
         if row is None:
             raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+        await self.changed(subject_id)
         return _transaction(row)
 
     async def refund(
@@ -227,6 +253,7 @@ class Ledger:
             row = await conn.fetchrow(
                 SQL_CREDIT, subject_id, amount, "refund", key, description, {}, transaction_id
             )
+        await self.changed(subject_id)
         return _transaction(row)
 
     async def credit_many(
@@ -270,6 +297,7 @@ class Ledger:
                     param="items",
                     missing=missing,
                 )
+        await self.changed(*sorted(grants))
         return [_transaction(r) for r in rows]
 
     # holds -------------------------------------------------------------------------------
@@ -325,6 +353,7 @@ class Ledger:
 
         row = await self._retry(take)
         if row is not None:
+            await self.changed(subject_id, wait=False)
             return Hold(hold_id, subject_id, row["amount"], row["debits"], row["expires_at"], row["tier"])
         raise await self._refusal(subject_id, quotes, default_tier)
 
@@ -388,6 +417,7 @@ class Ledger:
         )
         if row is None:
             return None
+        await self.changed(subject_id, wait=False)
         return Settlement(row["balance"], row["charge"] if row["debits"] else 0, row["transaction_id"])
 
     async def settle(

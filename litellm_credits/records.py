@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +31,26 @@ class Account:
     @property
     def available(self) -> int:
         return self.balance - self.held
+
+    def to_cache(self) -> str:
+        """A compact JSON form for the cache (exact: amounts stay integers)."""
+        return json.dumps(
+            [
+                self.subject_id, self.subject_type, self.tier, self.balance, self.held,
+                self.monthly_cap, self.month_spend, self.status, self.display_name,
+                self.created_at.isoformat(), self.updated_at.isoformat(), self.resets_at.isoformat(),
+            ],
+            separators=(",", ":"),
+        )  # fmt: skip
+
+    @classmethod
+    def from_cache(cls, text: str) -> Account:
+        subject_id, subject_type, tier, balance, held, cap, spend, status, name, *times = json.loads(text)
+        created, updated, resets = (datetime.fromisoformat(t) for t in times)
+        return cls(
+            subject_id, subject_type, tier, balance, held, cap, spend, status, name,
+            created, updated, resets,
+        )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return {

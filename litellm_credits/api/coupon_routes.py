@@ -12,14 +12,15 @@ from ..errors import InvalidRequest
 from ..money import format_credits, micro_ceil
 from ..runtime import Runtime
 from . import schemas
-from .routes import AdminDep, CallerDep, Limit, Offset, UserIdQuery, target
+from .routes import CHARGE_ROUTE, AdminDep, CallerDep, Limit, Offset, UserIdQuery, target
 
 CodePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{3,64}$")]
 
 
 def add_coupon_routes(router: APIRouter, runtime: Runtime) -> None:
     async def coupons() -> Coupons:
-        return Coupons((await runtime.ledger()).pool)
+        ledger = await runtime.ledger()
+        return Coupons(ledger.pool, ledger.changed)
 
     @router.post("/admin/credits/coupons", status_code=201, response_model=schemas.Coupon)
     async def create_coupon(body: schemas.CreateCoupon, _: AdminDep) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def add_coupon_routes(router: APIRouter, runtime: Runtime) -> None:
         """No one can redeem it from now on; pending percent bonuses still pay."""
         return await (await coupons()).deactivate(code)
 
-    @router.post("/credits/coupons/redeem", response_model=schemas.Redeemed)
+    @router.post("/credits/coupons/redeem", response_model=schemas.Redeemed, openapi_extra=CHARGE_ROUTE)
     async def redeem(body: schemas.Redeem, caller: CallerDep, user_id: UserIdQuery = None) -> dict[str, Any]:
         """Redeem a coupon for the caller's account (once per account)."""
         subject = target(caller, user_id)

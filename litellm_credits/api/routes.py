@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +20,11 @@ from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
 
 from ..errors import CreditsError, InvalidRequest, PermissionDenied, ServiceUnavailable
 from ..ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS
+from ..ratelimit import Rate
 from . import schemas
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 log = logging.getLogger("litellm_credits.api")
 
@@ -59,11 +63,28 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 KEY_HEADERS = ("authorization", "x-litellm-api-key", "api-key", "x-api-key")
 
 
+RATE_LIMIT_EXTRA = "x-credits-rate-limit"
+# routes that move money (or guess coupon codes) count against the stricter ``api_charge`` limit
+CHARGE_ROUTE: dict[str, Any] = {RATE_LIMIT_EXTRA: "api_charge"}
+
+
 class CreditsRoute(APIRoute):
     """Maps every error to one JSON shape, adds security headers, refuses cross-site writes."""
 
     # origins besides the proxy's own that may change state with a browser session (cookie)
     allowed_origins: frozenset[str] = frozenset()
+    # the process's runtime, bound by ``bind`` (rate limits need it before the endpoint runs)
+    runtime: Runtime | None = None
+
+    @classmethod
+    def bind(cls, runtime: Runtime) -> type[CreditsRoute]:
+        """This route class with a runtime and its configured allowed origins."""
+        origins = frozenset(runtime.settings.credits.allowed_origins)
+        return type("BoundCreditsRoute", (cls,), {"runtime": runtime, "allowed_origins": origins})
+
+    @property
+    def rate_limit(self) -> str:
+        return str((self.openapi_extra or {}).get(RATE_LIMIT_EXTRA, "api"))
 
     def cross_origin(self, request: Request) -> bool:
         """A state-changing request carried by a browser cookie from a foreign page (CSRF).
@@ -93,7 +114,7 @@ class CreditsRoute(APIRoute):
                     )
                 response = await original(request)
             except CreditsError as err:
-                response = JSONResponse(status_code=err.status, content=err.to_body())
+                response = JSONResponse(status_code=err.status, content=err.to_body(), headers=err.headers)
             except RequestValidationError as exc:
                 response = _validation_error(exc)
             except ProxyException as exc:
@@ -113,6 +134,10 @@ class CreditsRoute(APIRoute):
                 log.exception("litellm-credits: unexpected error on %s", request.url.path)
                 response = _error(500, "internal_error", "internal error; the operator's logs have details")
             response.headers.update(SECURITY_HEADERS)
+            decision = getattr(request.state, "credits_rate", None)
+            if decision is not None:
+                response.headers["X-RateLimit-Limit"] = str(decision.limit)
+                response.headers["X-RateLimit-Remaining"] = str(decision.remaining)
             return response
 
         return handler
@@ -126,12 +151,33 @@ class Caller:
     is_service: bool = False
 
 
-async def _caller(auth: Annotated[Any, Depends(user_api_key_auth)]) -> Caller:
+async def _caller(request: Request, auth: Annotated[Any, Depends(user_api_key_auth)]) -> Caller:
     role = getattr(auth, "user_role", None)
     is_admin = role == LitellmUserRoles.PROXY_ADMIN or str(role) == "proxy_admin"
     subject = auth.user_id if auth.user_id not in (None, "default_user_id") else None
     credits_role = (getattr(auth, "metadata", None) or {}).get("credits_role")
-    return Caller(subject_id=subject, is_admin=is_admin, is_service=is_admin or credits_role == "service")
+    caller = Caller(subject_id=subject, is_admin=is_admin, is_service=is_admin or credits_role == "service")
+    route = request.scope.get("route")
+    if isinstance(route, CreditsRoute) and route.runtime is not None:
+        if subject is not None and not caller.is_service:  # services: see limit_account
+            await limit_account(route.runtime, route.rate_limit, caller, subject, request)
+    return caller
+
+
+async def limit_account(
+    runtime: Runtime, name: str, caller: Caller, account: str, request: Request | None = None
+) -> None:
+    """Count one request against the account's ``name`` limit; 429 ``rate_limited`` when spent.
+    Admins are never limited."""
+    if caller.is_admin:
+        return
+    cfg = runtime.settings.credits.rate_limits
+    limit = cfg.api_charge if name == "api_charge" else cfg.api
+    if limit is None:
+        return
+    decision = await runtime.limiter.check(account, name, Rate(limit.requests, limit.per_seconds))
+    if request is not None:
+        request.state.credits_rate = decision
 
 
 async def _service(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
@@ -166,6 +212,7 @@ Offset = Annotated[int, Query(ge=0, le=10_000_000)]
 
 
 __all__ = [
+    "CHARGE_ROUTE",
     "ERROR_RESPONSES",
     "SECURITY_HEADERS",
     "AdminDep",
@@ -176,5 +223,6 @@ __all__ = [
     "Offset",
     "ServiceDep",
     "UserIdQuery",
+    "limit_account",
     "target",
 ]

@@ -361,6 +361,13 @@ class Distribution(BaseModel):
     tiers: list[TierDistribution]
 
 
+class Health(BaseModel):
+    database: Literal["ok", "unavailable"]
+    redis: dict[str, Any] = Field(description="configured, healthy, down_for_seconds")
+    cache: dict[str, Any] = Field(description="entries in this process, whether memory is trusted")
+    counters: dict[str, int] = Field(description="this process's counters since it started")
+
+
 CouponCode = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{3,64}$", description="letters, digits, _ and -")]
 
 
@@ -474,6 +481,7 @@ __all__ = [
     "Deduct",
     "Distribution",
     "ErrorBody",
+    "Health",
     "KeyCreated",
     "KeyInfo",
     "MonthlyCap",

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import AccountNotFound, NotFound
 from ..history import Dimension, History, Period, TransactionType, TxFilter, as_utc
-from ..ledger import Account, Ledger, Transaction
+from ..ledger import Account, Transaction
 from ..money import format_credits
 from ..pricing import ModelPrice, Usage, usd_cost
 from ..runtime import Runtime
@@ -67,8 +67,8 @@ def _period(days: int | None, start: date | datetime | None, end: date | datetim
     return Period.of(days=days, start=start, end=end)
 
 
-async def _account(ledger: Ledger, subject_id: str) -> Account:
-    account = await ledger.get_account(subject_id)
+async def _account(runtime: Runtime, subject_id: str) -> Account:
+    account = await runtime.account(subject_id)  # cached: invalidated by every change
     if account is None:
         raise AccountNotFound("no credit account for this key", param="user_id")
     return account
@@ -86,7 +86,7 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
     ) -> dict[str, Any]:
         """The caller's balance, held amount, tier and monthly cap."""
         subject = target(caller, user_id)
-        body = (await _account(await runtime.ledger(), subject)).to_json()
+        body = (await _account(runtime, subject)).to_json()
         if include_history:
             items, _ = await (await history()).page(subject, limit=10, offset=0)
             body["recent_transactions"] = [t.to_json() for t in items]
@@ -136,7 +136,7 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
     ) -> StreamingResponse:
         """The caller's ledger as CSV, streamed (a long history never sits in memory)."""
         subject = target(caller, user_id)
-        await _account(await runtime.ledger(), subject)
+        await _account(runtime, subject)
         rows = (await history()).export(subject, _filter(type, start_date, end_date))
 
         async def lines() -> AsyncIterator[str]:
@@ -201,7 +201,7 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
     @router.get("/credits/monthly-cap", response_model=schemas.MonthlyCap)
     async def get_monthly_cap(caller: CallerDep, user_id: UserIdQuery = None) -> dict[str, Any]:
         """The account's monthly cap, what this month spent, and when the month resets."""
-        return _cap(await _account(await runtime.ledger(), target(caller, user_id)))
+        return _cap(await _account(runtime, target(caller, user_id)))
 
     @router.post("/credits/monthly-cap", response_model=schemas.MonthlyCap)
     async def set_monthly_cap(
@@ -218,7 +218,7 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
         power_level = pricing.power_level(body.power_level)
         tier = runtime.settings.credits.default_tier
         if caller.subject_id is not None:
-            account = await (await runtime.ledger()).get_account(caller.subject_id)
+            account = await runtime.account(caller.subject_id)
             tier = account.tier if account is not None else tier
         price = price_of(body.model)
         usage = Usage(

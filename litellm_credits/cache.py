@@ -1,0 +1,318 @@
+"""Read caching for accounts, API keys and analytics: in this process, then Redis, then the source.
+
+Two levels. This process keeps recent entries in memory (an LRU with a TTL); Redis keeps them
+for every instance (``SET .. PX ttl``). A change to an account invalidates its entry *after the
+transaction commits*: here, in Redis, and, through a Redis pub/sub message, in the memory of every
+other instance. So a top-up through one proxy is visible through another at once, not after the
+TTL.
+
+Two races are closed explicitly:
+
+- A reader that loaded an old value from PostgreSQL just before a writer committed must not put
+  it back after the writer's invalidation. In Redis, every entry has a version counter that an
+  invalidation increments; a fill succeeds only if the version is the one the reader saw before
+  it loaded (one Lua script). In memory, an invalidation leaves a tombstone with a sequence
+  number, and a fill that started before it is dropped.
+- Memory entries are trusted only while this process is subscribed to the invalidation channel.
+  When the subscription is lost (Redis down), memory is cleared and bypassed until it is back.
+
+Without Redis (``CREDITS_REDIS_URL`` unset) the memory level alone serves a single instance. With
+Redis down, reads go to PostgreSQL (counted as ``cache_bypassed``) and invalidations that could
+not reach Redis are replayed before Redis is trusted again.
+
+The balance hold never reads this cache: it is one atomic SQL statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, Generic, TypeVar
+
+from redis.exceptions import RedisError
+
+from .metrics import metrics
+from .redis_link import RedisDown, RedisLink
+
+log = logging.getLogger("litellm_credits.cache")
+
+T = TypeVar("T")
+
+# the entry, or (when absent) the version a fill must still find
+LUA_READ = """
+local value = redis.call('GET', KEYS[1])
+if value then return {1, value, redis.call('PTTL', KEYS[1])} end
+return {0, redis.call('GET', KEYS[2]) or ''}
+"""
+LUA_FILL = """
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+# KEYS: entry, version (one account: one hash slot); ARGV: channel, version ttl ms
+LUA_INVALIDATE = """
+redis.call('DEL', KEYS[1])
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[1], KEYS[1])
+return 1
+"""
+# a fill that took longer than this is not kept (tombstones are pruned after it)
+MAX_READ_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Codec(Generic[T]):
+    """How a cached value is written to Redis and read back."""
+
+    dump: Callable[[T], str]
+    load: Callable[[str], T]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):  # sums from SQL: whole numbers stay numbers, the rest exact text
+        return int(value) if value == value.to_integral_value() else str(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not cacheable as JSON")
+
+
+JSON_CODEC: Codec[Any] = Codec(
+    lambda v: json.dumps(v, separators=(",", ":"), default=_json_default), json.loads
+)
+
+
+class Cache:
+    """Cached reads with invalidation across instances; see the module docstring."""
+
+    def __init__(self, link: RedisLink, *, ttl: float = 60.0, max_entries: int = 100_000) -> None:
+        self.link = link
+        self.keys = link.keys
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._memory: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._seq = 0  # counts invalidation events
+        self._tombstones: dict[str, tuple[int, float]] = {}  # key -> (seq, monotonic time)
+        self._flushed_seq = 0  # seq of the last "forget everything" (subscription lost or made)
+        self._pending: set[str] = set()  # invalidations Redis has not seen yet
+        self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+        self._subscribed = not link.configured  # memory is trusted only while true
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scripts: dict[str, Any] = {}
+
+    # reads -------------------------------------------------------------------------------
+
+    async def get(
+        self,
+        key: str,
+        load: Callable[[], Awaitable[T | None]],
+        codec: Codec[T],
+        *,
+        ttl: float | None = None,
+    ) -> T | None:
+        """The value at ``key``: from memory, Redis, or ``load()`` (whose ``None`` is not kept)."""
+        ttl = self.ttl if ttl is None else ttl
+        if ttl <= 0:
+            return await load()
+        self._ensure_listening()
+        start, started = self._seq, time.monotonic()
+        if self._subscribed:
+            entry = self._memory.get(key)
+            if entry is not None:
+                if entry[0] > started:
+                    self._memory.move_to_end(key)
+                    metrics.incr("cache_hits_local")
+                    return entry[1]  # type: ignore[no-any-return]
+                del self._memory[key]
+        if not self.link.configured:
+            value = await load()
+            metrics.incr("cache_misses")
+            if value is not None:
+                self._remember(key, value, ttl, start, started)
+            return value
+        try:
+            await self._replay_pending()
+            found = await self._script(LUA_READ, [key, self.keys.version(key)], [])
+        except RedisDown:
+            metrics.incr("cache_bypassed")
+            return await load()
+        if found[0] == 1:
+            metrics.incr("cache_hits_redis")
+            value = codec.load(_text(found[1]))
+            remaining = int(found[2]) / 1000 if int(found[2]) > 0 else ttl
+            self._remember(key, value, min(ttl, remaining), start, started)
+            return value
+        metrics.incr("cache_misses")
+        value = await load()
+        if value is None:
+            return None
+        with contextlib.suppress(RedisDown):
+            stored = await self._script(
+                LUA_FILL,
+                [key, self.keys.version(key)],
+                [_text(found[1]), codec.dump(value), max(1, int(ttl * 1000))],
+            )
+            if stored == 1:  # kept in memory only what Redis holds too: an invalidation finds both
+                self._remember(key, value, ttl, start, started)
+        return value
+
+    def _remember(self, key: str, value: Any, ttl: float, start: int, started: float) -> None:
+        if not self._subscribed or self._flushed_seq > start:
+            return
+        tomb = self._tombstones.get(key)
+        if (tomb is not None and tomb[0] > start) or time.monotonic() - started > MAX_READ_SECONDS:
+            return  # invalidated while it was being read
+        self._memory[key] = (started + ttl, value)
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.max_entries:
+            self._memory.popitem(last=False)
+
+    # invalidation ------------------------------------------------------------------------
+
+    async def invalidate(self, keys: Iterable[str]) -> None:
+        """Forget ``keys`` here, in Redis and in every other instance (call after the commit)."""
+        keys = list(keys)
+        self._forget(keys)
+        metrics.incr("cache_invalidations", len(keys))
+        if not self.link.configured:
+            return
+        try:
+            await self._replay_pending()
+            await self._invalidate_in_redis(keys)
+        except RedisDown:
+            self._pending.update(keys)
+            metrics.incr("cache_invalidations_deferred", len(keys))
+
+    def invalidate_soon(self, keys: Iterable[str]) -> None:
+        """Invalidate without waiting for Redis (the local part happens now)."""
+        keys = list(keys)
+        self._forget(keys)
+        task = asyncio.get_running_loop().create_task(self.invalidate(keys))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _forget(self, keys: Iterable[str]) -> None:
+        now = time.monotonic()
+        for key in keys:
+            self._seq += 1
+            self._tombstones[key] = (self._seq, now)
+            self._memory.pop(key, None)
+        if len(self._tombstones) > 10_000:
+            horizon = now - MAX_READ_SECONDS
+            self._tombstones = {k: v for k, v in self._tombstones.items() if v[1] >= horizon}
+
+    def _flush_memory(self) -> None:
+        self._seq += 1
+        self._flushed_seq = self._seq
+        self._memory.clear()
+
+    async def _invalidate_in_redis(self, keys: list[str]) -> None:
+        channel, version_ttl = self.keys.invalidations, int(max(self.ttl * 2, 60) * 1000)
+
+        async def run(client: Any) -> None:
+            script = self._registered(LUA_INVALIDATE, client)
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    await script(keys=[key, self.keys.version(key)], args=[channel, version_ttl], client=pipe)
+                await pipe.execute()
+
+        await self.link.call(run)
+
+    async def _replay_pending(self) -> None:
+        if not self._pending:
+            return
+        keys = list(self._pending)
+        await self._invalidate_in_redis(keys)
+        self._pending.difference_update(keys)
+        log.info("litellm-credits: replayed %d cache invalidations Redis had missed", len(keys))
+
+    # Redis plumbing ----------------------------------------------------------------------
+
+    def _registered(self, lua: str, client: Any) -> Any:
+        script = self._scripts.get(lua)
+        if script is None:
+            script = self._scripts[lua] = client.register_script(lua)
+        return script
+
+    async def _script(self, lua: str, keys: list[str], args: list[Any]) -> Any:
+        async def run(client: Any) -> Any:
+            return await self._registered(lua, client)(keys=keys, args=args, client=client)
+
+        return await self.link.call(run)
+
+    def _ensure_listening(self) -> None:
+        if not self.link.configured:
+            return
+        loop = asyncio.get_running_loop()
+        task = self._listeners.get(loop)
+        if task is None or task.done():
+            self._listeners[loop] = loop.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        """Drop entries other instances invalidate; trust memory only while subscribed."""
+        delay = 0.1
+        while True:
+            client = self.link.pubsub_client()
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self.keys.invalidations)
+                confirmed = await pubsub.get_message(timeout=max(self.link.timeout, 1.0))
+                if confirmed is None or confirmed.get("type") != "subscribe":
+                    raise TimeoutError("no confirmation of the subscription")
+                # anything may have changed while not subscribed: start from empty memory
+                self._flush_memory()
+                self._subscribed = True
+                delay = 0.1
+                while True:
+                    message = await pubsub.get_message(timeout=5.0)
+                    if message is not None and message.get("type") == "message":
+                        self._forget(_text(message["data"]).split("\n"))
+            except asyncio.CancelledError:
+                self._subscribed = False
+                raise
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                if self._subscribed:
+                    self._subscribed = False
+                    self._flush_memory()
+                    self.link.failed(exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+                await client.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "entries_in_memory": len(self._memory),
+            "memory_trusted": self._subscribed,
+            "invalidations_pending": len(self._pending),
+            "ttl_seconds": self.ttl,
+        }
+
+    async def close(self) -> None:
+        task = self._listeners.pop(asyncio.get_running_loop(), None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._subscribed = not self.link.configured
+        self._flush_memory()
+        for pending in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await pending
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+__all__ = ["JSON_CODEC", "Cache", "Codec"]

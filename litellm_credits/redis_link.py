@@ -1,0 +1,177 @@
+"""One process's link to Redis: key names, a client per event loop, and a circuit breaker.
+
+Redis only ever speeds things up or spreads them across instances; the ledger never depends on
+it. So every call here is bounded by a short timeout, and after a failure the link stays *open*
+(calls fail at once, without touching the network) for ``retry_seconds``, then tries again.
+Callers catch :class:`RedisDown` and fall back (the cache to PostgreSQL, the rate limiter to
+its in-process twin); each fall-back is counted in :mod:`metrics`, and logged once per outage.
+
+Every key name is made here. Keys about one account share a Redis Cluster hash tag (the
+account id inside ``{...}``), so a script touching several of them stays on one slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .metrics import metrics
+
+log = logging.getLogger("litellm_credits.redis")
+
+T = TypeVar("T")
+
+
+class RedisDown(Exception):
+    """Redis did not answer in time (or the link is open after a recent failure)."""
+
+
+class Keys:
+    """Every Redis key and channel name this plugin uses."""
+
+    def __init__(self, prefix: str = "credits") -> None:
+        self.prefix = prefix
+
+    @staticmethod
+    def tag(subject_id: str) -> str:
+        # braces would end the hash tag early; % is escaped so the encoding stays one-to-one
+        return "{" + quote(subject_id, safe="") + "}"
+
+    def account(self, subject_id: str) -> str:
+        return f"{self.prefix}:{self.tag(subject_id)}:account"
+
+    def version(self, key: str) -> str:
+        """The invalidation counter beside a cached entry (same hash tag, same slot)."""
+        return key + ":v"
+
+    def api_key(self, key_hash_hex: str) -> str:
+        return f"{self.prefix}:apikey:{{{key_hash_hex}}}"
+
+    def analytics(self, name: str) -> str:
+        return f"{self.prefix}:analytics:{{{quote(name, safe='')}}}"
+
+    def rate(self, subject_id: str, limit: str) -> str:
+        return f"{self.prefix}:{self.tag(subject_id)}:rate:{limit}"
+
+    @property
+    def invalidations(self) -> str:
+        """The pub/sub channel on which instances announce entries they invalidated."""
+        return f"{self.prefix}:invalidate"
+
+
+class RedisLink:
+    """A Redis client per event loop behind a circuit breaker; ``None`` URL = no Redis at all."""
+
+    def __init__(
+        self,
+        url: str | None,
+        *,
+        prefix: str = "credits",
+        timeout: float = 0.25,
+        retry_seconds: float = 2.0,
+    ) -> None:
+        self.url = url
+        self.keys = Keys(prefix)
+        self.timeout = timeout
+        self.retry_seconds = retry_seconds
+        self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        self._open_until = 0.0  # monotonic time until which calls fail fast
+        self._down_since: float | None = None
+
+    @property
+    def configured(self) -> bool:
+        return self.url is not None
+
+    @property
+    def healthy(self) -> bool:
+        return self.configured and self._down_since is None
+
+    def client(self) -> aioredis.Redis:
+        if self.url is None:
+            raise RedisDown("no Redis configured")
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = aioredis.Redis.from_url(
+                self.url,
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                # one immediate retry re-dials a connection the server dropped (a restart);
+                # beyond that the breaker decides when to try again
+                retry=Retry(NoBackoff(), 1),
+                health_check_interval=30,
+            )
+            self._clients[loop] = client
+        return client
+
+    def pubsub_client(self) -> aioredis.Redis:
+        """A separate client for a subscription: it waits for messages without a read timeout,
+        and pings the server every few seconds so a dead connection is noticed."""
+        if self.url is None:
+            raise RedisDown("no Redis configured")
+        return aioredis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=5,
+        )
+
+    async def call(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """Run ``op`` on the client within the timeout, or raise :class:`RedisDown`."""
+        if self.url is None:
+            raise RedisDown("no Redis configured")
+        if time.monotonic() < self._open_until:
+            raise RedisDown("Redis is unavailable (retrying shortly)")
+        try:
+            result = await asyncio.wait_for(op(self.client()), self.timeout * 2)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self.failed(exc)
+            raise RedisDown(type(exc).__name__) from None
+        self.succeeded()
+        return result
+
+    def failed(self, exc: BaseException) -> None:
+        """Open the breaker for ``retry_seconds``; log once per outage."""
+        metrics.incr("redis_errors")
+        self._open_until = time.monotonic() + self.retry_seconds
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                "litellm-credits: Redis unavailable (%s); caching bypassed and rate limits kept "
+                "per process until it answers again",
+                type(exc).__name__,
+            )
+
+    def succeeded(self) -> None:
+        if self._down_since is not None:
+            log.warning(
+                "litellm-credits: Redis answers again after %.1f s", time.monotonic() - self._down_since
+            )
+            self._down_since = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "configured": self.configured,
+            "healthy": self.healthy,
+            "down_for_seconds": None
+            if self._down_since is None
+            else round(time.monotonic() - self._down_since, 1),
+        }
+
+    async def close(self) -> None:
+        """Close the running loop's client."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+
+__all__ = ["Keys", "RedisDown", "RedisLink"]

@@ -1,0 +1,236 @@
+"""The cache on a real Redis: hits, invalidation across instances, the stale-fill race, Redis
+away (killed, or frozen so that calls time out) and back, and the in-process mode without Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+
+from litellm_credits.cache import JSON_CODEC, Cache
+from litellm_credits.metrics import metrics
+from litellm_credits.money import parse_credits as c
+from litellm_credits.records import UsageRecord
+from litellm_credits.redis_link import Keys, RedisLink
+from litellm_credits.runtime import Runtime
+
+from .conftest import AccountFactory
+from .redis_server import RedisServer
+
+
+class Source:
+    """What the cache stands in front of: a value and a count of reads."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+        self.reads = 0
+
+    async def load(self) -> object:
+        self.reads += 1
+        return self.value
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "cache-test-" + secrets.token_hex(4)
+
+
+@pytest.fixture
+async def instances(redis_url: str, prefix: str) -> AsyncIterator[Callable[[], Cache]]:
+    """Makes caches that behave as separate proxy instances on one Redis."""
+    made: list[Cache] = []
+
+    def make() -> Cache:
+        made.append(Cache(RedisLink(redis_url, prefix=prefix, timeout=0.5, retry_seconds=0.2), ttl=60))
+        return made[-1]
+
+    yield make
+    for cache in made:
+        await cache.close()
+        await cache.link.close()
+
+
+async def until(check: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def subscribed(*caches: Cache) -> None:
+    for cache in caches:
+        cache._ensure_listening()
+    await until(lambda: all(c.status()["memory_trusted"] for c in caches))
+
+
+async def test_hits_come_from_memory_then_redis_and_invalidation_reaches_every_instance(
+    instances: Callable[[], Cache],
+) -> None:
+    a, b = instances(), instances()
+    await subscribed(a, b)
+    source = Source({"balance": 1})
+    key = a.keys.account("acct-1")
+    assert await a.get(key, source.load, JSON_CODEC) == {"balance": 1}
+    assert await a.get(key, source.load, JSON_CODEC) == {"balance": 1}  # memory
+    before = metrics["cache_hits_redis"]
+    assert await b.get(key, source.load, JSON_CODEC) == {"balance": 1}  # Redis, filled by a
+    assert metrics["cache_hits_redis"] == before + 1
+    assert await b.get(key, source.load, JSON_CODEC) == {"balance": 1}  # b's memory now
+    assert source.reads == 1
+
+    source.value = {"balance": 2}
+    await a.invalidate([key])  # a committed a change
+    assert await a.get(key, source.load, JSON_CODEC) == {"balance": 2}
+    await until(lambda: key not in b._memory)  # pub/sub told b
+    assert await b.get(key, source.load, JSON_CODEC) == {"balance": 2}
+
+
+async def test_a_read_that_raced_an_invalidation_is_not_kept(instances: Callable[[], Cache]) -> None:
+    """The reader loaded the old value; the writer committed and invalidated before the reader
+    stored it. Neither this instance's memory nor Redis may keep the old value."""
+    a, b = instances(), instances()
+    await subscribed(a, b)
+    key = a.keys.account("acct-race")
+    loaded, release = asyncio.Event(), asyncio.Event()
+    value = {"balance": 1}
+
+    async def slow_old_read() -> object:
+        old = dict(value)
+        loaded.set()
+        await release.wait()
+        return old
+
+    reader = asyncio.create_task(a.get(key, slow_old_read, JSON_CODEC))
+    await loaded.wait()
+    value["balance"] = 2
+    await b.invalidate([key])  # the writer, on another instance
+    release.set()
+    assert await reader == {"balance": 1}  # the reader's own answer is what it read
+    fresh = Source(dict(value))
+    assert await a.get(key, fresh.load, JSON_CODEC) == {"balance": 2}
+    assert await instances().get(key, fresh.load, JSON_CODEC) == {"balance": 2}
+
+
+async def test_without_redis_one_process_caches_and_invalidates() -> None:
+    cache = Cache(RedisLink(None), ttl=60)
+    source = Source("v1")
+    key = Keys().account("solo")
+    assert await cache.get(key, source.load, JSON_CODEC) == "v1"
+    assert await cache.get(key, source.load, JSON_CODEC) == "v1"
+    assert source.reads == 1
+    source.value = "v2"
+    await cache.invalidate([key])
+    assert await cache.get(key, source.load, JSON_CODEC) == "v2"
+    nothing = Source(None)
+    assert await cache.get(Keys().account("nobody"), nothing.load, JSON_CODEC) is None
+    assert await cache.get(Keys().account("nobody"), nothing.load, JSON_CODEC) is None
+    assert nothing.reads == 2  # absence is not cached: an account created later is seen at once
+
+
+async def test_short_ttl_expires() -> None:
+    cache = Cache(RedisLink(None), ttl=0.05)
+    source = Source(1)
+    key = Keys().analytics("x")
+    await cache.get(key, source.load, JSON_CODEC)
+    await asyncio.sleep(0.1)
+    await cache.get(key, source.load, JSON_CODEC)
+    assert source.reads == 2
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+async def test_redis_killed_mid_run_then_started_again(own_redis: RedisServer, prefix: str) -> None:
+    cache = Cache(RedisLink(own_redis.url, prefix=prefix, timeout=0.2, retry_seconds=0.1), ttl=60)
+    try:
+        await subscribed(cache)
+        source = Source(1)
+        key = cache.keys.account("acct-down")
+        await cache.get(key, source.load, JSON_CODEC)
+        own_redis.stop()
+        await until(lambda: not cache.status()["memory_trusted"])  # the subscription noticed
+        bypassed = metrics["cache_bypassed"]
+        source.value = 2
+        await cache.invalidate([key])  # a write while Redis is down
+        for _ in range(3):
+            assert await cache.get(key, source.load, JSON_CODEC) == 2  # served from the source
+        assert metrics["cache_bypassed"] >= bypassed + 3
+        assert cache.link.status()["healthy"] is False
+
+        own_redis.start()
+        await until(lambda: cache.status()["memory_trusted"], timeout=10)
+        assert await cache.get(key, source.load, JSON_CODEC) == 2
+        assert cache.link.status()["healthy"] is True
+        assert cache.status()["invalidations_pending"] == 0
+        reads = source.reads
+        assert await cache.get(key, source.load, JSON_CODEC) == 2
+        assert source.reads == reads  # cached again
+    finally:
+        await cache.close()
+        await cache.link.close()
+
+
+async def test_invalidations_missed_while_redis_was_frozen_are_replayed(
+    own_redis: RedisServer, prefix: str
+) -> None:
+    """Redis frozen (SIGSTOP: slow, not gone) keeps its data: a change made meanwhile must not
+    leave the old entry there for other instances once it thaws."""
+    assert own_redis.proc is not None
+    link = RedisLink(own_redis.url, prefix=prefix, timeout=0.1, retry_seconds=0.1)
+    writer = Cache(link, ttl=60)
+    other = Cache(RedisLink(own_redis.url, prefix=prefix, timeout=0.5, retry_seconds=0.1), ttl=60)
+    try:
+        source = Source({"balance": 1})
+        key = writer.keys.account("acct-frozen")
+        await writer.get(key, source.load, JSON_CODEC)  # now in Redis
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            source.value = {"balance": 2}
+            deferred = metrics["cache_invalidations_deferred"]
+            started = time.monotonic()
+            await writer.invalidate([key])  # times out: kept for later
+            assert time.monotonic() - started < 1.0  # bounded by the timeout, not hung
+            assert metrics["cache_invalidations_deferred"] == deferred + 1
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.15)  # past retry_seconds: the writer tries Redis again
+        assert await writer.get(key, source.load, JSON_CODEC) == {"balance": 2}  # replays first
+        assert writer.status()["invalidations_pending"] == 0
+        assert await other.get(key, source.load, JSON_CODEC) == {"balance": 2}
+    finally:
+        for cache in (writer, other):
+            await cache.close()
+            await cache.link.close()
+
+
+async def test_account_reads_are_invalidated_by_the_ledger(runtime: Runtime, account: AccountFactory) -> None:
+    """Every ledger write announces itself: a credit, a hold and its settlement."""
+    subject = await account("10")
+    ledger = await runtime.ledger()
+    assert (await runtime.account(subject)).balance == c("10")  # type: ignore[union-attr]
+    await ledger.credit(subject, c("5"))
+    assert (await runtime.account(subject)).balance == c("15")  # type: ignore[union-attr]
+    hold = await ledger.hold(subject, c("3"), ttl_seconds=60)
+    await until(lambda: _held(runtime, subject, c("3")))  # announced without waiting
+    await ledger.settle(subject, hold.id, c("2"), UsageRecord(cost=c("2")))
+    await until(lambda: _held(runtime, subject, 0))
+    assert (await runtime.account(subject)).balance == c("13")  # type: ignore[union-attr]
+
+
+async def _held(runtime: Runtime, subject: str, amount: int) -> bool:
+    account = await runtime.account(subject)
+    return account is not None and account.held == amount
