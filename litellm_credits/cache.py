@@ -57,14 +57,16 @@ if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
-# KEYS: entry, version (one account: one hash slot); ARGV: channel, version ttl ms
+# KEYS: entry, version (one account: one hash slot); ARGV: version ttl ms. The batch's PUBLISH
+# follows in the same pipeline, so subscribers hear of it after the entries are gone.
 LUA_INVALIDATE = """
 redis.call('DEL', KEYS[1])
 redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[1], KEYS[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
 """
+# keys per pipeline when invalidations are sent in batches
+BATCH = 500
 # a fill that took longer than this is not kept (tombstones are pruned after it)
 MAX_READ_SECONDS = 30.0
 
@@ -106,6 +108,8 @@ class Cache:
         self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
         self._subscribed = not link.configured  # memory is trusted only while true
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batch: set[str] = set()  # invalidations waiting for the sender (invalidate_soon)
+        self._senders: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
         self._scripts: dict[str, Any] = {}
 
     # reads -------------------------------------------------------------------------------
@@ -192,12 +196,33 @@ class Cache:
             metrics.incr("cache_invalidations_deferred", len(keys))
 
     def invalidate_soon(self, keys: Iterable[str]) -> None:
-        """Invalidate without waiting for Redis (the local part happens now)."""
+        """Invalidate without waiting for Redis (the local part happens now).
+
+        For the request path (holds, settlements): the keys join a batch that one task per event
+        loop sends, so a thousand writes a second make a few pipelines, not a thousand calls.
+        """
         keys = list(keys)
         self._forget(keys)
-        task = asyncio.get_running_loop().create_task(self.invalidate(keys))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        metrics.incr("cache_invalidations", len(keys))
+        if not self.link.configured:
+            return
+        self._batch.update(keys)
+        loop = asyncio.get_running_loop()
+        sender = self._senders.get(loop)
+        if sender is None or sender.done():
+            sender = self._senders[loop] = loop.create_task(self._send_batches())
+            self._tasks.add(sender)
+            sender.add_done_callback(self._tasks.discard)
+
+    async def _send_batches(self) -> None:
+        while self._batch:
+            keys = [self._batch.pop() for _ in range(min(BATCH, len(self._batch)))]
+            try:
+                await self._replay_pending()
+                await self._invalidate_in_redis(keys)
+            except RedisDown:
+                self._pending.update(keys)
+                metrics.incr("cache_invalidations_deferred", len(keys))
 
     def _forget(self, keys: Iterable[str]) -> None:
         now = time.monotonic()
@@ -215,13 +240,14 @@ class Cache:
         self._memory.clear()
 
     async def _invalidate_in_redis(self, keys: list[str]) -> None:
-        channel, version_ttl = self.keys.invalidations, int(max(self.ttl * 2, 60) * 1000)
+        version_ttl = int(max(self.ttl * 2, 60) * 1000)
 
         async def run(client: Any) -> None:
             script = self._registered(LUA_INVALIDATE, client)
             async with client.pipeline(transaction=False) as pipe:
                 for key in keys:
-                    await script(keys=[key, self.keys.version(key)], args=[channel, version_ttl], client=pipe)
+                    await script(keys=[key, self.keys.version(key)], args=[version_ttl], client=pipe)
+                pipe.publish(self.keys.invalidations, "\n".join(keys))
                 await pipe.execute()
 
         await self.link.call(run)
@@ -230,8 +256,9 @@ class Cache:
         if not self._pending:
             return
         keys = list(self._pending)
-        await self._invalidate_in_redis(keys)
-        self._pending.difference_update(keys)
+        for start in range(0, len(keys), BATCH):
+            await self._invalidate_in_redis(keys[start : start + BATCH])
+            self._pending.difference_update(keys[start : start + BATCH])
         log.info("litellm-credits: replayed %d cache invalidations Redis had missed", len(keys))
 
     # Redis plumbing ----------------------------------------------------------------------

@@ -78,8 +78,10 @@ class RedisLink:
         prefix: str = "credits",
         timeout: float = 0.25,
         retry_seconds: float = 2.0,
+        max_connections: int = 50,
     ) -> None:
         self.url = url
+        self.max_connections = max_connections
         self.keys = Keys(prefix)
         self.timeout = timeout
         self.retry_seconds = retry_seconds
@@ -101,8 +103,11 @@ class RedisLink:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = aioredis.Redis.from_url(
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
+                # a burst of concurrent calls waits for a connection instead of failing
+                max_connections=self.max_connections,
+                timeout=self.timeout,
                 socket_timeout=self.timeout,
                 socket_connect_timeout=self.timeout,
                 # one immediate retry re-dials a connection the server dropped (a restart);
@@ -110,6 +115,7 @@ class RedisLink:
                 retry=Retry(NoBackoff(), 1),
                 health_check_interval=30,
             )
+            client = aioredis.Redis(connection_pool=pool)
             self._clients[loop] = client
         return client
 
