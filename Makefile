@@ -30,9 +30,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-bench: install  ## ledger throughput (bench/run.py), then reads on a 1M-row ledger and 10M usage events
+bench: install  ## ledger throughput, reads on a 1M-row ledger and 10M usage events, cache and rate limits
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/reads.py
+	$(BIN)/python bench/cache.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -32,7 +32,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
@@ -69,6 +69,15 @@ return 1
 BATCH = 500
 # a fill that took longer than this is not kept (tombstones are pruned after it)
 MAX_READ_SECONDS = 30.0
+
+
+@dataclass
+class _Queue:
+    """Invalidations waiting for this event loop's sender, and the future of their batch."""
+
+    keys: set[str] = field(default_factory=set)
+    sent: asyncio.Future[None] | None = None
+    sender: asyncio.Task[None] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,8 +117,7 @@ class Cache:
         self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
         self._subscribed = not link.configured  # memory is trusted only while true
         self._tasks: set[asyncio.Task[None]] = set()
-        self._batch: set[str] = set()  # invalidations waiting for the sender (invalidate_soon)
-        self._senders: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+        self._queues: dict[asyncio.AbstractEventLoop, _Queue] = {}  # invalidations to send
         self._scripts: dict[str, Any] = {}
 
     # reads -------------------------------------------------------------------------------
@@ -182,47 +190,54 @@ class Cache:
     # invalidation ------------------------------------------------------------------------
 
     async def invalidate(self, keys: Iterable[str]) -> None:
-        """Forget ``keys`` here, in Redis and in every other instance (call after the commit)."""
+        """Forget ``keys`` here, in Redis and in every other instance (call after the commit);
+        returns once Redis has them (or they are kept to replay, if it is away)."""
         keys = list(keys)
         self._forget(keys)
         metrics.incr("cache_invalidations", len(keys))
-        if not self.link.configured:
-            return
-        try:
-            await self._replay_pending()
-            await self._invalidate_in_redis(keys)
-        except RedisDown:
-            self._pending.update(keys)
-            metrics.incr("cache_invalidations_deferred", len(keys))
+        if self.link.configured:
+            await self._enqueue(keys)
 
     def invalidate_soon(self, keys: Iterable[str]) -> None:
-        """Invalidate without waiting for Redis (the local part happens now).
-
-        For the request path (holds, settlements): the keys join a batch that one task per event
-        loop sends, so a thousand writes a second make a few pipelines, not a thousand calls.
-        """
+        """Invalidate without waiting for Redis (the local part happens now); for the request
+        path: holds and settlements."""
         keys = list(keys)
         self._forget(keys)
         metrics.incr("cache_invalidations", len(keys))
-        if not self.link.configured:
-            return
-        self._batch.update(keys)
-        loop = asyncio.get_running_loop()
-        sender = self._senders.get(loop)
-        if sender is None or sender.done():
-            sender = self._senders[loop] = loop.create_task(self._send_batches())
-            self._tasks.add(sender)
-            sender.add_done_callback(self._tasks.discard)
+        if self.link.configured:
+            self._enqueue(keys)
 
-    async def _send_batches(self) -> None:
-        while self._batch:
-            keys = [self._batch.pop() for _ in range(min(BATCH, len(self._batch)))]
+    def _enqueue(self, keys: list[str]) -> asyncio.Future[None]:
+        """Add ``keys`` to the next batch, which one task per event loop sends: a thousand writes a
+        second make a few pipelines, not a thousand concurrent calls."""
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = _Queue()
+        queue.keys.update(keys)
+        if queue.sent is None:
+            queue.sent = loop.create_future()
+        sent = queue.sent
+        if queue.sender is None or queue.sender.done():
+            queue.sender = loop.create_task(self._send_batches(queue))
+            self._tasks.add(queue.sender)
+            queue.sender.add_done_callback(self._tasks.discard)
+        return sent
+
+    async def _send_batches(self, queue: _Queue) -> None:
+        while queue.keys:
+            keys, queue.keys = list(queue.keys), set()
+            sent, queue.sent = queue.sent, None
             try:
                 await self._replay_pending()
-                await self._invalidate_in_redis(keys)
+                for start in range(0, len(keys), BATCH):
+                    await self._invalidate_in_redis(keys[start : start + BATCH])
             except RedisDown:
                 self._pending.update(keys)
                 metrics.incr("cache_invalidations_deferred", len(keys))
+            finally:
+                if sent is not None and not sent.done():
+                    sent.set_result(None)
 
     def _forget(self, keys: Iterable[str]) -> None:
         now = time.monotonic()
