@@ -166,14 +166,18 @@ class Cache:
         value = await load()
         if value is None:
             return None
-        with contextlib.suppress(RedisDown):
-            stored = await self._script(
-                LUA_FILL,
-                [key, self.keys.version(key)],
-                [_text(found[1]), codec.dump(value), max(1, int(ttl * 1000))],
-            )
-            if stored == 1:  # kept in memory only what Redis holds too: an invalidation finds both
-                self._remember(key, value, ttl, start, started)
+        self._remember(key, value, ttl, start, started)
+        # Redis is filled behind the answer (a round trip saved on every miss); the version check
+        # refuses the fill if a change came in meanwhile, and that change's message (or tombstone)
+        # drops the memory entry
+        fill = self._script(
+            LUA_FILL,
+            [key, self.keys.version(key)],
+            [_text(found[1]), codec.dump(value), max(1, int(ttl * 1000))],
+        )
+        task = asyncio.get_running_loop().create_task(_quietly(fill))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return value
 
     def _remember(self, key: str, value: Any, ttl: float, start: int, started: float) -> None:
@@ -340,6 +344,11 @@ class Cache:
             "ttl_seconds": self.ttl,
         }
 
+    async def drain(self) -> None:
+        """Wait for the background work started so far (fills, batches of invalidations)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         task = self._listeners.pop(asyncio.get_running_loop(), None)
         if task is not None:
@@ -351,6 +360,11 @@ class Cache:
         for pending in list(self._tasks):
             with contextlib.suppress(Exception):
                 await pending
+
+
+async def _quietly(op: Awaitable[Any]) -> None:
+    with contextlib.suppress(RedisDown):
+        await op
 
 
 def _text(value: Any) -> str:

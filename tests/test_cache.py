@@ -82,6 +82,7 @@ async def test_hits_come_from_memory_then_redis_and_invalidation_reaches_every_i
     key = a.keys.account("acct-1")
     assert await a.get(key, source.load, JSON_CODEC) == {"balance": 1}
     assert await a.get(key, source.load, JSON_CODEC) == {"balance": 1}  # memory
+    await a.drain()  # Redis is filled behind the answer
     before = metrics["cache_hits_redis"]
     assert await b.get(key, source.load, JSON_CODEC) == {"balance": 1}  # Redis, filled by a
     assert metrics["cache_hits_redis"] == before + 1
@@ -116,6 +117,7 @@ async def test_a_read_that_raced_an_invalidation_is_not_kept(instances: Callable
     await b.invalidate([key])  # the writer, on another instance
     release.set()
     assert await reader == {"balance": 1}  # the reader's own answer is what it read
+    await a.drain()  # its fill of Redis, refused
     fresh = Source(dict(value))
     assert await a.get(key, fresh.load, JSON_CODEC) == {"balance": 2}
     assert await instances().get(key, fresh.load, JSON_CODEC) == {"balance": 2}
@@ -176,6 +178,9 @@ async def test_redis_killed_mid_run_then_started_again(own_redis: RedisServer, p
         assert await cache.get(key, source.load, JSON_CODEC) == 2
         assert cache.link.status()["healthy"] is True
         assert cache.status()["invalidations_pending"] == 0
+        await cache.drain()
+        await cache.get(key, source.load, JSON_CODEC)
+        await cache.drain()
         reads = source.reads
         assert await cache.get(key, source.load, JSON_CODEC) == 2
         assert source.reads == reads  # cached again
@@ -196,7 +201,8 @@ async def test_invalidations_missed_while_redis_was_frozen_are_replayed(
     try:
         source = Source({"balance": 1})
         key = writer.keys.account("acct-frozen")
-        await writer.get(key, source.load, JSON_CODEC)  # now in Redis
+        await writer.get(key, source.load, JSON_CODEC)
+        await writer.drain()  # now in Redis
         os.kill(own_redis.proc.pid, signal.SIGSTOP)
         try:
             source.value = {"balance": 2}
