@@ -78,6 +78,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         print(dsn)
         return 0
     pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    runtime = Runtime(settings.model_copy(update={"database_url": dsn, "sweeper": False}))
     try:
         async with pool.acquire() as conn:
             if args.command == "migrate":
@@ -99,7 +100,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                 return 0
             if settings.auto_migrate:
                 await migrations.migrate(conn)
-        ledger = Ledger(pool)
+        # changes made here reach the proxies' caches (through Redis) like their own
+        ledger = Ledger(pool, on_change=runtime.accounts_changed)
         cfg = settings.credits
         if args.command == "accounts":
             tier = args.tier or cfg.default_tier
@@ -125,16 +127,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             _print(bad)
             return 1 if bad else 0
         elif args.command == "openrouter":
-            runtime = Runtime(settings)
-            try:
-                accounts = await runtime.openrouter_accounts()
-                if args.action == "sync":
-                    results = await accounts.sync_all()
-                    _print(results)
-                    return 0 if all(v == "ok" for v in results.values()) else 1
-                _print(await accounts.reconcile())
-            finally:
-                await runtime.close()
+            accounts = await runtime.openrouter_accounts()
+            if args.action == "sync":
+                results = await accounts.sync_all()
+                _print(results)
+                return 0 if all(v == "ok" for v in results.values()) else 1
+            _print(await accounts.reconcile())
         elif args.command == "rotate-keys":
             keys = settings.encryption_keys.get_secret_value() if settings.encryption_keys else None
             rotation = await crypto.rotate_stored_secrets(
@@ -156,6 +154,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"resolved {n} expired holds ({cfg.holds.expiry_policy})")
         return 0
     finally:
+        await runtime.close()
         await pool.close()
 
 

@@ -104,7 +104,8 @@ class Runtime:
     async def key_revoked(self, key_hash: bytes) -> None:
         await self.cache.invalidate([self.link.keys.api_key(key_hash.hex())])
 
-    async def _accounts_changed(self, subjects: Sequence[str], wait: bool) -> None:
+    async def accounts_changed(self, subjects: Sequence[str], wait: bool) -> None:
+        """The ledger's change hook: forget these accounts in every instance's cache."""
         keys = [self.link.keys.account(s) for s in subjects]
         if wait:
             await self.cache.invalidate(keys)
@@ -167,7 +168,7 @@ class Runtime:
             self._migrated = True
             if applied:
                 log.info("litellm-credits: applied migrations %s", [m.version for m in applied])
-        return Ledger(pool, on_change=self._accounts_changed)
+        return Ledger(pool, on_change=self.accounts_changed)
 
     async def ledger(self) -> Ledger:
         """The ledger for the running loop, starting it on first use."""

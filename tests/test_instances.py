@@ -5,11 +5,15 @@ account across both. Then one proxy whose Redis is stopped mid-run and started a
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +24,7 @@ from litellm_credits.ledger import Ledger
 from litellm_credits.money import format_credits
 from litellm_credits.money import parse_credits as c
 
-from .conftest import TESTS, Proxy, proxy_env, start_proxy, stop_proxy
+from .conftest import REDIS_PREFIX, TESTS, Proxy, proxy_env, start_proxy, stop_proxy
 from .fake_upstream import FakeUpstream
 from .redis_server import RedisServer
 
@@ -119,6 +123,25 @@ def test_a_top_up_through_one_instance_shows_through_the_other_at_once(pair: tup
     with b.admin() as admin_b:
         counters = admin_b.get("/api/v1/admin/credits/health").json()["counters"]
     assert counters["cache_hits_local"] + counters["cache_hits_redis"] >= 5  # b did serve from cache
+
+
+def test_a_top_up_from_the_command_line_shows_through_the_proxies_at_once(
+    pair: tuple[Proxy, Proxy], database_url: str, redis_url: str
+) -> None:
+    a, b = pair
+    subject, key = a.create_account("1")
+    with user(b, key) as on_b:
+        assert on_b.get("/api/v1/credits/balance").json()["balance"] == "1.000000"  # cached now
+        env = dict(
+            os.environ, CREDITS_DATABASE_URL=database_url, CREDITS_REDIS_URL=redis_url,
+            CREDITS_REDIS_PREFIX=REDIS_PREFIX, CREDITS_CONFIG=str(CONFIG),
+        )  # fmt: skip
+        exe = Path(sys.executable).parent / "litellm-credits"
+        done = subprocess.run(
+            [str(exe), "allocate", subject, "2.5"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        assert on_b.get("/api/v1/credits/balance").json()["balance"] == "3.500000"
 
 
 def test_rate_limits_are_per_account_and_shared_by_the_instances(pair: tuple[Proxy, Proxy]) -> None:
