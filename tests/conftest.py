@@ -114,6 +114,11 @@ def redis_url() -> Iterator[str]:
     url = os.environ.get("CREDITS_REDIS_URL")
     if url:
         yield url
+        import redis  # a shared server: leave it as found (keys would expire on their own)
+
+        with redis.Redis.from_url(url) as client:
+            for key in client.scan_iter(match=REDIS_PREFIX + "*", count=1000):
+                client.delete(key)
         return
     server = RedisServer().start()
     try:

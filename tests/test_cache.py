@@ -19,7 +19,7 @@ from litellm_credits.records import UsageRecord
 from litellm_credits.redis_link import Keys, RedisLink
 from litellm_credits.runtime import Runtime
 
-from .conftest import AccountFactory
+from .conftest import REDIS_PREFIX, AccountFactory
 from .redis_server import RedisServer
 
 
@@ -37,7 +37,7 @@ class Source:
 
 @pytest.fixture
 def prefix() -> str:
-    return "cache-test-" + secrets.token_hex(4)
+    return f"{REDIS_PREFIX}-cache-{secrets.token_hex(4)}"
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from litellm_credits.metrics import metrics
 from litellm_credits.ratelimit import Rate, RateLimiter, gcra
 from litellm_credits.redis_link import RedisLink
 
+from .conftest import REDIS_PREFIX
 from .redis_server import RedisServer
 
 S = 1_000_000  # µs
@@ -47,7 +48,7 @@ def test_tokens_are_counted_after_the_call_and_put_the_bucket_in_debt() -> None:
 
 @pytest.fixture
 async def limiter(redis_url: str) -> AsyncIterator[RateLimiter]:
-    link = RedisLink(redis_url, prefix="ratelimit-test-" + secrets.token_hex(4))
+    link = RedisLink(redis_url, prefix=f"{REDIS_PREFIX}-ratelimit-{secrets.token_hex(4)}")
     yield RateLimiter(link)
     await link.close()
 
@@ -67,7 +68,7 @@ async def test_limits_are_per_account_on_redis(limiter: RateLimiter) -> None:
 
 
 async def test_instances_share_one_bucket(redis_url: str) -> None:
-    prefix = "ratelimit-test-" + secrets.token_hex(4)
+    prefix = f"{REDIS_PREFIX}-ratelimit-{secrets.token_hex(4)}"
     a, b = RedisLink(redis_url, prefix=prefix), RedisLink(redis_url, prefix=prefix)
     try:
         allowed = 0
