@@ -144,6 +144,19 @@ def test_a_top_up_from_the_command_line_shows_through_the_proxies_at_once(
         assert on_b.get("/api/v1/credits/balance").json()["balance"] == "3.500000"
 
 
+def test_a_key_revoked_through_one_instance_is_refused_by_the_other_at_once(
+    pair: tuple[Proxy, Proxy],
+) -> None:
+    a, b = pair
+    subject, _ = a.create_account("1")
+    with a.admin() as admin:
+        issued = admin.post("/api/v1/admin/credits/keys", json={"user_id": subject}).json()
+        with user(b, issued["api_key"]) as on_b:
+            assert on_b.get("/api/v1/credits/balance").status_code == 200  # b has the key cached
+            admin.post(f"/api/v1/admin/credits/keys/{issued['id']}/revoke").raise_for_status()
+            assert on_b.get("/api/v1/credits/balance").status_code == 401
+
+
 def test_rate_limits_are_per_account_and_shared_by_the_instances(pair: tuple[Proxy, Proxy]) -> None:
     a, b = pair
     x, x_key = a.create_account("1")
