@@ -217,6 +217,21 @@ async def test_a_tiers_requests_per_minute_on_llm_calls(pair: tuple[Proxy, Proxy
     assert events[-1]["metadata"]["error"] == "rate_limited"
 
 
+async def test_a_tiers_tokens_per_minute_count_what_calls_used(
+    pair: tuple[Proxy, Proxy], ledger: Ledger
+) -> None:
+    a, b = pair
+    subject, key = a.create_account("100")
+    with a.admin() as admin:
+        admin.patch(f"/api/v1/admin/credits/accounts/{subject}", json={"tier": "thrifty"}).raise_for_status()
+    chat(a, key, "usage=40,150", max_tokens=200)  # allowed: the bucket was empty; 190 tokens used
+    await settled(ledger, subject)  # tokens are counted when the call settles
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat(b, key, "usage=1,1", max_tokens=10)  # 90 tokens of debt at 100 a minute
+    assert 1 <= int(refused.value.response.headers["retry-after"]) <= 60
+    assert "tokens" in str(refused.value.body)
+
+
 @pytest.fixture
 def lonely(
     database_url: str, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
