@@ -112,6 +112,7 @@ class Cache:
         self._memory: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self._seq = 0  # counts invalidation events
         self._tombstones: dict[str, tuple[int, float]] = {}  # key -> (seq, monotonic time)
+        self._prune_at = 10_000
         self._flushed_seq = 0  # seq of the last "forget everything" (subscription lost or made)
         self._pending: set[str] = set()  # invalidations Redis has not seen yet
         self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
@@ -249,9 +250,10 @@ class Cache:
             self._seq += 1
             self._tombstones[key] = (self._seq, now)
             self._memory.pop(key, None)
-        if len(self._tombstones) > 10_000:
+        if len(self._tombstones) > self._prune_at:  # amortised: the threshold follows the size
             horizon = now - MAX_READ_SECONDS
             self._tombstones = {k: v for k, v in self._tombstones.items() if v[1] >= horizon}
+            self._prune_at = max(10_000, 2 * len(self._tombstones))
 
     def _flush_memory(self) -> None:
         self._seq += 1

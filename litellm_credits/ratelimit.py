@@ -85,6 +85,7 @@ class RateLimiter:
         self.link = link
         self.max_local_buckets = max_local_buckets
         self._local: dict[str, float] = {}  # bucket -> TAT (µs, wall clock)
+        self._prune_at = max_local_buckets
         self._script: Any = None
 
     async def hit(
@@ -127,8 +128,9 @@ class RateLimiter:
         decision, tat = gcra(self._local.get(key, 0.0), now, rate, cost, force)
         if tat > now:
             self._local[key] = tat
-        if len(self._local) > self.max_local_buckets:  # forget buckets that are full again
+        if len(self._local) > self._prune_at:  # forget buckets that are full again (amortised)
             self._local = {k: v for k, v in self._local.items() if v > now}
+            self._prune_at = max(self.max_local_buckets, 2 * len(self._local))
         return decision
 
 
