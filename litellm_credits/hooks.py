@@ -93,6 +93,10 @@ def deployment_prices(deployment: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# how long the tier an account's hold reported is trusted for checking its limits before a hold
+TIER_MEMORY_SECONDS = 10.0
+
+
 def _metadata(data: dict) -> dict:
     """The request's own metadata dict: ``litellm_metadata`` on routes where ``metadata`` is the
     provider's parameter (Responses, Anthropic messages, batches), else ``metadata``."""
@@ -173,6 +177,8 @@ class CreditsHandler(CustomLogger):
         self.signer = signer or HoldSigner()
         self._pending: set[asyncio.Task[None]] = set()
         self._provider_models: object = None
+        # account -> tier of its last hold here: lets a throttled call be refused before its hold
+        self._tiers: dict[str, tuple[str, float]] = {}
 
     # identity ----------------------------------------------------------------------------
 
@@ -325,6 +331,9 @@ class CreditsHandler(CustomLogger):
             model=str(model_group),
             power_level=power_level,
         )
+        known_tier = self._known_tier(subject)
+        if known_tier is not None:  # refused here, a throttled call costs the ledger nothing
+            await self._check_limits(subject, known_tier)
         try:
             hold = await take()
         except AccountNotFound:
@@ -333,7 +342,9 @@ class CreditsHandler(CustomLogger):
                 subject, tier=cfg.default_tier, subject_type=cfg.subject, exist_ok=True
             )
             hold = await take()
-        await self._rate_limit(subject, hold, service, str(model_group))
+        self._learn_tier(subject, hold.tier)
+        if hold.tier != known_tier:
+            await self._rate_limit(subject, hold, service, str(model_group))
         if own_key is not None:
             # the account's own OpenRouter key: a provisioned one is capped at what the account
             # can pay, a brought one is the user's
@@ -344,21 +355,40 @@ class CreditsHandler(CustomLogger):
         )
         return data
 
-    async def _rate_limit(self, subject: str, hold: Hold, service: Service, model: str) -> None:
-        """The tier's requests and tokens per minute for this account; a refusal releases the hold.
+    def _learn_tier(self, subject: str, tier: str) -> None:
+        """Remember the account's tier as its last hold reported it (for the next call's limits)."""
+        if len(self._tiers) >= 100_000 and subject not in self._tiers:
+            self._tiers.clear()
+        self._tiers[subject] = (tier, time.monotonic())
 
-        Checked after the hold, which tells the account's tier without another read; tokens are
-        counted when the call settles, so here the question is only whether the account is in debt.
+    def _known_tier(self, subject: str) -> str | None:
+        """The tier learned in the last few seconds: a changed tier is honoured that soon, and a
+        throttled account costs at most one hold (then voided) per that many seconds."""
+        known = self._tiers.get(subject)
+        if known is None or time.monotonic() - known[1] > TIER_MEMORY_SECONDS:
+            return None
+        return known[0]
+
+    async def _check_limits(self, subject: str, tier_name: str) -> None:
+        """The tier's requests and tokens per minute for this account (429 ``rate_limited``).
+
+        Tokens are counted when a call settles, so here the question is only whether the account
+        is in debt.
         """
-        tier = self.runtime.settings.credits.tiers.get(hold.tier)
+        tier = self.runtime.settings.credits.tiers.get(tier_name)
         if tier is None or (tier.rpm is None and tier.tpm is None):
             return
         limiter = self.runtime.limiter
+        if tier.rpm is not None:
+            await limiter.check(subject, "llm_rpm", Rate(tier.rpm, 60))
+        if tier.tpm is not None:
+            await limiter.check(subject, "llm_tpm", Rate(tier.tpm, 60), cost=0)
+
+    async def _rate_limit(self, subject: str, hold: Hold, service: Service, model: str) -> None:
+        """The limits of the tier the hold reported (first call of an account in this process, or
+        its tier changed); a refusal releases the hold."""
         try:
-            if tier.rpm is not None:
-                await limiter.check(subject, "llm_rpm", Rate(tier.rpm, 60))
-            if tier.tpm is not None:
-                await limiter.check(subject, "llm_tpm", Rate(tier.tpm, 60), cost=0)
+            await self._check_limits(subject, hold.tier)
         except RateLimited:
             ledger = await self.runtime.ledger()
             usage = UsageRecord(service=service, model=model, cost=0, metadata={"error": "rate_limited"})

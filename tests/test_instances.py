@@ -209,7 +209,27 @@ async def test_a_tiers_requests_per_minute_on_llm_calls(pair: tuple[Proxy, Proxy
     assert "rate limit" in str(refused.value.body)
     await settled(ledger, subject)
     account = await ledger.require_account(subject)
-    assert account.held == 0  # the refused call's hold was released
+    assert account.held == 0 and account.balance == c("100") - 3 * (c("0.011") + c("0.033"))
+    # refused before its hold (this instance knew the account's tier), nothing was recorded
+    events = await ledger.pool.fetch(
+        "SELECT status, metadata FROM credits.usage_events WHERE subject_id = $1 ORDER BY id", subject
+    )
+    assert [e["status"] for e in events] == ["success"] * 3
+
+
+async def test_a_call_refused_after_its_hold_releases_it(pair: tuple[Proxy, Proxy], ledger: Ledger) -> None:
+    """An instance that has not seen the account yet learns its tier from the hold: if the
+    limit is spent, that hold is voided and the refusal recorded."""
+    a, b = pair
+    subject, key = a.create_account("100")
+    with a.admin() as admin:
+        admin.patch(f"/api/v1/admin/credits/accounts/{subject}", json={"tier": "limited"}).raise_for_status()
+    for _ in range(3):
+        chat(a, key, "usage=10,10", max_tokens=10)  # b has never seen this account
+    with pytest.raises(openai.RateLimitError):
+        chat(b, key, "usage=10,10", max_tokens=10)
+    await settled(ledger, subject)
+    assert (await ledger.require_account(subject)).held == 0
     events = await ledger.pool.fetch(
         "SELECT status, metadata FROM credits.usage_events WHERE subject_id = $1 ORDER BY id", subject
     )
