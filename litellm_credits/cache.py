@@ -69,6 +69,12 @@ return 1
 BATCH = 500
 # a fill that took longer than this is not kept (tombstones are pruned after it)
 MAX_READ_SECONDS = 30.0
+# the subscription pings this often; memory is trusted only while Redis answered recently, so a
+# connection that went silent (a partition, a frozen server) cannot leave stale entries in use
+PING_SECONDS = 1.0
+SILENT_AFTER = 3.0
+# background fills of Redis at once, per process (a burst of misses must not drain the pool)
+MAX_FILLS = 8
 
 
 @dataclass
@@ -114,9 +120,14 @@ class Cache:
         self._tombstones: dict[str, tuple[int, float]] = {}  # key -> (seq, monotonic time)
         self._prune_at = 10_000
         self._flushed_seq = 0  # seq of the last "forget everything" (subscription lost or made)
-        self._pending: set[str] = set()  # invalidations Redis has not seen yet
+        # invalidations Redis has not seen yet: key -> times deferred (a replay in flight removes
+        # a key only if it was not deferred again meanwhile)
+        self._pending: dict[str, int] = {}
         self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
-        self._subscribed = not link.configured  # memory is trusted only while true
+        self._subscribed = not link.configured  # memory is trusted only while true (and heard)
+        self._heard = 0.0  # monotonic time of the subscription's last message or pong
+        self._replayer: asyncio.Task[None] | None = None
+        self._fills = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._queues: dict[asyncio.AbstractEventLoop, _Queue] = {}  # invalidations to send
         self._scripts: dict[str, Any] = {}
@@ -137,7 +148,7 @@ class Cache:
             return await load()
         self._ensure_listening()
         start, started = self._seq, time.monotonic()
-        if self._subscribed:
+        if self._trusted(started):
             entry = self._memory.get(key)
             if entry is not None:
                 if entry[0] > started:
@@ -151,15 +162,23 @@ class Cache:
             if value is not None:
                 self._remember(key, value, ttl, start, started)
             return value
+        if self._pending:  # Redis may hold entries this process changed: not until replayed
+            self._start_replay()
+            metrics.incr("cache_bypassed")
+            return await load()
         try:
-            await self._replay_pending()
             found = await self._script(LUA_READ, [key, self.keys.version(key)], [])
         except RedisDown:
             metrics.incr("cache_bypassed")
             return await load()
         if found[0] == 1:
+            try:
+                value = codec.load(_text(found[1]))
+            except (ValueError, TypeError, KeyError):  # corrupt, or another version's format
+                log.warning("litellm-credits: unreadable cache entry %s; reading the source", key)
+                metrics.incr("cache_bypassed")
+                return await load()
             metrics.incr("cache_hits_redis")
-            value = codec.load(_text(found[1]))
             remaining = int(found[2]) / 1000 if int(found[2]) > 0 else ttl
             self._remember(key, value, min(ttl, remaining), start, started)
             return value
@@ -168,21 +187,36 @@ class Cache:
         if value is None:
             return None
         self._remember(key, value, ttl, start, started)
-        # Redis is filled behind the answer (a round trip saved on every miss); the version check
-        # refuses the fill if a change came in meanwhile, and that change's message (or tombstone)
-        # drops the memory entry
-        fill = self._script(
-            LUA_FILL,
-            [key, self.keys.version(key)],
-            [_text(found[1]), codec.dump(value), max(1, int(ttl * 1000))],
-        )
-        task = asyncio.get_running_loop().create_task(_quietly(fill))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if self._fills < MAX_FILLS and time.monotonic() - started <= MAX_READ_SECONDS:
+            # Redis is filled behind the answer (a round trip saved on every miss); the version
+            # check refuses the fill if a change came in meanwhile, and that change's message (or
+            # tombstone) drops the memory entry. Fills beyond MAX_FILLS are skipped, not queued.
+            self._fills += 1
+            fill = self._script(
+                LUA_FILL,
+                [key, self.keys.version(key)],
+                [_text(found[1]), codec.dump(value), max(1, int(ttl * 1000))],
+            )
+            task = asyncio.get_running_loop().create_task(self._fill(fill))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return value
 
+    async def _fill(self, op: Awaitable[Any]) -> None:
+        try:
+            with contextlib.suppress(RedisDown):
+                await op
+        finally:
+            self._fills -= 1
+
+    def _trusted(self, now: float) -> bool:
+        """Memory may answer: subscribed (or no Redis at all), and Redis was heard recently."""
+        if not self.link.configured:
+            return True
+        return self._subscribed and now - self._heard < SILENT_AFTER
+
     def _remember(self, key: str, value: Any, ttl: float, start: int, started: float) -> None:
-        if not self._subscribed or self._flushed_seq > start:
+        if not self._trusted(started) or self._flushed_seq > start:
             return
         tomb = self._tombstones.get(key)
         if (tomb is not None and tomb[0] > start) or time.monotonic() - started > MAX_READ_SECONDS:
@@ -234,12 +268,10 @@ class Cache:
             keys, queue.keys = list(queue.keys), set()
             sent, queue.sent = queue.sent, None
             try:
-                await self._replay_pending()
                 for start in range(0, len(keys), BATCH):
                     await self._invalidate_in_redis(keys[start : start + BATCH])
             except RedisDown:
-                self._pending.update(keys)
-                metrics.incr("cache_invalidations_deferred", len(keys))
+                self._defer(keys)
             finally:
                 if sent is not None and not sent.done():
                     sent.set_result(None)
@@ -273,14 +305,36 @@ class Cache:
 
         await self.link.call(run)
 
-    async def _replay_pending(self) -> None:
-        if not self._pending:
-            return
-        keys = list(self._pending)
-        for start in range(0, len(keys), BATCH):
-            await self._invalidate_in_redis(keys[start : start + BATCH])
-            self._pending.difference_update(keys[start : start + BATCH])
-        log.info("litellm-credits: replayed %d cache invalidations Redis had missed", len(keys))
+    def _defer(self, keys: list[str]) -> None:
+        """Keep invalidations Redis did not take, and replay them in the background; until then
+        this process reads around Redis (it may hold entries these keys name)."""
+        for key in keys:
+            self._pending[key] = self._pending.get(key, 0) + 1
+        metrics.incr("cache_invalidations_deferred", len(keys))
+        self._start_replay()
+
+    def _start_replay(self) -> None:
+        if self._replayer is None or self._replayer.done():
+            self._replayer = asyncio.get_running_loop().create_task(self._replay())
+            self._tasks.add(self._replayer)
+            self._replayer.add_done_callback(self._tasks.discard)
+
+    async def _replay(self) -> None:
+        """One task per process: send the deferred invalidations once Redis answers again."""
+        while self._pending:
+            snapshot = dict(self._pending)
+            keys = list(snapshot)
+            try:
+                for start in range(0, len(keys), BATCH):
+                    chunk = keys[start : start + BATCH]
+                    await self._invalidate_in_redis(chunk)
+                    for key in chunk:
+                        if self._pending.get(key) == snapshot[key]:
+                            del self._pending[key]
+            except RedisDown:
+                await asyncio.sleep(self.link.retry_seconds)
+                continue
+            log.info("litellm-credits: replayed %d cache invalidations Redis had missed", len(keys))
 
     # Redis plumbing ----------------------------------------------------------------------
 
@@ -307,7 +361,8 @@ class Cache:
     async def _listen(self) -> None:
         """Drop entries other instances invalidate; trust memory only while subscribed."""
         delay = 0.1
-        while True:
+        me = asyncio.current_task()
+        while me is None or not me.cancelling():
             client = self.link.pubsub_client()
             pubsub = client.pubsub()
             try:
@@ -317,56 +372,85 @@ class Cache:
                     raise TimeoutError("no confirmation of the subscription")
                 # anything may have changed while not subscribed: start from empty memory
                 self._flush_memory()
+                self._heard = time.monotonic()
                 self._subscribed = True
                 delay = 0.1
+                pinged = 0.0
                 while True:
-                    message = await pubsub.get_message(timeout=5.0)
-                    if message is not None and message.get("type") == "message":
+                    # redis-py's timed reads can swallow a cancellation (it turns into their
+                    # timeout): look for it here too, or close() would wait forever
+                    if me is not None and me.cancelling():
+                        raise asyncio.CancelledError
+                    now = time.monotonic()
+                    if now - self._heard > SILENT_AFTER:
+                        raise TimeoutError("the subscription went silent")
+                    if now - pinged >= PING_SECONDS:
+                        await asyncio.wait_for(pubsub.ping(), self.link.timeout)
+                        pinged = now
+                    message = await pubsub.get_message(timeout=PING_SECONDS / 2)
+                    if message is None:
+                        continue
+                    self._heard = time.monotonic()
+                    if message.get("type") == "message":
                         self._forget(_text(message["data"]).split("\n"))
             except asyncio.CancelledError:
                 self._subscribed = False
                 raise
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            except Exception as exc:  # Redis gone, silent, or a message we could not read
                 if self._subscribed:
                     self._subscribed = False
                     self._flush_memory()
-                    self.link.failed(exc)
+                    if isinstance(exc, RedisError | OSError):
+                        self.link.failed(exc)
+                    else:
+                        log.warning("litellm-credits: cache subscription lost (%s)", exc)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
-                await client.aclose()
+                with contextlib.suppress(Exception):
+                    await client.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+        self._subscribed = False
 
     def status(self) -> dict[str, Any]:
         return {
             "entries_in_memory": len(self._memory),
-            "memory_trusted": self._subscribed,
+            "memory_trusted": self._trusted(time.monotonic()),
             "invalidations_pending": len(self._pending),
             "ttl_seconds": self.ttl,
         }
 
     async def drain(self) -> None:
-        """Wait for the background work started so far (fills, batches of invalidations)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Wait for the background work started so far (fills, batches of invalidations; not the
+        replay of invalidations, which waits for Redis to come back)."""
+        while others := [t for t in self._tasks if t is not self._replayer]:
+            await asyncio.gather(*others, return_exceptions=True)
 
     async def close(self) -> None:
+        """Stop this loop's subscriber; send what is queued (one attempt for deferred ones)."""
         task = self._listeners.pop(asyncio.get_running_loop(), None)
         if task is not None:
             task.cancel()
+            await asyncio.wait({task}, timeout=5)
+        await self.drain()
+        if self._replayer is not None and not self._replayer.done():
+            self._replayer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await self._replayer
+        if self._pending:
+            keys, self._pending = list(self._pending), {}
+            try:
+                await self._invalidate_in_redis(keys)
+            except RedisDown:
+                log.warning(
+                    "litellm-credits: %d cache invalidations never reached Redis; other instances "
+                    "may show those accounts' old values for up to %s s",
+                    len(keys),
+                    self.ttl,
+                )
         self._subscribed = not self.link.configured
         self._flush_memory()
-        for pending in list(self._tasks):
-            with contextlib.suppress(Exception):
-                await pending
-
-
-async def _quietly(op: Awaitable[Any]) -> None:
-    with contextlib.suppress(RedisDown):
-        await op
 
 
 def _text(value: Any) -> str:

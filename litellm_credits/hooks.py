@@ -371,6 +371,7 @@ class CreditsHandler(CustomLogger):
 
     async def _check_limits(self, subject: str, tier_name: str) -> None:
         """The tier's requests and tokens per minute for this account (429 ``rate_limited``).
+        Buckets are per tier: a changed tier starts from a full one, and is never counted twice.
 
         Tokens are counted when a call settles, so here the question is only whether the account
         is in debt.
@@ -380,9 +381,9 @@ class CreditsHandler(CustomLogger):
             return
         limiter = self.runtime.limiter
         if tier.rpm is not None:
-            await limiter.check(subject, "llm_rpm", Rate(tier.rpm, 60))
+            await limiter.check(subject, f"llm_rpm:{tier_name}", Rate(tier.rpm, 60))
         if tier.tpm is not None:
-            await limiter.check(subject, "llm_tpm", Rate(tier.tpm, 60), cost=0)
+            await limiter.check(subject, f"llm_tpm:{tier_name}", Rate(tier.tpm, 60), cost=0)
 
     async def _rate_limit(self, subject: str, hold: Hold, service: Service, model: str) -> None:
         """The limits of the tier the hold reported (first call of an account in this process, or
@@ -546,7 +547,7 @@ class CreditsHandler(CustomLogger):
         if tier is not None and tier.tpm is not None and tokens:
             # the call happened: its tokens count even past the limit (the next call waits)
             await self.runtime.limiter.hit(
-                claim.subject_id, "llm_tpm", Rate(tier.tpm, 60), tokens, force=True
+                claim.subject_id, f"llm_tpm:{claim.tier}", Rate(tier.tpm, 60), tokens, force=True
             )
 
     async def async_post_call_failure_hook(

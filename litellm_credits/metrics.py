@@ -15,6 +15,7 @@ COUNTERS = (
     "cache_invalidations",
     "cache_invalidations_deferred",  # Redis down: replayed once it answers
     "redis_errors",
+    "redis_busy",  # every connection of the process's pool in use: that call skipped Redis
     "ratelimit_local_fallbacks",  # Redis down: the limit was checked in this process only
     "rate_limited",  # requests refused with a 429
 )

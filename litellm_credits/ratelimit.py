@@ -135,7 +135,7 @@ class RateLimiter:
 
 
 def _unit(name: str) -> str:
-    return "tokens" if name.endswith("tpm") else "requests"
+    return "tokens" if "tpm" in name else "requests"
 
 
 __all__ = ["Decision", "Rate", "RateLimiter", "gcra"]

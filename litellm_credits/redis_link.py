@@ -22,6 +22,7 @@ from urllib.parse import quote
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .metrics import metrics
@@ -139,6 +140,12 @@ class RedisLink:
             raise RedisDown("Redis is unavailable (retrying shortly)")
         try:
             result = await asyncio.wait_for(op(self.client()), self.timeout * 2)
+        except RedisConnectionError as exc:
+            if str(exc) == "No connection available.":  # our pool is busy, Redis is not down
+                metrics.incr("redis_busy")
+                raise RedisDown("every Redis connection of this process is busy") from None
+            self.failed(exc)
+            raise RedisDown(type(exc).__name__) from None
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self.failed(exc)
             raise RedisDown(type(exc).__name__) from None

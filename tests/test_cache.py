@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
-from litellm_credits.cache import JSON_CODEC, Cache
+from litellm_credits.cache import JSON_CODEC, SILENT_AFTER, Cache
 from litellm_credits.metrics import metrics
 from litellm_credits.money import parse_credits as c
 from litellm_credits.records import UsageRecord
 from litellm_credits.redis_link import Keys, RedisLink
-from litellm_credits.runtime import Runtime
+from litellm_credits.runtime import ACCOUNT_CODEC, Runtime
 
 from .conftest import REDIS_PREFIX, AccountFactory
 from .redis_server import RedisServer
@@ -175,9 +175,9 @@ async def test_redis_killed_mid_run_then_started_again(own_redis: RedisServer, p
 
         own_redis.start()
         await until(lambda: cache.status()["memory_trusted"], timeout=10)
+        await until(lambda: cache.status()["invalidations_pending"] == 0)  # replayed, unasked
         assert await cache.get(key, source.load, JSON_CODEC) == 2
         assert cache.link.status()["healthy"] is True
-        assert cache.status()["invalidations_pending"] == 0
         await cache.drain()
         await cache.get(key, source.load, JSON_CODEC)
         await cache.drain()
@@ -213,9 +213,8 @@ async def test_invalidations_missed_while_redis_was_frozen_are_replayed(
             assert metrics["cache_invalidations_deferred"] == deferred + 1
         finally:
             os.kill(own_redis.proc.pid, signal.SIGCONT)
-        await asyncio.sleep(0.15)  # past retry_seconds: the writer tries Redis again
-        assert await writer.get(key, source.load, JSON_CODEC) == {"balance": 2}  # replays first
-        assert writer.status()["invalidations_pending"] == 0
+        assert await writer.get(key, source.load, JSON_CODEC) == {"balance": 2}  # around Redis
+        await until(lambda: writer.status()["invalidations_pending"] == 0)  # replayed, unasked
         assert await other.get(key, source.load, JSON_CODEC) == {"balance": 2}
     finally:
         for cache in (writer, other):
@@ -240,3 +239,39 @@ async def test_account_reads_are_invalidated_by_the_ledger(runtime: Runtime, acc
 async def _held(runtime: Runtime, subject: str, amount: int) -> bool:
     account = await runtime.account(subject)
     return account is not None and account.held == amount
+
+
+async def test_a_subscription_gone_silent_stops_memory_answering(own_redis: RedisServer, prefix: str) -> None:
+    """A partition or a frozen server resets no connection: invalidations just stop arriving.
+    Memory must stop answering within seconds, not at the TTL."""
+    assert own_redis.proc is not None
+    cache = Cache(RedisLink(own_redis.url, prefix=prefix, timeout=0.2, retry_seconds=0.2), ttl=60)
+    try:
+        await subscribed(cache)
+        source = Source(1)
+        key = cache.keys.account("acct-silent")
+        await cache.get(key, source.load, JSON_CODEC)
+        await cache.get(key, source.load, JSON_CODEC)
+        assert source.reads == 1  # from memory
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            await until(lambda: not cache.status()["memory_trusted"], timeout=SILENT_AFTER + 3)
+            assert time.monotonic() - started <= SILENT_AFTER + 2
+            source.value = 2  # changed meanwhile, the news unable to arrive
+            assert await cache.get(key, source.load, JSON_CODEC) == 2
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await until(lambda: cache.status()["memory_trusted"], timeout=10)
+    finally:
+        await cache.close()
+        await cache.link.close()
+
+
+async def test_an_unreadable_entry_is_a_miss(instances: Callable[[], Cache]) -> None:
+    cache = instances()
+    key = cache.keys.account("acct-garbled")
+    await cache.link.call(lambda client: client.set(key, b"\xff not json"))
+    source = Source({"balance": 3})
+    assert await cache.get(key, source.load, ACCOUNT_CODEC) == {"balance": 3}
+    assert source.reads == 1
