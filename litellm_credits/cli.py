@@ -222,6 +222,14 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     cmd = [exe, "--config", args.config, "--host", args.host, "--port", str(args.port)]
     if args.num_workers > 1:
         cmd += ["--num_workers", str(args.num_workers)]
+        if not settings.redis_url:
+            print(
+                "warning: several workers without CREDITS_REDIS_URL: each keeps its own cache and "
+                "rate limits, so a balance read through one worker may lag a change made through "
+                f"another by up to {settings.credits.cache.ttl_seconds:g} s (holds are unaffected)",
+                file=sys.stderr,
+                flush=True,
+            )
     os.execvpe(exe, cmd, env)  # noqa: S606 - replaces this process with the proxy
 
 
