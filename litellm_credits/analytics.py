@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from .history import Period
+from .history import Period, totals
 from .money import format_credits
 
 ROLLUP_TOTALS = """coalesce(sum(requests), 0) AS requests, coalesce(sum(succeeded), 0) AS succeeded,
@@ -87,13 +87,7 @@ class Analytics:
             accounts = await conn.fetchrow(SQL_ACCOUNTS)
         return {
             **bounds,
-            "requests": usage["requests"],
-            "succeeded": usage["succeeded"],
-            "failed": usage["failed"],
-            "prompt_tokens": usage["prompt_tokens"],
-            "completion_tokens": usage["completion_tokens"],
-            "cost": format_credits(usage["cost"]),
-            "charged": format_credits(usage["charged"]),
+            **totals(usage),
             "active_accounts": usage["active_accounts"],
             "credited": {r["type"]: format_credits(r["amount"]) for r in credited},
             "accounts": accounts["accounts"],

@@ -172,9 +172,10 @@ async def custom_auth(request: Any, api_key: str) -> Any:
     except CreditsError as err:
         raise to_proxy_exception(err) from None
     subject_id, role = found
+    digest = hash_key(key).hex()
     return UserAPIKeyAuth(
-        api_key=hash_key(key).hex(),
-        token=hash_key(key).hex(),
+        api_key=digest,
+        token=digest,
         user_id=subject_id,
         user_role=LitellmUserRoles.PROXY_ADMIN if role == ROLE_ADMIN else LitellmUserRoles.INTERNAL_USER,
         metadata={"credits_role": role},

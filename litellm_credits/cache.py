@@ -231,20 +231,17 @@ class Cache:
     async def invalidate(self, keys: Iterable[str]) -> None:
         """Forget ``keys`` here, in Redis and in every other instance (call after the commit);
         returns once Redis has them (or they are kept to replay, if it is away)."""
-        keys = list(keys)
-        self._forget(keys)
-        metrics.incr("cache_invalidations", len(keys))
-        if self.link.configured:
-            await self._enqueue(keys)
+        sent = self.invalidate_soon(keys)
+        if sent is not None:
+            await sent
 
-    def invalidate_soon(self, keys: Iterable[str]) -> None:
+    def invalidate_soon(self, keys: Iterable[str]) -> asyncio.Future[None] | None:
         """Invalidate without waiting for Redis (the local part happens now); for the request
-        path: holds and settlements."""
+        path: holds and settlements. Returns the batch's future (None without Redis)."""
         keys = list(keys)
         self._forget(keys)
         metrics.incr("cache_invalidations", len(keys))
-        if self.link.configured:
-            self._enqueue(keys)
+        return self._enqueue(keys) if self.link.configured else None
 
     def _enqueue(self, keys: list[str]) -> asyncio.Future[None]:
         """Add ``keys`` to the next batch, which one task per event loop sends: a thousand writes a

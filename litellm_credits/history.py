@@ -110,7 +110,8 @@ class TxFilter:
         return (self.type, self.start, self.end)
 
 
-def _totals(row: asyncpg.Record) -> dict[str, Any]:
+def totals(row: asyncpg.Record) -> dict[str, Any]:
+    """Requests, tokens and credits of a usage row (a period, a day or a group)."""
     return {
         "requests": row["requests"],
         "succeeded": row["succeeded"],
@@ -163,8 +164,8 @@ class History:
         return {
             "start": period.start.isoformat(),
             "end": period.end.isoformat(),
-            **_totals(total),
-            "daily": [{"date": d["day"].isoformat(), **_totals(d)} for d in days],
+            **totals(total),
+            "daily": [{"date": d["day"].isoformat(), **totals(d)} for d in days],
         }
 
     async def usage_by(self, subject_id: str, period: Period, dimension: Dimension) -> dict[str, Any]:
@@ -172,8 +173,8 @@ class History:
         return {
             "start": period.start.isoformat(),
             "end": period.end.isoformat(),
-            "items": [{dimension: r["key"], **_totals(r)} for r in rows],
+            "items": [{dimension: r["key"], **totals(r)} for r in rows],
         }
 
 
-__all__ = ["Dimension", "History", "Period", "TransactionType", "TxFilter", "as_utc"]
+__all__ = ["Dimension", "History", "Period", "TransactionType", "TxFilter", "as_utc", "totals"]

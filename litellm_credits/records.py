@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 from datetime import datetime
 from typing import Any, Literal
 
 from .money import format_credits
 
 Service = Literal["chat", "embedding", "image", "audio_speech", "audio_transcription", "search", "other"]
+
+
+_ACCOUNT_TIMES = frozenset({"created_at", "updated_at", "resets_at"})
 
 
 @dataclass(frozen=True)
@@ -34,23 +37,16 @@ class Account:
 
     def to_cache(self) -> str:
         """A compact JSON form for the cache (exact: amounts stay integers)."""
-        return json.dumps(
-            [
-                self.subject_id, self.subject_type, self.tier, self.balance, self.held,
-                self.monthly_cap, self.month_spend, self.status, self.display_name,
-                self.created_at.isoformat(), self.updated_at.isoformat(), self.resets_at.isoformat(),
-            ],
-            separators=(",", ":"),
-        )  # fmt: skip
+        values = [v.isoformat() if isinstance(v, datetime) else v for v in astuple(self)]
+        return json.dumps(values, separators=(",", ":"))
 
     @classmethod
     def from_cache(cls, text: str) -> Account:
-        subject_id, subject_type, tier, balance, held, cap, spend, status, name, *times = json.loads(text)
-        created, updated, resets = (datetime.fromisoformat(t) for t in times)
-        return cls(
-            subject_id, subject_type, tier, balance, held, cap, spend, status, name,
-            created, updated, resets,
-        )  # fmt: skip
+        data: dict[str, Any] = {
+            f.name: datetime.fromisoformat(v) if f.name in _ACCOUNT_TIMES else v
+            for f, v in zip(fields(cls), json.loads(text), strict=True)
+        }
+        return cls(**data)
 
     def to_json(self) -> dict[str, Any]:
         return {
