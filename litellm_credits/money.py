@@ -9,7 +9,8 @@ under-collects by a rounding error.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
 from typing import Any
 
 MICRO = 1_000_000
@@ -21,14 +22,28 @@ MAX_DIGITS = len(str(MAX_MICRO))  # 19
 
 
 class AmountError(ValueError):
-    """An amount that is not a finite decimal with at most six places."""
+    """An amount that does not follow the grammar of :func:`parse_credits`."""
+
+
+# ASCII digits only: ``str.isdigit`` and ``Decimal`` also take "１" (full width), "١" (Arabic-Indic)
+# and "1_000", which must never become money
+_AMOUNT = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NON_FINITE = frozenset({"nan", "snan", "inf", "infinity"})
+
+
+def _not_a_number(text: str) -> AmountError:
+    if text.strip().lstrip("+-").lower() in _NON_FINITE:
+        return AmountError("amount must be finite")
+    return AmountError(f"not a decimal number: {text[:40]!r}")
 
 
 def to_decimal(value: Any) -> Decimal:
-    """A Decimal for a price or amount given as str, int, Decimal or a YAML/JSON float.
+    """A Decimal for a price or a rate given as str, int, Decimal or a YAML/JSON float.
 
     A float is taken by its shortest repr, which is the decimal the operator wrote: a YAML
-    ``1.1e-6`` becomes exactly ``0.0000011``, not ``1.0999999999999999e-06``.
+    ``1.1e-6`` becomes exactly ``0.0000011``, not ``1.0999999999999999e-06``. A string must be an
+    ASCII decimal, optionally in E notation (prices per token are tiny): ``"3e-7"``, ``"0.5"``.
     """
     if isinstance(value, bool):
         raise AmountError("a boolean is not an amount")
@@ -39,33 +54,82 @@ def to_decimal(value: Any) -> Decimal:
     elif isinstance(value, float):
         d = Decimal(repr(value))
     elif isinstance(value, str):
-        try:
-            d = Decimal(value.strip())
-        except InvalidOperation as exc:
-            raise AmountError(f"not a decimal number: {value!r}") from exc
+        text = value.strip()
+        if not _NUMBER.fullmatch(text):
+            raise _not_a_number(value)
+        d = Decimal(text)
     else:
-        raise AmountError(f"not a decimal number: {value!r}")
+        raise AmountError(f"not a decimal number: {type(value).__name__}")
     if not d.is_finite():
         raise AmountError("amount must be finite")
     return d
 
 
 def parse_credits(value: Any) -> int:
-    """Micro-credits for an amount of credits; more than six decimal places is an error, and so
-    is an amount beyond what a PostgreSQL bigint holds.
+    """Micro-credits for an amount of credits: the one parser of every money input (API, CLI,
+    configuration).
 
-    Exact: the decimal's digits are read directly, never rounded to the 28-digit decimal context,
-    and an absurd exponent (``"1e999999"``) is refused before any big integer is built.
+    Grammar of a written amount (a string, or the shortest repr of a JSON/YAML float)::
+
+        amount   = [ "-" ] integer [ "." fraction ]
+        integer  = 1*DIGIT
+        fraction = 1*6DIGIT
+        DIGIT    = %x30-39                ; ASCII "0" to "9", nothing else
+
+    No whitespace, no "+", no exponent, no underscores, no other digit systems, at most six
+    decimal places, and at most what a PostgreSQL bigint holds (9223372036854.775807). The
+    sign is the caller's rule: the API refuses a negative or zero amount where it needs a
+    positive one. A JSON integer (not a boolean) is that many credits; a ``Decimal`` (from code)
+    is read by its exact digits, never rounded to the 28-digit decimal context.
+
+        >>> parse_credits("12.5"), parse_credits("0.000001"), parse_credits(3)
+        (12500000, 1, 3000000)
     """
-    d = to_decimal(value)
+    if isinstance(value, bool):
+        raise AmountError("a boolean is not an amount")
+    if isinstance(value, int):
+        if abs(value) > MAX_MICRO // MICRO:
+            raise AmountError("amount is too large")
+        return value * MICRO
+    if isinstance(value, Decimal):
+        return _decimal_micro(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise AmountError("amount must be finite")
+        text = repr(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise AmountError(f"not a decimal number: {type(value).__name__}")
+    m = _AMOUNT.fullmatch(text)
+    if m is None:
+        if _NUMBER.fullmatch(text.strip()) and "e" in text.lower():
+            raise AmountError('write the amount without an exponent, e.g. "0.000001"')
+        raise _not_a_number(text)
+    sign, integer, fraction = m.group(1), m.group(2).lstrip("0"), m.group(3) or ""
+    if len(fraction) > PLACES:
+        raise AmountError(f"at most {PLACES} decimal places are allowed")
+    if len(integer) > MAX_DIGITS - PLACES:
+        raise AmountError("amount is too large")
+    micro = int(integer or "0") * MICRO + int(fraction.ljust(PLACES, "0"))
+    if micro > MAX_MICRO:
+        raise AmountError("amount is too large")
+    return -micro if sign else micro
+
+
+def _decimal_micro(d: Decimal) -> int:
+    """Micro-credits of a Decimal, exactly; an absurd exponent is refused before any big integer
+    is built."""
+    if not d.is_finite():
+        raise AmountError("amount must be finite")
     if d.is_zero():
         return 0
     if d.adjusted() > MAX_DIGITS - PLACES:
         raise AmountError("amount is too large")
     sign, digits, exponent = d.as_tuple()
-    assert isinstance(exponent, int)  # finite: checked by to_decimal
+    assert isinstance(exponent, int)  # finite: checked above
     text = "".join(map(str, digits))
-    significant = text.rstrip("0")  # trailing zeros are no decimal places: "1.50000000" is fine
+    significant = text.rstrip("0")  # trailing zeros are no decimal places: Decimal("1.50000000")
     exponent += len(text) - len(significant)
     if exponent < -PLACES:
         raise AmountError(f"at most {PLACES} decimal places are allowed")

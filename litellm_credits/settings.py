@@ -19,9 +19,17 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .money import to_decimal
+from .money import PLACES, parse_credits, to_decimal
 
+
+def _credits(value: Any) -> Decimal:
+    return Decimal(parse_credits(value)).scaleb(-PLACES)
+
+
+# a price or a rate (E notation allowed: prices per token are tiny)
 Dec = Annotated[Decimal, BeforeValidator(to_decimal)]
+# an amount of credits, by the grammar of every money input (money.parse_credits)
+CreditsAmount = Annotated[Decimal, BeforeValidator(_credits)]
 PowerLevel = Literal["eco", "balanced", "precision"]
 POWER_LEVELS: tuple[PowerLevel, ...] = ("eco", "balanced", "precision")
 
@@ -122,7 +130,7 @@ class CreditsConfig(_Strict):
     holds: HoldConfig = Field(default_factory=HoldConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
-    max_amount: Dec = Decimal(1_000_000_000)
+    max_amount: CreditsAmount = Decimal(1_000_000_000)
     # other origins (scheme://host[:port]) whose pages may change credits with a browser session
     allowed_origins: tuple[str, ...] = ()
 

@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 
 from ..money import AmountError, format_credits, parse_credits
 
@@ -15,6 +15,8 @@ _SUBJECT = re.compile(r"^[A-Za-z0-9._:@+\-]{1,256}$")
 
 
 def _amount(value: Any) -> int:
+    """Micro-credits of an amount in a request body, by :func:`~litellm_credits.money.parse_credits`'s
+    grammar (a decimal string such as "12.50", or a JSON number)."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError('amount must be a decimal string such as "12.50"')
     try:
@@ -171,7 +173,9 @@ class MonthlyCap(BaseModel):
     resets_at: str
 
 
-TokenCount = Annotated[int, Field(ge=0, le=100_000_000)]
+# Integers in request bodies are JSON integers: no booleans (``true`` was charged as one token),
+# no strings (``"1_000"`` was 1000), no floats
+TokenCount = Annotated[int, Strict(), Field(ge=0, le=100_000_000)]
 
 
 class CalculateCost(_In):
@@ -215,8 +219,10 @@ class CalculateAndDeduct(_In):
     cached_tokens: TokenCount = 0
     reasoning_tokens: TokenCount = 0
     characters: TokenCount = Field(0, description="text-to-speech input characters")
-    seconds: Annotated[int, Field(ge=0, le=86_400)] = Field(0, description="speech-to-text audio seconds")
-    images: Annotated[int, Field(ge=0, le=1000)] = 0
+    seconds: Annotated[int, Strict(), Field(ge=0, le=86_400)] = Field(
+        0, description="speech-to-text audio seconds"
+    )
+    images: Annotated[int, Strict(), Field(ge=0, le=1000)] = 0
     power_level: Literal["eco", "balanced", "precision"] | None = None
 
 
@@ -274,7 +280,9 @@ class AccountPage(BaseModel):
 
 class Refund(_In):
     user_id: SubjectId
-    transaction_id: Annotated[int, Field(ge=1, le=2**63 - 1, description="the usage charge to refund")]
+    transaction_id: Annotated[
+        int, Strict(), Field(ge=1, le=2**63 - 1, description="the usage charge to refund")
+    ]
     amount: PositiveAmount | None = Field(None, description="default: all that is left to refund")
     reason: Text | None = None
     idempotency_key: IdempotencyKey | None = None
@@ -377,7 +385,7 @@ class CreateCoupon(_In):
     value: PositiveAmount = Field(
         description="credits (fixed) or a percentage of the next allocation (percent)"
     )
-    max_uses: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    max_uses: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] | None = None
     expires_at: datetime | None = None
     tiers: Annotated[list[Tier], Field(min_length=1, max_length=50)] | None = Field(
         None, description="only accounts in these tiers may redeem it"
