@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from collections.abc import Mapping
+from dataclasses import asdict
 
-from .errors import Conflict
+from .errors import IdempotencyConflict
 from .ledger import Ledger
 from .ledger_sql import SQL_TX_BY_KEY
-from .records import Charge, Quote, Transaction, UsageRecord
+from .records import Charge, Hold, Quote, Transaction, UsageRecord
 
 # hold ids of charges derive from (account, idempotency key) in this namespace
 _CHARGE_NAMESPACE = uuid.UUID("6f1d3b8e-2c4a-4e7b-9a51-0c2f6d1e8b37")
+
+
+def request_hash(
+    quotes: Mapping[str, Quote], default_tier: str, usage: UsageRecord, power_level: str | None
+) -> bytes:
+    """What a charge was asked for: every tier's quote and the usage it records (not the
+    latency or metadata, which a retry may carry differently)."""
+    request = {
+        "quotes": sorted((t, q.amount, q.debits) for t, q in quotes.items()),
+        "default_tier": default_tier,
+        "usage": {k: v for k, v in asdict(usage).items() if k not in ("latency_ms", "metadata")},
+        "power_level": power_level,
+    }
+    return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).digest()
+
+
+def _same_request(hold: Hold, quotes: Mapping[str, Quote], default_tier: str, fingerprint: bytes) -> bool:
+    if hold.request_hash is not None:
+        return hold.request_hash == fingerprint
+    # a hold from before request hashes were recorded: its amount is all there is to compare
+    return hold.amount == quotes.get(hold.tier, quotes[default_tier]).amount
 
 
 async def charge(
@@ -28,10 +52,12 @@ async def charge(
 
     It is a hold of exactly the amount, settled at once: the same checks (balance, monthly
     cap, unlimited tiers) and the same records. The hold's id derives from the idempotency
-    key, so a retry finds the first attempt, finishes it if it was cut short, and never
-    charges twice; the same key with another amount is a conflict.
+    key and is looked up before anything else, so a retry finds the first attempt (whatever
+    the balance is now), finishes it if it was cut short, and never charges twice; the same
+    key for another request is ``409 idempotency_conflict``.
     """
     hold_id = uuid.uuid5(_CHARGE_NAMESPACE, f"{subject_id}\x00{idempotency_key}")
+    fingerprint = request_hash(quotes, default_tier, usage, power_level)
     hold = await ledger.hold_quoted(
         subject_id,
         quotes,
@@ -40,10 +66,10 @@ async def charge(
         model=usage.model,
         power_level=power_level,
         hold_id=hold_id,
+        request_hash=fingerprint,
     )
-    quoted = quotes.get(hold.tier, quotes[default_tier])
-    if hold.amount != quoted.amount:
-        raise Conflict("idempotency key already used for a different charge", param="idempotency_key")
+    if hold.replayed and not _same_request(hold, quotes, default_tier, fingerprint):
+        raise IdempotencyConflict("idempotency key already used for a different charge")
     settled = await ledger.settle(subject_id, hold_id, hold.amount, usage)
     row = await ledger.pool.fetchrow(SQL_TX_BY_KEY, subject_id, f"hold:{hold_id}")
     account = await ledger.require_account(subject_id)
@@ -57,4 +83,4 @@ async def charge(
     )
 
 
-__all__ = ["charge"]
+__all__ = ["charge", "request_hash"]

@@ -62,6 +62,9 @@ WHERE code = $1 AND active AND (max_uses IS NULL OR uses < max_uses)
   AND (expires_at IS NULL OR expires_at > now())
 RETURNING uses
 """
+SQL_REDEEMED = """
+SELECT transaction_id, created_at FROM credits.coupon_redemptions WHERE subject_id = $1 AND code = $2
+"""
 SQL_LINK = "UPDATE credits.coupon_redemptions SET transaction_id = $3 WHERE subject_id = $1 AND code = $2"
 
 
@@ -143,6 +146,11 @@ class Coupons:
             tier = await conn.fetchval(SQL_ACCOUNT_TIER, subject_id)
             if tier is None:
                 raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+            # (account, code) is the redemption's key, looked up first: a repeat is told it was
+            # redeemed, with the first redemption, even after the coupon expired or ran out
+            first = await conn.fetchrow(SQL_REDEEMED, subject_id, code)
+            if first is not None:
+                raise _already_redeemed(code, first)
             coupon = await conn.fetchrow(SQL_COUPON, code)
             if coupon is None or not coupon["active"]:
                 raise CouponNotFound("no such coupon", param="code")
@@ -151,6 +159,7 @@ class Coupons:
             if coupon["tiers"] and tier not in coupon["tiers"]:
                 raise CouponNotApplicable(f"coupon {code} is not valid for the {tier} tier", param="code")
             if await conn.fetchval(SQL_CLAIM, subject_id, code, coupon["type"], coupon["value"]) is None:
+                # unreachable while the account row is locked above; kept as the database's word
                 raise CouponAlreadyRedeemed(
                     f"coupon {code} was already redeemed by this account", param="code"
                 )
@@ -171,6 +180,15 @@ class Coupons:
             )
             await conn.execute(SQL_LINK, subject_id, code, tx["id"])
             return Redemption(code, "fixed", coupon["value"], amount, tx["balance_after"], tx["id"])
+
+
+def _already_redeemed(code: str, first: asyncpg.Record) -> CouponAlreadyRedeemed:
+    return CouponAlreadyRedeemed(
+        f"coupon {code} was already redeemed by this account",
+        param="code",
+        redeemed_at=first["created_at"].isoformat(),
+        transaction_id=first["transaction_id"],
+    )
 
 
 __all__ = ["Coupons", "Redemption", "coupon_json", "normalize"]

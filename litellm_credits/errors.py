@@ -10,6 +10,7 @@
     │   └── CouponNotFound            404 coupon_not_found
     ├── Conflict                      409 conflict
     │   ├── AccountExists             409 account_exists
+    │   ├── IdempotencyConflict       409 idempotency_conflict
     │   ├── CouponExists              409 coupon_exists
     │   ├── CouponExhausted           409 coupon_exhausted
     │   └── CouponAlreadyRedeemed     409 coupon_already_redeemed
@@ -92,6 +93,16 @@ class Conflict(CreditsError):
 
 class AccountExists(Conflict):
     type = "account_exists"
+
+
+class IdempotencyConflict(Conflict):
+    """An idempotency key (or id) that was used before for a different request."""
+
+    type = "idempotency_conflict"
+
+    def __init__(self, message: str = "", *, param: str | None = "idempotency_key", **details: Any) -> None:
+        message = message or "idempotency key already used for a different request"
+        super().__init__(message, param=param, **details)
 
 
 class InvalidRequest(CreditsError):
@@ -197,6 +208,7 @@ __all__ = [
     "CouponNotApplicable",
     "CouponNotFound",
     "CreditsError",
+    "IdempotencyConflict",
     "InsufficientCredits",
     "InvalidRequest",
     "ModelNotPriced",

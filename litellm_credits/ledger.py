@@ -13,6 +13,8 @@ the request), once; a voided or captured hold cannot.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -25,6 +27,7 @@ from .errors import (
     AccountExists,
     AccountNotFound,
     Conflict,
+    IdempotencyConflict,
     InsufficientCredits,
     InvalidRequest,
     MonthlyCapExceeded,
@@ -46,6 +49,7 @@ from .ledger_sql import (
     SQL_RESOLVE,
     SQL_SET_CAP,
     SQL_TX_BY_KEY,
+    SQL_TX_REQUEST,
 )
 from .money import format_credits
 from .records import Account, Hold, Quote, Settlement, Transaction, UsageRecord
@@ -90,6 +94,15 @@ def _account(row: asyncpg.Record) -> Account:
 
 def _transaction(row: asyncpg.Record) -> Transaction:
     return Transaction(**dict(row))
+
+
+def _same_bulk(first: asyncpg.Record, request: str, amount: int, type: str) -> bool:
+    """Whether a row of an earlier bulk grant was made by this same request."""
+    recorded = (first["metadata"] or {}).get("bulk_request")
+    if recorded is not None:
+        return bool(recorded == request)
+    # rows from before bulk requests were recorded: compare what each row has
+    return bool(first["amount"] == amount and first["type"] == type)
 
 
 class Ledger:
@@ -201,9 +214,7 @@ class Ledger:
         except asyncpg.UniqueViolationError:
             row = await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key)
             if row is None or row["amount"] != amount or row["type"] != type:
-                raise Conflict(
-                    "idempotency key already used for a different request", param="idempotency_key"
-                ) from None
+                raise IdempotencyConflict() from None
             return _transaction(row)
         if row is None:
             raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
@@ -228,13 +239,16 @@ class Ledger:
         async with self.pool.acquire() as conn, conn.transaction():
             if await conn.fetchval(SQL_LOCK_ACCOUNT, subject_id) is None:
                 raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
-            replay = await conn.fetchrow(SQL_TX_BY_KEY, subject_id, key)
-            if replay is not None:
-                if replay["type"] != "refund" or (amount is not None and replay["amount"] != amount):
-                    raise Conflict(
-                        "idempotency key already used for a different request", param="idempotency_key"
-                    )
-                return _transaction(replay)
+            # the key first: a replay is answered whatever is left to refund now
+            first = await conn.fetchrow(SQL_TX_REQUEST, subject_id, key)
+            if first is not None:
+                if (
+                    first["type"] != "refund"
+                    or first["refund_of"] != transaction_id
+                    or (amount is not None and first["amount"] != amount)
+                ):
+                    raise IdempotencyConflict()
+                return _transaction(await conn.fetchrow(SQL_TX_BY_KEY, subject_id, key))
             original = await conn.fetchrow(SQL_REFUNDABLE, subject_id, transaction_id)
             if original is None:
                 raise NotFound(f"no transaction {transaction_id} on this account", param="transaction_id")
@@ -272,18 +286,22 @@ class Ledger:
         if not grants or any(a <= 0 for a in grants.values()):
             raise InvalidRequest("every amount must be positive", param="items")
         keys = {s: f"{idempotency_key or 'bulk:' + str(uuid.uuid4())}:{s}" for s in grants}
+        # the whole request, recorded on each of its rows: a replay must match all of it
+        request = hashlib.sha256(json.dumps([type, sorted(grants.items())]).encode()).hexdigest()
+        metadata = {"bulk_request": request}
         async with self.pool.acquire() as conn, conn.transaction():
-            done = [await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s]) for s in sorted(grants)]
-            if all(done):
-                return [_transaction(r) for r in done if r]
+            done = [await conn.fetchrow(SQL_TX_REQUEST, s, keys[s]) for s in sorted(grants)]
             if any(done):
-                raise Conflict(
-                    "idempotency key already used for a different request", param="idempotency_key"
-                )
+                if not all(done) or any(
+                    not _same_bulk(r, request, grants[s], type)
+                    for s, r in zip(sorted(grants), done, strict=True)
+                ):
+                    raise IdempotencyConflict()
+                return [_transaction(await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s])) for s in sorted(grants)]
             rows, missing = [], []
             for subject in sorted(grants):
                 row = await conn.fetchrow(
-                    SQL_CREDIT, subject, grants[subject], type, keys[subject], description, {}, None
+                    SQL_CREDIT, subject, grants[subject], type, keys[subject], description, metadata, None
                 )
                 if row is None:
                     missing.append(subject)
@@ -334,8 +352,14 @@ class Ledger:
         model: str | None = None,
         power_level: str | None = None,
         hold_id: uuid.UUID | None = None,
+        request_hash: bytes | None = None,
     ) -> Hold:
-        """Hold the quote for the account's tier (``default_tier``'s for a tier not quoted)."""
+        """Hold the quote for the account's tier (``default_tier``'s for a tier not quoted).
+
+        A ``hold_id`` that exists already returns that hold (``replayed``), whatever the balance
+        is now: the caller compares ``request_hash`` (or the amount) to tell a retry of the same
+        request from another request under the same key.
+        """
         hold_id = hold_id or uuid.uuid4()
         tiers = list(quotes)
         amounts = [q.amount for q in quotes.values()]
@@ -345,16 +369,26 @@ class Ledger:
             try:
                 return await self.pool.fetchrow(
                     SQL_HOLD, subject_id, hold_id, tiers, amounts, debits, default_tier,
-                    int(ttl_seconds), model, power_level,
+                    int(ttl_seconds), model, power_level, request_hash,
                 )  # fmt: skip
             except asyncpg.UniqueViolationError:
-                # a retry after a commit whose reply was lost: the hold exists, it is ours
+                # the same id taken at the same moment by another attempt: it is this one's twin
                 return await self.pool.fetchrow(SQL_HOLD_AGAIN, subject_id, hold_id)
 
         row = await self._retry(take)
         if row is not None:
+            # a replay too: the first attempt's reply (and its announcement) may have been lost
             await self.changed(subject_id, wait=False)
-            return Hold(hold_id, subject_id, row["amount"], row["debits"], row["expires_at"], row["tier"])
+            return Hold(
+                hold_id,
+                subject_id,
+                row["amount"],
+                row["debits"],
+                row["expires_at"],
+                row["tier"],
+                replayed=row["replayed"],
+                request_hash=row["request_hash"],
+            )
         raise await self._refusal(subject_id, quotes, default_tier)
 
     async def _refusal(self, subject_id: str, quotes: Mapping[str, Quote], default_tier: str) -> Exception:

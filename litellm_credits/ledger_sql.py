@@ -74,6 +74,12 @@ SELECT t.type,
 FROM credits.credit_transactions t WHERE t.subject_id = $1 AND t.id = $2
 """
 
+# what the request behind an idempotency key asked for (compared on a replay)
+SQL_TX_REQUEST = """
+SELECT type, amount, refund_of, metadata FROM credits.credit_transactions
+WHERE subject_id = $1 AND idempotency_key = $2
+"""
+
 SQL_TX_BY_KEY = """
 SELECT id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
 FROM credits.credit_transactions WHERE subject_id = $1 AND idempotency_key = $2
@@ -82,15 +88,25 @@ FROM credits.credit_transactions WHERE subject_id = $1 AND idempotency_key = $2
 # Takes a hold in one statement. The amount depends on the account's tier (its markup, or no
 # debit at all on an unlimited tier), so the caller quotes every tier and the statement picks the
 # account's: $3 tiers, $4 amounts, $5 debits (parallel arrays), $6 the tier for unknown ones.
-# $1 subject, $2 hold id, $7 ttl seconds, $8 model, $9 power level
+# $1 subject, $2 hold id, $7 ttl seconds, $8 model, $9 power level, $10 request hash (or NULL)
+#
+# The hold's id is its idempotency key, and it is looked up first: a hold that exists (a retry
+# after a commit whose reply was lost, a replayed charge) is returned as it is, with
+# ``replayed``, before the balance, the cap or the account's status are looked at. Two attempts
+# in flight at once both miss it; the second then fails on the primary key and its UPDATE is
+# rolled back with it (the caller reads the hold back).
 SQL_HOLD = f"""
-WITH a AS (
+WITH prior AS (
+    SELECT h.expires_at, h.amount, h.debits, h.request_hash
+    FROM credits.holds h WHERE h.subject_id = $1 AND h.id = $2
+), a AS (
     UPDATE credits.credit_accounts a SET
         held        = a.held + CASE WHEN q.debits THEN q.amount ELSE 0 END,
         month_spend = {_MONTH_SPEND},
         month_start = greatest(a.month_start, {_THIS_MONTH})
     FROM unnest($3::text[], $4::bigint[], $5::boolean[]) AS q(tier, amount, debits)
     WHERE a.subject_id = $1
+      AND NOT EXISTS (SELECT 1 FROM prior)
       AND q.tier = CASE WHEN a.tier = ANY($3::text[]) THEN a.tier ELSE $6 END
       AND a.status = 'active'
       AND (NOT q.debits OR q.amount = 0 OR (
@@ -98,11 +114,19 @@ WITH a AS (
            AND (a.monthly_cap IS NULL OR {_MONTH_SPEND} + a.held + q.amount <= a.monthly_cap)))
     RETURNING a.subject_id, a.tier, q.amount, q.debits
 ), h AS (
-    INSERT INTO credits.holds (id, subject_id, amount, debits, expires_at, model, power_level)
-    SELECT $2, a.subject_id, a.amount, a.debits, now() + $7::integer * interval '1 second', $8, $9 FROM a
+    INSERT INTO credits.holds
+        (id, subject_id, amount, debits, expires_at, model, power_level, request_hash)
+    SELECT $2, a.subject_id, a.amount, a.debits, now() + $7::integer * interval '1 second', $8, $9,
+           $10::bytea
+    FROM a
     RETURNING expires_at
 )
-SELECT h.expires_at, a.tier, a.amount, a.debits FROM h, a
+SELECT h.expires_at, a.tier, a.amount, a.debits, $10::bytea AS request_hash, false AS replayed
+FROM h, a
+UNION ALL
+SELECT p.expires_at, (SELECT tier FROM credits.credit_accounts WHERE subject_id = $1), p.amount,
+       p.debits, p.request_hash, true
+FROM prior p
 """
 
 # Ends an open hold (or settles an expired one late). $3 is the charge (NULL = the hold's own
@@ -164,7 +188,7 @@ SELECT a.balance, a.charge, a.debits, (SELECT id FROM t) AS transaction_id FROM 
 """
 
 SQL_HOLD_AGAIN = """
-SELECT h.expires_at, a.tier, h.amount, h.debits
+SELECT h.expires_at, a.tier, h.amount, h.debits, h.request_hash, true AS replayed
 FROM credits.holds h JOIN credits.credit_accounts a USING (subject_id)
 WHERE h.subject_id = $1 AND h.id = $2
 """
@@ -199,4 +223,5 @@ __all__ = [
     "SQL_RESOLVE",
     "SQL_SET_CAP",
     "SQL_TX_BY_KEY",
+    "SQL_TX_REQUEST",
 ]

@@ -118,6 +118,10 @@ class Hold:
     debits: bool
     expires_at: datetime
     tier: str = ""
+    # the hold existed already (its id was replayed): nothing new was held
+    replayed: bool = False
+    # what a keyed hold was asked for (see ledger_sql.SQL_HOLD); None when not recorded
+    request_hash: bytes | None = None
 
 
 @dataclass(frozen=True)
