@@ -7,7 +7,8 @@
     │   └── CouponNotApplicable       403 coupon_not_applicable
     ├── NotFound                      404 not_found
     │   ├── AccountNotFound           404 account_not_found
-    │   └── CouponNotFound            404 coupon_not_found
+    │   ├── CouponNotFound            404 coupon_not_found
+    │   └── ModelNotFound             404 model_not_found (not a model this proxy routes)
     ├── Conflict                      409 conflict
     │   ├── AccountExists             409 account_exists
     │   ├── IdempotencyConflict       409 idempotency_conflict
@@ -16,7 +17,7 @@
     │   └── CouponAlreadyRedeemed     409 coupon_already_redeemed
     ├── CouponExpired                 410 coupon_expired
     ├── InvalidRequest                400 invalid_request
-    │   ├── ModelNotPriced            400 model_not_priced
+    │   ├── ModelNotPriced            400 model_not_priced (a model this proxy routes, no price)
     │   └── RefundTooLarge            400 refund_exceeds_charge
     ├── PaymentRequired               402 (abstract)
     │   ├── InsufficientCredits       402 insufficient_credits
@@ -25,7 +26,8 @@
     └── ServiceUnavailable            503 service_unavailable
 
 Every error renders as an OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}``;
-structured details (balance, required, cap, resets_at) travel under ``error.details``.
+structured details (balance, required, cap, resets_at) travel under ``error.details``. On
+Anthropic's ``/v1/messages`` the same error keeps Anthropic's shape instead (``refusals.py``).
 """
 
 from __future__ import annotations
@@ -135,6 +137,10 @@ class CouponNotFound(NotFound):
     type = "coupon_not_found"
 
 
+class ModelNotFound(NotFound):
+    type = "model_not_found"
+
+
 class CouponExpired(CreditsError):
     status = 410
     type = "coupon_expired"
@@ -173,26 +179,12 @@ class ServiceUnavailable(CreditsError):
     type = "service_unavailable"
 
 
-def to_proxy_exception(err: CreditsError) -> Exception:
-    """The LiteLLM ``ProxyException`` that makes the proxy answer with this error."""
-    from litellm.proxy._types import ProxyException
+def to_proxy_exception(err: CreditsError, *, anthropic: bool = False) -> Exception:
+    """The LiteLLM ``ProxyException`` that makes the proxy answer with this error (in Anthropic's
+    error shape when ``anthropic``, for ``/v1/messages``)."""
+    from .refusals import to_proxy_exception as render
 
-    class CreditsProxyException(ProxyException):
-        def to_dict(self) -> dict:
-            body = super().to_dict()
-            body.pop("provider_specific_fields", None)
-            if err.details:
-                body["details"] = err.details
-            return body
-
-    return CreditsProxyException(
-        message=err.message,
-        type=err.type,
-        param=err.param,
-        code=err.status,
-        provider_specific_fields={"details": err.details} if err.details else None,
-        headers=err.headers or None,
-    )
+    return render(err, anthropic=anthropic)
 
 
 __all__ = [
@@ -211,6 +203,7 @@ __all__ = [
     "IdempotencyConflict",
     "InsufficientCredits",
     "InvalidRequest",
+    "ModelNotFound",
     "ModelNotPriced",
     "MonthlyCapExceeded",
     "NotFound",

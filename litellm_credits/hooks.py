@@ -1,7 +1,8 @@
 """The LiteLLM callback: identity → pricing → ledger, and nothing else.
 
-pre-call   price the worst case, hold it (402 when it does not fit), pass a signed hold token
-           to the later hooks in ``data["metadata"]``;
+pre-call   refuse a model the proxy does not route (404), price the worst case, hold it (402
+           when it does not fit), pass a signed hold token to the later hooks in
+           ``data["metadata"]``; a refusal is logged once, in one line (``refusals.py``);
 success    price the actual usage and settle the hold, exactly once;
 failure    void the hold.
 
@@ -16,7 +17,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -25,19 +26,28 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from .claims import HoldClaim, HoldSigner
 from .crypto import EncryptionNotConfigured, Secret
+from .deployments import (
+    DeploymentLookup,
+    RouteCheck,
+    deployment_prices,
+    is_openrouter,
+    proxy_deployments,
+    proxy_routes,
+)
 from .errors import (
     AccountNotFound,
     CreditsError,
     InvalidRequest,
+    ModelNotFound,
     PermissionDenied,
     RateLimited,
     ServiceUnavailable,
-    to_proxy_exception,
 )
 from .ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS
 from .pricing import ModelPrice, Usage, max_price, usd_cost, worst_case
 from .ratelimit import Rate
 from .records import Hold, Quote, Service, UsageRecord
+from .refusals import quiet_litellm_logs, refuse
 from .runtime import Runtime
 
 log = logging.getLogger("litellm_credits.hooks")
@@ -65,33 +75,6 @@ _SERVICES: dict[str, Service] = {
     "transcription": "audio_transcription",
     "atranscription": "audio_transcription",
 }
-
-DeploymentLookup = Callable[[str], list[dict[str, Any]]]
-
-
-def proxy_deployments(model_group: str) -> list[dict[str, Any]]:
-    """The proxy router's deployments for a model group (empty when there is no router)."""
-    from litellm.proxy import proxy_server
-
-    router = proxy_server.llm_router
-    if router is None:
-        return []
-    return [dict(d) for d in router.get_model_list(model_name=model_group) or []]
-
-
-def _is_openrouter(deployments: list[dict[str, Any]]) -> bool:
-    return any(
-        str((d.get("litellm_params") or {}).get("model", "")).startswith("openrouter/") for d in deployments
-    )
-
-
-def deployment_prices(deployment: Mapping[str, Any]) -> dict[str, Any]:
-    """Price keys set on a deployment, ``model_info`` first, ``litellm_params`` winning."""
-    merged: dict[str, Any] = {}
-    merged.update(deployment.get("model_info") or {})
-    merged.update(deployment.get("litellm_params") or {})
-    return merged
-
 
 # how long the tier an account's hold reported is trusted for checking its limits before a hold
 TIER_MEMORY_SECONDS = 10.0
@@ -169,16 +152,19 @@ class CreditsHandler(CustomLogger):
         runtime: Runtime,
         *,
         deployments: DeploymentLookup = proxy_deployments,
+        routes: RouteCheck = proxy_routes,
         signer: HoldSigner | None = None,
     ) -> None:
         super().__init__()
         self.runtime = runtime
         self.deployments = deployments
+        self.routes = routes
         self.signer = signer or HoldSigner()
         self._pending: set[asyncio.Task[None]] = set()
         self._provider_models: object = None
         # account -> tier of its last hold here: lets a throttled call be refused before its hold
         self._tiers: dict[str, tuple[str, float]] = {}
+        quiet_litellm_logs()
 
     # identity ----------------------------------------------------------------------------
 
@@ -264,20 +250,34 @@ class CreditsHandler(CustomLogger):
     async def async_pre_call_hook(
         self, user_api_key_dict: Any, cache: Any, data: dict, call_type: Any
     ) -> dict:
+        call = str(call_type).rsplit(".", 1)[-1]
         try:
-            return await self._pre_call(user_api_key_dict, data, str(call_type))
+            return await self._pre_call(user_api_key_dict, data, call)
         except CreditsError as err:
-            raise to_proxy_exception(err) from None
+            raise self._refusal(err, user_api_key_dict, data, call) from None
         except INVALID_INPUT_ERRORS:
-            raise to_proxy_exception(
-                InvalidRequest("the request breaks a limit of the credit ledger")
-            ) from None
+            invalid = InvalidRequest("the request breaks a limit of the credit ledger")
+            raise self._refusal(invalid, user_api_key_dict, data, call) from None
         except UNAVAILABLE_ERRORS as exc:
             # fail closed: without the ledger nothing can be held, so nothing is served
-            log.error("litellm-credits: ledger unavailable in pre-call: %s", type(exc).__name__)
-            raise to_proxy_exception(
-                ServiceUnavailable("the credit ledger is unavailable; try again")
-            ) from None
+            down = ServiceUnavailable("the credit ledger is unavailable; try again")
+            cause = f"ledger unavailable: {type(exc).__name__}"
+            raise self._refusal(down, user_api_key_dict, data, call, cause=cause) from None
+
+    @staticmethod
+    def _refusal(
+        err: CreditsError, auth: Any, data: Mapping[str, Any], call: str, cause: str | None = None
+    ) -> Exception:
+        """The exception that answers with ``err``, logged once; Anthropic's error shape on
+        ``/v1/messages``."""
+        return refuse(
+            err,
+            anthropic=call == "anthropic_messages",
+            model=data.get("model"),
+            user=_get(auth, "user_id"),
+            call_id=data.get("litellm_call_id"),
+            cause=cause,
+        )
 
     async def _pre_call(self, auth: Any, data: dict, call_type: str) -> dict:
         metadata = _metadata(data)
@@ -288,11 +288,11 @@ class CreditsHandler(CustomLogger):
         subject = self.subject_of(auth, data)
         if subject is None:
             return data
-        service = _SERVICES.get(call_type.rsplit(".", 1)[-1], "other")
+        service = _SERVICES.get(call_type, "other")
+        deployments = self._deployments(str(model_group), data)
         pricing = self.runtime.pricing
         power_level = pricing.power_level(self._requested_power_level(data))
-        deployments = self.deployments(str(model_group))
-        via_openrouter = _is_openrouter(deployments)
+        via_openrouter = is_openrouter(deployments)
         if via_openrouter:
             await self._load_provider_prices()
         price = self.group_price(str(model_group), deployments)
@@ -354,6 +354,21 @@ class CreditsHandler(CustomLogger):
             HoldClaim(hold.id, subject, rate, power_level, service, byok_fee, hold.tier)
         )
         return data
+
+    def _deployments(self, model_group: str, data: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The model group's deployments; 404 ``model_not_found`` for a name the proxy does not
+        route (a misspelt one, say), which no price could make servable."""
+        deployments = self.deployments(model_group)
+        # a client sending its own api_key/api_base is routed whatever the model (LiteLLM's
+        # route_request), so only the price decides
+        if deployments or "api_key" in data or "api_base" in data or self.routes(model_group):
+            return deployments
+        raise ModelNotFound(
+            f"model {model_group!r} does not exist on this proxy; GET /v1/models lists the models "
+            "you can use",
+            param="model",
+            model=model_group,
+        )
 
     def _learn_tier(self, subject: str, tier: str) -> None:
         """Remember the account's tier as its last hold reported it (for the next call's limits)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -181,6 +183,66 @@ async def test_unpriced_model_is_refused_before_the_call(handler: CreditsHandler
         )
     assert (err.value.code, err.value.type) == ("400", "model_not_priced")
     assert await balance_of(handler, subject) == (c("10"), 0)
+
+
+async def test_unknown_model_is_a_404_not_an_unpriced_one(handler: CreditsHandler) -> None:
+    """Regression: a model name the proxy does not route (a misspelt one) was refused
+    `400 model_not_priced`, telling the caller to set a price, instead of `404 model_not_found`."""
+    groups = {
+        "house": [{"model_name": "house", "litellm_params": {"model": "openai/house"}}],
+        "unpriced": [{"model_name": "unpriced", "litellm_params": {"model": "openai/nobody-priced-this"}}],
+    }
+    routed = CreditsHandler(
+        handler.runtime, deployments=lambda group: groups.get(group, []), routes=lambda group: False
+    )
+    subject = await new_account(handler, "10")
+    with pytest.raises(ProxyException) as err:
+        await routed.async_pre_call_hook(auth(subject), None, request(model="huose"), "acompletion")
+    assert (err.value.code, err.value.type, err.value.param) == ("404", "model_not_found", "model")
+    assert "'huose' does not exist" in err.value.message
+    with pytest.raises(ProxyException) as err:
+        await routed.async_pre_call_hook(auth(subject), None, request(model="unpriced"), "acompletion")
+    assert (err.value.code, err.value.type) == ("400", "model_not_priced")
+    assert "set one" in err.value.message
+    assert await balance_of(handler, subject) == (c("10"), 0)
+    # a name the router takes without listing a deployment for it (a default deployment, every
+    # model passed through) is priced by its name
+    default_route = CreditsHandler(handler.runtime, deployments=lambda group: [], routes=lambda group: True)
+    await default_route.async_pre_call_hook(auth(subject), None, request(model="house"), "acompletion")
+    assert (await balance_of(handler, subject))[1] > 0
+
+
+async def test_refusals_on_anthropic_messages_keep_anthropic_error_shape(handler: CreditsHandler) -> None:
+    """Regression: on /v1/messages every refusal was `api_error`; an Anthropic client expects
+    `billing_error` for a 402."""
+    subject = await new_account(handler, "0.01")
+    with pytest.raises(ProxyException) as err:
+        await handler.async_pre_call_hook(auth(subject), None, request(), "anthropic_messages")
+    assert err.value.code == "402"
+    body = json.loads(err.value.message)  # LiteLLM's messages route passes such a body through
+    assert body["type"] == "error"
+    assert (body["error"]["type"], body["error"]["credits_type"]) == ("billing_error", "insufficient_credits")
+    assert body["error"]["message"].startswith("insufficient credits")
+    assert body["error"]["details"]["balance"] == "0.010000"
+
+
+async def test_a_refusal_is_logged_once_in_one_line(
+    handler: CreditsHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a 402 from the pre-call hook was logged only by LiteLLM, at ERROR; the plugin
+    logs it in one WARNING line and marks it so that LiteLLM's line is dropped."""
+    subject = await new_account(handler, "0.01")
+    caplog.set_level(logging.INFO, logger="litellm_credits")
+    with pytest.raises(ProxyException) as err:
+        await handler.async_pre_call_hook(
+            auth(subject), None, {**request(), "litellm_call_id": "call-1"}, "acompletion"
+        )
+    [record] = [r for r in caplog.records if r.name.startswith("litellm_credits")]
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    line = record.getMessage()
+    assert "\n" not in line
+    assert "402 insufficient_credits" in line and "'house'" in line and "call-1" in line
+    assert err.value.credits_logged is True  # type: ignore[attr-defined]
 
 
 async def test_insufficient_credits_is_a_402_with_details(handler: CreditsHandler) -> None:

@@ -139,6 +139,73 @@ def test_unpriced_model_is_refused(proxy: Proxy, upstream) -> None:  # type: ign
     assert len(upstream.requests) == before  # never reached the upstream
 
 
+def test_unknown_model_is_a_404_model_not_found(proxy: Proxy, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Regression: a misspelt model name was refused `400 model_not_priced` ("set a price")."""
+    _, key = proxy.create_account("10")
+    before = len(upstream.requests)
+    with client(proxy, key) as oa, pytest.raises(openai.NotFoundError) as err:
+        oa.chat.completions.create(model="fake-gtp", messages=chat("hi"))
+    assert err.value.status_code == 404
+    assert err.value.body["type"] == "model_not_found"  # type: ignore[index]
+    assert "'fake-gtp' does not exist" in err.value.body["message"]  # type: ignore[index]
+    assert len(upstream.requests) == before
+
+
+def test_a_refusal_is_logged_once_without_litellms_error(proxy: Proxy) -> None:
+    """Regression: LiteLLM logged every 402/403/429 of the pre-call hook at ERROR
+    (`_handle_llm_api_exception(): Exception occured ...`); now it is one WARNING line of ours."""
+    _, key = proxy.create_account("0")
+    with client(proxy, key) as oa, pytest.raises(openai.APIStatusError) as err:
+        oa.chat.completions.create(model="fake-custom", messages=chat("hi"), max_tokens=10)
+    assert err.value.status_code == 402
+    call_id = err.value.response.headers["x-litellm-call-id"]
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in proxy.log_path.read_text().splitlines() if call_id in line]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    [line] = lines  # LiteLLM's line about it names the call too: it is gone
+    assert line.startswith("litellm-credits: refused 402 insufficient_credits (model 'fake-custom'")
+
+
+def _messages(proxy: Proxy, key: str, model: str = "fake-custom", **extra: object) -> httpx.Response:
+    """A call to Anthropic's /v1/messages (the anthropic client is not installed here)."""
+    body = {"model": model, "max_tokens": 100, "messages": chat("hi"), **extra}
+    headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    return httpx.post(proxy.url + "/v1/messages", json=body, headers=headers, timeout=60)
+
+
+def test_refusals_on_v1_messages_have_anthropics_error_shape(proxy: Proxy) -> None:
+    """Regression: on /v1/messages every refusal was `api_error`, 402 included."""
+    user, key = proxy.create_account("0")
+    for stream in (False, True):
+        r = _messages(proxy, key, stream=stream)
+        assert r.status_code == 402, r.text
+        body = r.json()
+        assert body["type"] == "error"
+        assert (body["error"]["type"], body["error"]["credits_type"]) == (
+            "billing_error",
+            "insufficient_credits",
+        )
+        assert body["error"]["message"].startswith("insufficient credits")
+        assert body["error"]["details"]["available"] == "0.000000"
+    r = _messages(proxy, key, model="fake-gtp")
+    assert r.status_code == 404, r.text
+    assert (r.json()["error"]["type"], r.json()["error"]["credits_type"]) == (
+        "not_found_error",
+        "model_not_found",
+    )
+    with proxy.admin() as admin:
+        assert admin.post(f"/api/v1/admin/credits/accounts/{user}/disable").status_code == 200
+    r = _messages(proxy, key)
+    assert r.status_code == 403, r.text
+    assert (r.json()["error"]["type"], r.json()["error"]["credits_type"]) == (
+        "permission_error",
+        "account_disabled",
+    )
+
+
 async def test_out_of_credits_is_a_402(proxy: Proxy, ledger: Ledger) -> None:
     user, key = proxy.create_account("0.001")
     with client(proxy, key) as oa, pytest.raises(openai.APIStatusError) as err:
