@@ -33,7 +33,10 @@ Anthropic's ``/v1/messages`` the same error keeps Anthropic's shape instead (``r
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from typing import Any, ClassVar
+
+from .money import format_credits
 
 
 class CreditsError(Exception):
@@ -127,6 +130,48 @@ class InsufficientCredits(PaymentRequired):
 
 class MonthlyCapExceeded(PaymentRequired):
     type = "monthly_cap_exceeded"
+
+    @classmethod
+    def for_request(
+        cls,
+        *,
+        cap: int,
+        month_spend: int,
+        held: int,
+        required: int,
+        resets_at: datetime,
+        **details: Any,
+    ) -> MonthlyCapExceeded:
+        """The refusal of a hold of ``required`` micro-credits that the monthly cap does not fit.
+
+        The cap bounds this month's spend + open holds + the request. The message says the cap is
+        *reached* only when the spend alone is at it; otherwise the request *would exceed* it, and
+        the message says how much is left. Amounts are micro-credits; ``details`` (``balance``,
+        ``available``) pass through to ``error.details``.
+        """
+        resets = resets_at.isoformat()
+        if month_spend >= cap:
+            message = (
+                f"monthly cap of {format_credits(cap)} credits reached "
+                f"({format_credits(month_spend)} spent this month); it resets at {resets}"
+            )
+        else:
+            left = max(cap - month_spend - held, 0)
+            message = (
+                f"this request would exceed the monthly cap of {format_credits(cap)} credits: "
+                f"{format_credits(required)} required, {format_credits(left)} left this month "
+                f"({format_credits(month_spend)} spent, {format_credits(held)} held by calls in "
+                f"progress); it resets at {resets}"
+            )
+        return cls(
+            message,
+            **details,
+            held=format_credits(held),
+            required=format_credits(required),
+            monthly_cap=format_credits(cap),
+            month_spend=format_credits(month_spend),
+            resets_at=resets,
+        )
 
 
 class RefundTooLarge(InvalidRequest):
