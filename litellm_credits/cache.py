@@ -2,23 +2,27 @@
 
 Two levels. This process keeps recent entries in memory (an LRU with a TTL); Redis keeps them
 for every instance (``SET .. PX ttl``). A change to an account invalidates its entry *after the
-transaction commits*: here, in Redis, and, through a Redis pub/sub message, in the memory of every
-other instance. So a top-up through one proxy is visible through another at once, not after the
-TTL.
+transaction commits*, and before the write answers: here, and in Redis, where the entry is
+deleted and the key's *version* is replaced by a new random token.
 
-Two races are closed explicitly:
+Read-your-writes across instances holds by construction: with Redis configured, a memory entry
+is only used after Redis confirmed its version, in the one round trip that would otherwise have
+fetched the entry (``LUA_READ``). So once a write through instance A has returned, a read through
+instance B cannot answer from B's memory: the version it holds is no longer Redis's. Memory then
+saves moving and decoding the value, not the round trip. Versions are random tokens, never
+counters, so an expired or evicted version can never come back equal to one a memory entry holds
+(a reader that finds none sets a new one).
 
-- A reader that loaded an old value from PostgreSQL just before a writer committed must not put
-  it back after the writer's invalidation. In Redis, every entry has a version counter that an
-  invalidation increments; a fill succeeds only if the version is the one the reader saw before
-  it loaded (one Lua script). In memory, an invalidation leaves a tombstone with a sequence
-  number, and a fill that started before it is dropped.
-- Memory entries are trusted only while this process is subscribed to the invalidation channel.
-  When the subscription is lost (Redis down), memory is cleared and bypassed until it is back.
+A reader that loaded an old value from PostgreSQL just before a writer committed must not put
+it back after the writer's invalidation: a fill of Redis succeeds only if the version is still
+the one the reader saw before it loaded (``LUA_FILL``), and a memory entry carries that same
+version. Without Redis (``CREDITS_REDIS_URL`` unset) nothing tells a process of another's writes (a second
+worker, the CLI), so values read with ``consistent=True`` (accounts, API keys) are not cached;
+others (analytics) are kept in memory for their TTL, and an invalidation leaves a tombstone that
+drops a fill which started before it.
 
-Without Redis (``CREDITS_REDIS_URL`` unset) the memory level alone serves a single instance. With
-Redis down, reads go to PostgreSQL (counted as ``cache_bypassed``) and invalidations that could
-not reach Redis are replayed before Redis is trusted again.
+With Redis down, reads go to PostgreSQL (counted as ``cache_bypassed``) and invalidations that
+could not reach Redis are replayed before Redis is used again.
 
 The balance hold never reads this cache: it is one atomic SQL statement.
 """
@@ -29,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -37,8 +42,6 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
-from redis.exceptions import RedisError
-
 from .metrics import metrics
 from .redis_link import RedisDown, RedisLink
 
@@ -46,35 +49,41 @@ log = logging.getLogger("litellm_credits.cache")
 
 T = TypeVar("T")
 
-# the entry, or (when absent) the version a fill must still find
+# KEYS: entry, version. ARGV: the version this process's memory holds ('' for none), a new
+# version for a key that has none, the version's ttl in ms. Returns {2, version} when memory is
+# current, {1, version, entry, pttl} for a Redis hit, {0, version} for a miss.
 LUA_READ = """
+local version = redis.call('GET', KEYS[2])
+if not version then
+    version = ARGV[2]
+    redis.call('SET', KEYS[2], version, 'PX', ARGV[3])
+end
+if ARGV[1] == version then return {2, version} end
 local value = redis.call('GET', KEYS[1])
-if value then return {1, value, redis.call('PTTL', KEYS[1])} end
-return {0, redis.call('GET', KEYS[2]) or ''}
+if value then return {1, version, value, redis.call('PTTL', KEYS[1])} end
+return {0, version}
 """
 LUA_FILL = """
 if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
-# KEYS: entry, version (one account: one hash slot); ARGV: version ttl ms. The batch's PUBLISH
-# follows in the same pipeline, so subscribers hear of it after the entries are gone.
+# KEYS: entry, version (one account: one hash slot); ARGV: version ttl ms, the new version
 LUA_INVALIDATE = """
 redis.call('DEL', KEYS[1])
-redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[1])
 return 1
 """
 # keys per pipeline when invalidations are sent in batches
 BATCH = 500
 # a fill that took longer than this is not kept (tombstones are pruned after it)
 MAX_READ_SECONDS = 30.0
-# the subscription pings this often; memory is trusted only while Redis answered recently, so a
-# connection that went silent (a partition, a frozen server) cannot leave stale entries in use
-PING_SECONDS = 1.0
-SILENT_AFTER = 3.0
 # background fills of Redis at once, per process (a burst of misses must not drain the pool)
 MAX_FILLS = 8
+
+
+def _new_version() -> str:
+    return secrets.token_hex(8)
 
 
 @dataclass
@@ -115,17 +124,15 @@ class Cache:
         self.keys = link.keys
         self.ttl = ttl
         self.max_entries = max_entries
-        self._memory: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        # key -> (expires at, Redis version it was read under ('' without Redis), value)
+        self._memory: OrderedDict[str, tuple[float, str, Any]] = OrderedDict()
         self._seq = 0  # counts invalidation events
         self._tombstones: dict[str, tuple[int, float]] = {}  # key -> (seq, monotonic time)
         self._prune_at = 10_000
-        self._flushed_seq = 0  # seq of the last "forget everything" (subscription lost or made)
+        self._flushed_seq = 0  # seq of the last "forget everything" (Redis failed, or closed)
         # invalidations Redis has not seen yet: key -> times deferred (a replay in flight removes
         # a key only if it was not deferred again meanwhile)
         self._pending: dict[str, int] = {}
-        self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
-        self._subscribed = not link.configured  # memory is trusted only while true (and heard)
-        self._heard = 0.0  # monotonic time of the subscription's last message or pong
         self._replayer: asyncio.Task[None] | None = None
         self._fills = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -141,66 +148,87 @@ class Cache:
         codec: Codec[T],
         *,
         ttl: float | None = None,
+        consistent: bool = False,
     ) -> T | None:
-        """The value at ``key``: from memory, Redis, or ``load()`` (whose ``None`` is not kept)."""
+        """The value at ``key``: from memory, Redis, or ``load()`` (whose ``None`` is not kept).
+
+        ``consistent``: the answer must reflect every write that returned before this read, made
+        by any process (another worker, the CLI). With Redis that is always so; without it, no
+        process can know of another's writes, so such a value is not cached at all.
+        """
         ttl = self.ttl if ttl is None else ttl
-        if ttl <= 0:
+        if ttl <= 0 or (consistent and not self.link.configured):
             return await load()
-        self._ensure_listening()
         start, started = self._seq, time.monotonic()
-        if self._trusted(started):
-            entry = self._memory.get(key)
-            if entry is not None:
-                if entry[0] > started:
-                    self._memory.move_to_end(key)
-                    metrics.incr("cache_hits_local")
-                    return entry[1]  # type: ignore[no-any-return]
-                del self._memory[key]
+        entry = self._memory.get(key)
+        if entry is not None and entry[0] <= started:
+            del self._memory[key]
+            entry = None
         if not self.link.configured:
+            if entry is not None:
+                self._memory.move_to_end(key)
+                metrics.incr("cache_hits_local")
+                return entry[2]  # type: ignore[no-any-return]
             value = await load()
             metrics.incr("cache_misses")
             if value is not None:
-                self._remember(key, value, ttl, start, started)
+                self._remember(key, "", value, ttl, start, started)
             return value
         if self._pending:  # Redis may hold entries this process changed: not until replayed
             self._start_replay()
             metrics.incr("cache_bypassed")
             return await load()
         try:
-            found = await self._script(LUA_READ, [key, self.keys.version(key)], [])
+            found = await self._script(
+                LUA_READ,
+                [key, self.keys.version(key)],
+                [entry[1] if entry is not None else "", _new_version(), self._version_ttl_ms],
+            )
         except RedisDown:
+            # what memory holds cannot be checked, now or (changes made meanwhile) afterwards
+            self._flush_memory()
             metrics.incr("cache_bypassed")
             return await load()
-        if found[0] == 1:
+        kind, version = int(found[0]), _text(found[1])
+        if kind == 2 and entry is not None:  # Redis confirmed the version memory holds
+            self._memory.move_to_end(key)
+            metrics.incr("cache_hits_local")
+            return entry[2]  # type: ignore[no-any-return]
+        if kind == 1:
             try:
-                value = codec.load(_text(found[1]))
+                value = codec.load(_text(found[2]))
             except (ValueError, TypeError, KeyError):  # corrupt, or another version's format
                 log.warning("litellm-credits: unreadable cache entry %s; reading the source", key)
                 metrics.incr("cache_bypassed")
                 return await load()
             metrics.incr("cache_hits_redis")
-            remaining = int(found[2]) / 1000 if int(found[2]) > 0 else ttl
-            self._remember(key, value, min(ttl, remaining), start, started)
+            remaining = int(found[3]) / 1000 if int(found[3]) > 0 else ttl
+            self._remember(key, version, value, min(ttl, remaining), start, started)
             return value
         metrics.incr("cache_misses")
         value = await load()
         if value is None:
             return None
-        self._remember(key, value, ttl, start, started)
+        self._remember(key, version, value, ttl, start, started)
         if self._fills < MAX_FILLS and time.monotonic() - started <= MAX_READ_SECONDS:
             # Redis is filled behind the answer (a round trip saved on every miss); the version
-            # check refuses the fill if a change came in meanwhile, and that change's message (or
-            # tombstone) drops the memory entry. Fills beyond MAX_FILLS are skipped, not queued.
+            # check refuses the fill if a change came in meanwhile. Fills beyond MAX_FILLS are
+            # skipped, not queued.
             self._fills += 1
             fill = self._script(
                 LUA_FILL,
                 [key, self.keys.version(key)],
-                [_text(found[1]), codec.dump(value), max(1, int(ttl * 1000))],
+                [version, codec.dump(value), max(1, int(ttl * 1000))],
             )
             task = asyncio.get_running_loop().create_task(self._fill(fill))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return value
+
+    @property
+    def _version_ttl_ms(self) -> int:
+        # longer than any entry lives, so an entry never outlives the version it was read under
+        return int(max(self.ttl * 2, 60) * 1000)
 
     async def _fill(self, op: Awaitable[Any]) -> None:
         try:
@@ -209,19 +237,13 @@ class Cache:
         finally:
             self._fills -= 1
 
-    def _trusted(self, now: float) -> bool:
-        """Memory may answer: subscribed (or no Redis at all), and Redis was heard recently."""
-        if not self.link.configured:
-            return True
-        return self._subscribed and now - self._heard < SILENT_AFTER
-
-    def _remember(self, key: str, value: Any, ttl: float, start: int, started: float) -> None:
-        if not self._trusted(started) or self._flushed_seq > start:
+    def _remember(self, key: str, version: str, value: Any, ttl: float, start: int, started: float) -> None:
+        if self._flushed_seq > start:
             return
         tomb = self._tombstones.get(key)
         if (tomb is not None and tomb[0] > start) or time.monotonic() - started > MAX_READ_SECONDS:
             return  # invalidated while it was being read
-        self._memory[key] = (started + ttl, value)
+        self._memory[key] = (started + ttl, version, value)
         self._memory.move_to_end(key)
         while len(self._memory) > self.max_entries:
             self._memory.popitem(last=False)
@@ -229,11 +251,28 @@ class Cache:
     # invalidation ------------------------------------------------------------------------
 
     async def invalidate(self, keys: Iterable[str]) -> None:
-        """Forget ``keys`` here, in Redis and in every other instance (call after the commit);
-        returns once Redis has them (or they are kept to replay, if it is away)."""
+        """Forget ``keys`` here and in Redis, so that no instance answers from what it had (call
+        after the commit); returns once Redis has them.
+
+        If Redis did not take them (a timeout, an open circuit breaker), they are replayed, and
+        this waits for one more attempt: a blip here must not let another instance, which may
+        reach Redis well, answer with the old value after this write has returned. If Redis is
+        still away after that, so it is for the others too, and their reads go around it.
+        """
+        keys = list(keys)
         sent = self.invalidate_soon(keys)
-        if sent is not None:
-            await sent
+        if sent is None:
+            return
+        await sent
+        deadline = time.monotonic() + self.link.retry_seconds + 2 * self.link.timeout + 0.5
+        # polled: the replay may run on another event loop than this caller's, and this is rare
+        while any(k in self._pending for k in keys) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        if any(k in self._pending for k in keys):
+            log.warning(
+                "litellm-credits: a change did not reach Redis in time; instances that still reach "
+                "it may show the old value until it is replayed"
+            )
 
     def invalidate_soon(self, keys: Iterable[str]) -> asyncio.Future[None] | None:
         """Invalidate without waiting for Redis (the local part happens now); for the request
@@ -290,14 +329,13 @@ class Cache:
         self._memory.clear()
 
     async def _invalidate_in_redis(self, keys: list[str]) -> None:
-        version_ttl = int(max(self.ttl * 2, 60) * 1000)
+        version_ttl, version = self._version_ttl_ms, _new_version()
 
         async def run(client: Any) -> None:
             script = self._registered(LUA_INVALIDATE, client)
             async with client.pipeline(transaction=False) as pipe:
                 for key in keys:
-                    await script(keys=[key, self.keys.version(key)], args=[version_ttl], client=pipe)
-                pipe.publish(self.keys.invalidations, "\n".join(keys))
+                    await script(keys=[key, self.keys.version(key)], args=[version_ttl, version], client=pipe)
                 await pipe.execute()
 
         await self.link.call(run)
@@ -347,73 +385,11 @@ class Cache:
 
         return await self.link.call(run)
 
-    def _ensure_listening(self) -> None:
-        if not self.link.configured:
-            return
-        loop = asyncio.get_running_loop()
-        task = self._listeners.get(loop)
-        if task is None or task.done():
-            self._listeners[loop] = loop.create_task(self._listen())
-
-    async def _listen(self) -> None:
-        """Drop entries other instances invalidate; trust memory only while subscribed."""
-        delay = 0.1
-        me = asyncio.current_task()
-        while me is None or not me.cancelling():
-            client = self.link.pubsub_client()
-            pubsub = client.pubsub()
-            try:
-                await pubsub.subscribe(self.keys.invalidations)
-                confirmed = await pubsub.get_message(timeout=max(self.link.timeout, 1.0))
-                if confirmed is None or confirmed.get("type") != "subscribe":
-                    raise TimeoutError("no confirmation of the subscription")
-                # anything may have changed while not subscribed: start from empty memory
-                self._flush_memory()
-                self._heard = time.monotonic()
-                self._subscribed = True
-                delay = 0.1
-                pinged = 0.0
-                while True:
-                    # redis-py's timed reads can swallow a cancellation (it turns into their
-                    # timeout): look for it here too, or close() would wait forever
-                    if me is not None and me.cancelling():
-                        raise asyncio.CancelledError
-                    now = time.monotonic()
-                    if now - self._heard > SILENT_AFTER:
-                        raise TimeoutError("the subscription went silent")
-                    if now - pinged >= PING_SECONDS:
-                        await asyncio.wait_for(pubsub.ping(), self.link.timeout)
-                        pinged = now
-                    message = await pubsub.get_message(timeout=PING_SECONDS / 2)
-                    if message is None:
-                        continue
-                    self._heard = time.monotonic()
-                    if message.get("type") == "message":
-                        self._forget(_text(message["data"]).split("\n"))
-            except asyncio.CancelledError:
-                self._subscribed = False
-                raise
-            except Exception as exc:  # Redis gone, silent, or a message we could not read
-                if self._subscribed:
-                    self._subscribed = False
-                    self._flush_memory()
-                    if isinstance(exc, RedisError | OSError):
-                        self.link.failed(exc)
-                    else:
-                        log.warning("litellm-credits: cache subscription lost (%s)", exc)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-        self._subscribed = False
-
     def status(self) -> dict[str, Any]:
         return {
             "entries_in_memory": len(self._memory),
-            "memory_trusted": self._trusted(time.monotonic()),
+            # with Redis, memory answers only for entries whose version Redis confirms at each read
+            "memory_checked_against_redis": self.link.configured,
             "invalidations_pending": len(self._pending),
             "ttl_seconds": self.ttl,
         }
@@ -425,11 +401,7 @@ class Cache:
             await asyncio.gather(*others, return_exceptions=True)
 
     async def close(self) -> None:
-        """Stop this loop's subscriber; send what is queued (one attempt for deferred ones)."""
-        task = self._listeners.pop(asyncio.get_running_loop(), None)
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task}, timeout=5)
+        """Send what is queued (one attempt for deferred ones), and forget everything."""
         await self.drain()
         if self._replayer is not None and not self._replayer.done():
             self._replayer.cancel()
@@ -446,7 +418,6 @@ class Cache:
                     len(keys),
                     self.ttl,
                 )
-        self._subscribed = not self.link.configured
         self._flush_memory()
 
 

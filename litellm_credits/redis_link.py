@@ -37,7 +37,7 @@ class RedisDown(Exception):
 
 
 class Keys:
-    """Every Redis key and channel name this plugin uses."""
+    """Every Redis key name this plugin uses."""
 
     def __init__(self, prefix: str = "credits") -> None:
         self.prefix = prefix
@@ -51,7 +51,8 @@ class Keys:
         return f"{self.prefix}:{self.tag(subject_id)}:account"
 
     def version(self, key: str) -> str:
-        """The invalidation counter beside a cached entry (same hash tag, same slot)."""
+        """The version of a cached entry, a random token replaced by every invalidation (same
+        hash tag, same slot)."""
         return key + ":v"
 
     def api_key(self, key_hash_hex: str) -> str:
@@ -62,11 +63,6 @@ class Keys:
 
     def rate(self, subject_id: str, limit: str) -> str:
         return f"{self.prefix}:{self.tag(subject_id)}:rate:{limit}"
-
-    @property
-    def invalidations(self) -> str:
-        """The pub/sub channel on which instances announce entries they invalidated."""
-        return f"{self.prefix}:invalidate"
 
 
 class RedisLink:
@@ -119,18 +115,6 @@ class RedisLink:
             client = aioredis.Redis(connection_pool=pool)
             self._clients[loop] = client
         return client
-
-    def pubsub_client(self) -> aioredis.Redis:
-        """A separate client for a subscription: it waits for messages without a read timeout,
-        and pings the server every few seconds so a dead connection is noticed."""
-        if self.url is None:
-            raise RedisDown("no Redis configured")
-        return aioredis.Redis.from_url(
-            self.url,
-            socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=5,
-        )
 
     async def call(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         """Run ``op`` on the client within the timeout, or raise :class:`RedisDown`."""

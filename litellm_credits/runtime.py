@@ -90,6 +90,7 @@ class Runtime:
             self.link.keys.account(subject_id),
             lambda: ledger.get_account(subject_id),
             ACCOUNT_CODEC,
+            consistent=True,
         )
 
     async def lookup_key(self, key: str) -> tuple[str, str] | None:
@@ -99,6 +100,7 @@ class Runtime:
             self.link.keys.api_key(auth.hash_key(key).hex()),
             lambda: auth.lookup_key(ledger.pool, key),
             KEY_CODEC,
+            consistent=True,
         )
 
     async def key_revoked(self, key_hash: bytes) -> None:
