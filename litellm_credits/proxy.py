@@ -3,18 +3,18 @@
     litellm_settings:
       callbacks: ["litellm_credits.proxy.handler"]
 
-Importing this module builds the process's :class:`Runtime`, the callback instance, and mounts
-the credits API on the proxy app (once, however often it is imported).
+Importing this module takes the process's :class:`Runtime` and callback instance (one per
+process, however often and however LiteLLM loads this file: see :mod:`litellm_credits.process`)
+and mounts the credits API on the proxy app once.
 """
 
 from __future__ import annotations
 
 from .api import build_router
-from .hooks import CreditsHandler
-from .runtime import Runtime
+from .process import process_handler, process_runtime
 
-runtime = Runtime()
-handler = CreditsHandler(runtime)
+runtime = process_runtime()
+handler = process_handler()
 
 
 def mount(app: object | None = None) -> None:
