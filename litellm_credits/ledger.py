@@ -410,14 +410,14 @@ class Ledger:
                 f"{format_credits(account.available)} available",
                 **common,
             )
-        cap = account.monthly_cap or 0
-        return MonthlyCapExceeded(
-            f"monthly cap of {format_credits(cap)} credits reached; it resets at "
-            f"{account.resets_at.isoformat()}",
-            monthly_cap=format_credits(cap),
-            month_spend=format_credits(account.month_spend),
-            resets_at=account.resets_at.isoformat(),
-            **common,
+        return MonthlyCapExceeded.for_request(
+            cap=account.monthly_cap or 0,
+            month_spend=account.month_spend,
+            held=account.held,
+            required=amount,
+            resets_at=account.resets_at,
+            balance=common["balance"],
+            available=common["available"],
         )
 
     async def _resolve(
