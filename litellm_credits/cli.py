@@ -8,6 +8,10 @@ litellm-credits verify          # balance = sum(ledger) and held = open holds, f
 litellm-credits sweep           # resolve expired holds now
 litellm-credits dsn             # the database in use (starts the embedded one if needed)
 litellm-credits serve [--config litellm_config.yaml] [--port 4000]
+
+With no CREDITS_DATABASE_URL the database is an embedded PostgreSQL under CREDITS_DATA_DIR, by
+default the ``.credits-data`` of the checkout it runs in (``make serve``'s), else the user data
+directory; every command says which on stderr.
 """
 
 from __future__ import annotations
@@ -72,7 +76,20 @@ def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _embedded_note(settings: Settings) -> None:
+    """Say which embedded database a command uses: a second one, made by running from another
+    directory, looks like a database whose accounts have vanished."""
+    if not settings.database_url:
+        print(
+            f"litellm-credits: embedded PostgreSQL under {settings.data_dir} "
+            "(set CREDITS_DATA_DIR or CREDITS_DATABASE_URL for another)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    _embedded_note(settings)
     dsn = await db.resolve_dsn(settings.database_url, settings.data_dir)
     if args.command == "dsn":
         print(dsn)
@@ -238,8 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args, Settings.load())
     if args.command == "stop-db":
-        stopped = db.stop_embedded(Settings.load().data_dir)
-        print("stopped" if stopped else "no embedded PostgreSQL running")
+        data_dir = Settings.load().data_dir
+        stopped = db.stop_embedded(data_dir)
+        print(
+            f"stopped the embedded PostgreSQL under {data_dir}"
+            if stopped
+            else f"no embedded PostgreSQL running under {data_dir}"
+        )
         return 0
     try:
         return asyncio.run(_run(args, Settings.load()))

@@ -158,8 +158,23 @@ class CreditsConfig(_Strict):
         return cls.model_validate(data.get("credits", data))
 
 
+# where ``make serve`` keeps the embedded database, in the checkout (Makefile: CREDITS_DATA_DIR)
+CHECKOUT_DATA_DIR = ".credits-data"
+
+
 def _default_data_dir() -> Path:
-    return platformdirs.user_data_path("litellm-credits")
+    """The ``.credits-data`` of the checkout this runs in (the nearest directory, from here up,
+    holding it and ``litellm_config.yaml``), so that the CLI finds the database ``make serve``
+    made; else the user data directory."""
+    user_dir = platformdirs.user_data_path("litellm-credits")
+    try:
+        here = Path.cwd()
+    except OSError:  # a working directory deleted under us
+        return user_dir
+    for directory in (here, *here.parents):
+        if (directory / CHECKOUT_DATA_DIR).is_dir() and (directory / "litellm_config.yaml").is_file():
+            return directory / CHECKOUT_DATA_DIR
+    return user_dir
 
 
 class Settings(BaseSettings):
@@ -182,7 +197,10 @@ class Settings(BaseSettings):
     openrouter_base_url: str = "https://openrouter.ai/api/v1"
     # the operator's OpenRouter provisioning (management) key
     openrouter_provisioning_key: SecretStr | None = None
-    data_dir: Path = Field(default_factory=_default_data_dir, description="embedded PostgreSQL data")
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="embedded PostgreSQL data: the checkout's .credits-data if any, else the user data dir",
+    )
     config_path: Path | None = Field(None, alias="CREDITS_CONFIG")
     auto_migrate: bool = True
     db_pool_min: int = Field(2, ge=1)
