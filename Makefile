@@ -9,16 +9,21 @@ export CREDITS_DATA_DIR ?= $(CURDIR)/.credits-data
 
 .PHONY: install serve stop-db test lint bench clean
 
+# Each step says what it does: the first install takes about a minute, and pip -q hid it all.
 $(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,dev]'
-	touch $@
+	@if [ ! -x $(BIN)/python ]; then echo "==> Creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); fi
+	@echo "==> Upgrading pip in $(VENV)"
+	@$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	@echo "==> Installing litellm-credits and its dependencies, pinned by constraints.txt (about a minute the first time)"
+	@$(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt -e '.[test,dev]'
+	@touch $@
+	@echo "==> Installed in $(VENV)"
 
 install: $(VENV)/.installed
 
 serve: install  ## run the proxy with the plugin on 127.0.0.1:$(PORT), demo models, embedded database
-	$(BIN)/litellm-credits serve --config litellm_config.yaml --port $(PORT)
+	@echo "==> Starting the database (embedded, under $(CREDITS_DATA_DIR), unless CREDITS_DATABASE_URL is set), migrating, then the proxy"
+	@$(BIN)/litellm-credits serve --config litellm_config.yaml --port $(PORT)
 
 stop-db: install  ## stop the embedded PostgreSQL that `make serve` started (it outlives the proxy)
 	$(BIN)/litellm-credits stop-db
