@@ -228,9 +228,27 @@ async def test_over_the_monthly_cap_is_a_402(proxy: Proxy, ledger: Ledger) -> No
     assert err.value.status_code == 402
     body = err.value.body
     assert body["type"] == "monthly_cap_exceeded"  # type: ignore[index]
+    assert body["message"].startswith("monthly cap of 3.000000 credits reached")  # type: ignore[index]
     assert body["details"]["monthly_cap"] == "3.000000"  # type: ignore[index]
     assert body["details"]["month_spend"] == "4.400000"  # type: ignore[index]
     assert "resets_at" in body["details"]  # type: ignore[operator]
+
+
+def test_a_request_the_cap_cannot_fit_would_exceed_it(proxy: Proxy) -> None:
+    """Regression: a request over what was left of the monthly cap was told the cap was "reached"
+    although nothing had been spent."""
+    _, key = proxy.create_account("100", monthly_cap="3")
+    with client(proxy, key) as oa, pytest.raises(openai.APIStatusError) as err:
+        # 1000 output tokens at 3.3e-6 USD: 3.3 credits held, over the cap of 3
+        oa.chat.completions.create(model="fake-custom", messages=chat("hi"), max_tokens=1000)
+    assert err.value.status_code == 402
+    body = err.value.body
+    assert body["type"] == "monthly_cap_exceeded"  # type: ignore[index]
+    assert body["message"].startswith(  # type: ignore[index]
+        "this request would exceed the monthly cap of 3.000000 credits: "
+    )
+    assert "3.000000 left this month" in body["message"]  # type: ignore[index]
+    assert body["details"]["month_spend"] == "0.000000"  # type: ignore[index]
 
 
 def _estimate_request(max_tokens: int) -> tuple[list[dict[str, str]], int]:
