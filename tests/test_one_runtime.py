@@ -77,7 +77,8 @@ async def test_one_pool_per_worker(beside_the_package: Proxy, database_url: str)
                 model="fake-custom", messages=[{"role": "user", "content": "hi"}], max_tokens=5
             )
     pools = await _pools_by_process(database_url)
-    assert len(pools) == WORKERS, pools
+    # a worker that no request reached may have no pool yet (the kernel picks who accepts)
+    assert 1 <= len(pools) <= WORKERS, pools
     assert set(pools.values()) == {1}, f"a worker has more than one pool: {pools}"
 
 
