@@ -261,7 +261,8 @@ def test_services_outside_the_proxy_are_charged_once(proxy: Proxy) -> None:
         assert (again["charged"], again["balance"], again["replayed"]) == ("0.000000", "8.500000", True)
         assert again["transaction_id"] == first.json()["transaction_id"]
         other_amount = svc.post("/api/v1/credits/deduct", json={**charge, "amount": "2"})
-        assert other_amount.status_code == 409 and other_amount.json()["error"]["type"] == "idempotency_conflict"
+        assert other_amount.status_code == 409
+        assert other_amount.json()["error"]["type"] == "idempotency_conflict"
         too_much = svc.post(
             "/api/v1/credits/deduct", json={**charge, "idempotency_key": "big", "amount": "100"}
         )
