@@ -10,9 +10,26 @@ and mounts the credits API on the proxy app once.
 
 from __future__ import annotations
 
+import logging
+
 from .api import build_router
 from .process import process_handler, process_runtime
 
+
+def _log_to_stderr() -> None:
+    """Give the plugin's log lines a time and a level on stderr, as LiteLLM's own have, unless
+    the operator configured logging (the root logger has handlers) or did it for the plugin."""
+    logger = logging.getLogger("litellm_credits")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
+_log_to_stderr()
 runtime = process_runtime()
 handler = process_handler()
 

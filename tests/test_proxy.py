@@ -166,7 +166,7 @@ def test_a_refusal_is_logged_once_without_litellms_error(proxy: Proxy) -> None:
             break
         time.sleep(0.1)
     [line] = lines  # LiteLLM's line about it names the call too: it is gone
-    assert line.startswith("litellm-credits: refused 402 insufficient_credits (model 'fake-custom'")
+    assert " WARNING litellm-credits: refused 402 insufficient_credits (model 'fake-custom'" in line
 
 
 def _messages(proxy: Proxy, key: str, model: str = "fake-custom", **extra: object) -> httpx.Response:
