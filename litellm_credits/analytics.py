@@ -88,7 +88,7 @@ class Analytics:
         return {
             **bounds,
             **totals(usage),
-            "active_accounts": usage["active_accounts"],
+            "active_accounts": int(usage["active_accounts"]),
             "credited": {r["type"]: format_credits(r["amount"]) for r in credited},
             "accounts": accounts["accounts"],
             "accounts_active": accounts["active"],
@@ -107,7 +107,7 @@ class Analytics:
                     "user_id": r["subject_id"],
                     "charged": format_credits(r["charged"]),
                     "cost": format_credits(r["cost"]),
-                    "requests": r["requests"],
+                    "requests": int(r["requests"]),  # a numeric sum: an integer in JSON
                 }
                 for i, r in enumerate(rows)
             ],

@@ -70,6 +70,38 @@ Dimension = Literal["model", "power_level", "service"]
 TransactionType = Literal["allocation", "bonus", "refund", "usage", "coupon", "adjustment"]
 
 
+# Python's datetime spans years 1 to 9999 (PostgreSQL's timestamps far more): a period keeps a
+# day clear of both ends, so whole-day arithmetic on it (analytics) never overflows
+EARLIEST = datetime(1, 1, 2, tzinfo=timezone.utc)
+LATEST = datetime(9999, 12, 30, tzinfo=timezone.utc)
+
+
+class PeriodError(ValueError):
+    """A date, or a range, outside what can be represented; ``param`` names the parameter."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+def _out_of_range(param: str) -> PeriodError:
+    bounds = f"{EARLIEST.isoformat()} and {LATEST.isoformat()}"
+    return PeriodError(param, f"out of range: a period lies between {bounds}")
+
+
+def instant(value: date | datetime, param: str, *, end_of_day: bool = False) -> datetime:
+    """``value`` in UTC (see :func:`as_utc`), or :class:`PeriodError` naming ``param`` when it is
+    outside ``EARLIEST``..``LATEST``."""
+    try:
+        moment = as_utc(value, end_of_day=end_of_day)
+    except OverflowError:  # an offset or the whole day pushed it past year 1 or 9999
+        raise _out_of_range(param) from None
+    if not EARLIEST <= moment <= LATEST:
+        raise _out_of_range(param)
+    return moment
+
+
 @dataclass(frozen=True)
 class Period:
     """A half-open interval of time, ``start <= t < end``, in UTC."""
@@ -85,17 +117,26 @@ class Period:
         start: date | datetime | None = None,
         end: date | datetime | None = None,
     ) -> Period:
-        """``days`` back from now, or the dates given (an end date counts as its whole day)."""
-        now = datetime.now(timezone.utc)
-        until = as_utc(end, end_of_day=True) if end is not None else now
-        since = as_utc(start) if start is not None else until - timedelta(days=days or 30)
-        return cls(since, until)
+        """``days`` back from now, or the dates given (an end date counts as its whole day);
+        :class:`PeriodError` for dates, or a range, that cannot be represented."""
+        until = instant(end, "end_date", end_of_day=True) if end is not None else datetime.now(timezone.utc)
+        if start is not None:
+            return cls(instant(start, "start_date"), until)
+        back = timedelta(days=days or 30)
+        if until - EARLIEST < back:
+            raise PeriodError(
+                "days" if days is not None else "end_date",
+                f"the period of {back.days} days before {until.isoformat()} starts before "
+                f"{EARLIEST.isoformat()}",
+            )
+        return cls(until - back, until)
 
 
 def as_utc(value: date | datetime, *, end_of_day: bool = False) -> datetime:
-    """A date is midnight UTC (the next midnight for an end); a naive datetime is UTC."""
+    """A date is midnight UTC (the next midnight for an end); a naive datetime is UTC.
+    ``OverflowError`` when the result is not representable."""
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
     midnight = datetime.combine(value, time(), tzinfo=timezone.utc)
     return midnight + timedelta(days=1) if end_of_day else midnight
 
@@ -106,18 +147,37 @@ class TxFilter:
     start: datetime | None = None
     end: datetime | None = None
 
+    @classmethod
+    def of(
+        cls,
+        type: TransactionType | None = None,
+        start: date | datetime | None = None,
+        end: date | datetime | None = None,
+    ) -> TxFilter:
+        """From query values (an end date counts as its whole day); :class:`PeriodError` for
+        dates that cannot be represented."""
+        return cls(
+            type=type,
+            start=instant(start, "start_date") if start is not None else None,
+            end=instant(end, "end_date", end_of_day=True) if end is not None else None,
+        )
+
     def args(self) -> tuple[Any, ...]:
         return (self.type, self.start, self.end)
 
 
 def totals(row: asyncpg.Record) -> dict[str, Any]:
-    """Requests, tokens and credits of a usage row (a period, a day or a group)."""
+    """Requests, tokens and credits of a usage row (a period, a day or a group).
+
+    Counts are integers: PostgreSQL's ``sum`` of a bigint is a numeric, which would otherwise
+    reach JSON as a string where no response model converts it (the usage breakdowns).
+    """
     return {
-        "requests": row["requests"],
-        "succeeded": row["succeeded"],
-        "failed": row["failed"],
-        "prompt_tokens": row["prompt_tokens"],
-        "completion_tokens": row["completion_tokens"],
+        "requests": int(row["requests"]),
+        "succeeded": int(row["succeeded"]),
+        "failed": int(row["failed"]),
+        "prompt_tokens": int(row["prompt_tokens"]),
+        "completion_tokens": int(row["completion_tokens"]),
         "cost": format_credits(row["cost"]),
         "charged": format_credits(row["charged"]),
     }
@@ -177,4 +237,16 @@ class History:
         }
 
 
-__all__ = ["Dimension", "History", "Period", "TransactionType", "TxFilter", "as_utc", "totals"]
+__all__ = [
+    "EARLIEST",
+    "LATEST",
+    "Dimension",
+    "History",
+    "Period",
+    "PeriodError",
+    "TransactionType",
+    "TxFilter",
+    "as_utc",
+    "instant",
+    "totals",
+]
