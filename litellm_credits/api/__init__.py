@@ -12,7 +12,7 @@ from .admin import add_admin_routes
 from .charges import add_charge_routes
 from .coupon_routes import add_coupon_routes
 from .openrouter_routes import add_openrouter_routes
-from .routes import ERROR_RESPONSES, SECURITY_HEADERS, CreditsRoute
+from .routes import ERROR_RESPONSES, SECURITY_HEADERS, CreditsRoute, add_fallback_routes
 from .user import add_user_routes
 
 
@@ -27,6 +27,7 @@ def build_router(runtime: Runtime, price_of: Callable[[str], ModelPrice] | None 
     add_charge_routes(router, runtime, price_of)
     add_coupon_routes(router, runtime)
     add_openrouter_routes(router, runtime)
+    add_fallback_routes(router)  # last: only what no route above matched
     return router
 
 

@@ -1,24 +1,33 @@
 """What every credits route shares: error mapping, security headers, who is calling.
 
 Every route answers errors in the OpenAI shape with a machine-readable ``type``, never a stack
-trace or SQL, and sets the security headers below.
+trace or SQL, and sets the security headers below. No input gives a 5xx: a body that is not a
+JSON object is refused with a 422 naming ``body``, after the caller is authenticated (a request
+without a valid key gets its 401 whatever it sent), and paths under the credits prefixes that no
+route serves get a 404 or 405 in the same shape (:func:`add_fallback_routes`).
 """
 
 from __future__ import annotations
 
+import email.message
+import json
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-from fastapi import Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from litellm.proxy._types import LitellmUserRoles, ProxyException
 from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
+from starlette.exceptions import HTTPException  # fastapi's HTTPException is a subclass
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
-from ..errors import CreditsError, InvalidRequest, PermissionDenied, ServiceUnavailable
+from ..errors import CreditsError, InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
+from ..history import PeriodError
 from ..ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS
 from ..ratelimit import Rate
 from . import schemas
@@ -35,14 +44,21 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorBody} for code in (400, 401, 402, 403, 404, 409, 422, 429, 503)
+    code: {"model": schemas.ErrorBody} for code in (400, 401, 402, 403, 404, 409, 410, 422, 429, 503)
 }
 
 
-def _error(status: int, type_: str, message: str, param: str | None = None, **extra: Any) -> JSONResponse:
+def _error(
+    status: int,
+    type_: str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
     body: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": str(status)}
     body.update(extra)
-    return JSONResponse(status_code=status, content={"error": body})
+    return JSONResponse(status_code=status, content={"error": body}, headers=headers)
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
@@ -54,9 +70,137 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         }
         for e in exc.errors()
     ]
-    first = fields[0] if fields else {"loc": [], "msg": "invalid request"}
-    param = ".".join(first["loc"][1:]) or None
-    return _error(422, "validation_error", f"{param or 'request'}: {first['msg']}", param, fields=fields)
+    errors = exc.errors()
+    param = _param([str(p) for p in errors[0].get("loc", ())]) if errors else None
+    msg = fields[0]["msg"] if fields else "invalid request"
+    return _error(422, "validation_error", f"{param or 'request'}: {msg}", param, fields=fields)
+
+
+def _param(loc: list[str]) -> str | None:
+    """The parameter an error location names: ``("query", "end_date", "date")`` is ``end_date``
+    (the rest is which member of a union failed), ``("body", "items", "0", "amount")`` is
+    ``items.0.amount``, and ``("body",)`` the body as a whole."""
+    if not loc:
+        return None
+    if loc[0] == "body":
+        return ".".join(loc[1:]) or "body"
+    return loc[1] if len(loc) > 1 else None
+
+
+def _field_error(param: str, where: str, message: str, kind: str = "value_error") -> JSONResponse:
+    fields = [{"loc": [where, param], "msg": message, "type": kind}]
+    return _error(422, "validation_error", f"{param}: {message}", param, fields=fields)
+
+
+# the ``type`` of an HTTP error raised by Starlette or FastAPI themselves, by status
+HTTP_ERROR_TYPES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    503: "service_unavailable",
+}
+
+
+def _http_error(exc: HTTPException) -> JSONResponse:
+    status = exc.status_code
+    type_ = HTTP_ERROR_TYPES.get(status, "invalid_request" if status < 500 else "internal_error")
+    message = str(exc.detail or "") or f"HTTP {status}"
+    return _error(status, type_, message, headers=dict(exc.headers or {}))
+
+
+# --- the request body -----------------------------------------------------------------------
+
+BODY_ERROR = "credits_body_error"  # request.state: why the body was refused, raised after auth
+
+
+class BodyError(ValueError):
+    """A body that is not a JSON object; ``kind`` is its error type in ``fields``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def validation_error(self) -> RequestValidationError:
+        return RequestValidationError([{"type": self.kind, "loc": ("body",), "msg": self.message}])
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise BodyError("json_invalid", f"{name} is not JSON")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A JSON object from UTF-8 bytes, or :class:`BodyError` saying where and why it is not one.
+
+    Stricter than ``json.loads``: no NaN or Infinity, no other encodings; a nesting too deep for
+    the parser or a number too long to convert is an error, not a crash.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BodyError("utf8_invalid", f"the body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno} (char {exc.pos})"
+        raise BodyError("json_invalid", f"invalid JSON at {where}: {exc.msg}") from None
+    except RecursionError:
+        raise BodyError("json_too_deep", "the JSON is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer longer than Python converts
+        raise BodyError("json_invalid", f"invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BodyError("dict_type", f"the body must be a JSON object, not {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "a number"
+
+
+def _is_json(content_type: str | None) -> bool:
+    """FastAPI's test: only these bodies does it parse as JSON (others stay bytes, and fail
+    validation as not an object)."""
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    is_json = subtype == "json" or subtype.endswith("+json")
+    return message.get_content_maintype() == "application" and is_json
+
+
+async def _read_body(request: Request) -> None:
+    """Parse a JSON body before FastAPI does, keeping a bad one's error for after authentication.
+
+    FastAPI would refuse it before any dependency ran, so before the key is checked.
+    """
+    if not _is_json(request.headers.get("content-type")):
+        return
+    raw = await request.body()
+    if not raw:
+        return
+    try:
+        parsed: Any = parse_json_object(raw)
+    except BodyError as err:
+        setattr(request.state, BODY_ERROR, err)
+        parsed = {}
+    request._json = parsed  # Starlette's cache of request.json(), which FastAPI reads
+
+
+def _refuse_bad_body(request: Request) -> None:
+    err = getattr(request.state, BODY_ERROR, None)
+    if err is not None:
+        raise err.validation_error()
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -106,22 +250,38 @@ class CreditsRoute(APIRoute):
         original = super().get_route_handler()
 
         async def handler(request: Request) -> Response:
+            # LiteLLM's authentication reads a body as an LLM call's parameters, assumes a JSON
+            # object and fails with a 500 on any other; a credits body is the plugin's own, so
+            # it is shown an empty one (the parsed-body cache it reads first)
+            request.scope["parsed_body"] = ((), {})
             try:
                 if self.cross_origin(request):
                     raise PermissionDenied(
                         "cross-origin request refused: a browser session cannot change credits from "
                         "another site (send an API key, or add the origin to allowed_origins)"
                     )
+                if self.body_field is not None:
+                    await _read_body(request)
                 response = await original(request)
             except CreditsError as err:
                 response = JSONResponse(status_code=err.status, content=err.to_body(), headers=err.headers)
             except RequestValidationError as exc:
                 response = _validation_error(exc)
+            except PeriodError as exc:
+                response = _field_error(exc.param, "query", exc.message)
             except ProxyException as exc:
-                status = int(exc.code) if str(exc.code).isdigit() else 401
-                response = _error(status, exc.type or "authentication_error", exc.message, exc.param)
+                status = int(exc.code) if str(exc.code).isdigit() and int(exc.code) >= 400 else 401
+                response = _error(
+                    status,
+                    exc.type or "authentication_error",
+                    exc.message,
+                    exc.param,
+                    headers=dict(getattr(exc, "headers", None) or {}),
+                )
             except HTTPException as exc:
-                response = _error(exc.status_code, "http_error", str(exc.detail))
+                response = _http_error(exc)
+            except ClientDisconnect:
+                response = _error(400, "invalid_request", "the client closed the connection mid-request")
             except INVALID_INPUT_ERRORS:
                 response = _error(400, "invalid_request", "the request breaks a limit of the ledger")
             except UNAVAILABLE_ERRORS as exc:
@@ -151,7 +311,8 @@ class Caller:
     is_service: bool = False
 
 
-async def _caller(request: Request, auth: Annotated[Any, Depends(user_api_key_auth)]) -> Caller:
+async def _identity(request: Request, auth: Annotated[Any, Depends(user_api_key_auth)]) -> Caller:
+    """Who is calling (a bad key is a 401 here); counts the request against the account's limit."""
     role = getattr(auth, "user_role", None)
     is_admin = role == LitellmUserRoles.PROXY_ADMIN or str(role) == "proxy_admin"
     subject = auth.user_id if auth.user_id not in (None, "default_user_id") else None
@@ -180,15 +341,23 @@ async def limit_account(
         request.state.credits_rate = decision
 
 
-async def _service(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
-    if not caller.is_service:
-        raise PermissionDenied("this route needs a service key or an admin key")
+# each of these runs after authentication, then refuses a body that is not a JSON object
+async def _caller(request: Request, caller: Annotated[Caller, Depends(_identity)]) -> Caller:
+    _refuse_bad_body(request)
     return caller
 
 
-async def _admin(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
+async def _service(request: Request, caller: Annotated[Caller, Depends(_identity)]) -> Caller:
+    if not caller.is_service:
+        raise PermissionDenied("this route needs a service key or an admin key")
+    _refuse_bad_body(request)
+    return caller
+
+
+async def _admin(request: Request, caller: Annotated[Caller, Depends(_identity)]) -> Caller:
     if not caller.is_admin:
         raise PermissionDenied("this route needs the proxy's master key or an admin key")
+    _refuse_bad_body(request)
     return caller
 
 
@@ -201,6 +370,41 @@ def target(caller: Caller, user_id: str | None) -> str:
     if caller.subject_id is None:
         raise InvalidRequest("pass user_id to act for an account with an admin key", param="user_id")
     return caller.subject_id
+
+
+# --- what no route serves ---------------------------------------------------------------------
+
+FALLBACK_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
+CREDITS_PREFIXES = ("/credits", "/admin/credits")
+
+
+def add_fallback_routes(router: APIRouter, prefixes: tuple[str, ...] = CREDITS_PREFIXES) -> None:
+    """Last routes of ``router``: any other path under the ``prefixes`` gets a 404 ``not_found``,
+    and a path served for other methods a 405 ``method_not_allowed`` with ``Allow``, in the
+    credits error shape (not FastAPI's ``{"detail": ...}``)."""
+    fallbacks: list[Any] = []
+
+    async def fallback(request: Request) -> Response:
+        allowed: set[str] = set()
+        for route in router.routes:
+            if isinstance(route, APIRoute) and route not in fallbacks:
+                match, _ = route.matches(request.scope)
+                if match is not Match.NONE:
+                    allowed |= route.methods or set()
+        if not allowed:
+            raise NotFound(f"no credits route {request.url.path}")
+        allow = ", ".join(sorted(allowed))
+        return _error(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.url.path}; allowed: {allow}",
+            headers={"Allow": allow},
+        )
+
+    for prefix in prefixes:
+        for path in (prefix, prefix + "/{path:path}"):
+            router.add_api_route(path, fallback, methods=FALLBACK_METHODS, include_in_schema=False)
+            fallbacks.append(router.routes[-1])
 
 
 CallerDep = Annotated[Caller, Depends(_caller)]
@@ -223,6 +427,8 @@ __all__ = [
     "Offset",
     "ServiceDep",
     "UserIdQuery",
+    "add_fallback_routes",
     "limit_account",
+    "parse_json_object",
     "target",
 ]

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
 from ..errors import AccountNotFound, NotFound
-from ..history import Dimension, History, Period, TransactionType, TxFilter, as_utc
+from ..history import Dimension, History, Period, TransactionType, TxFilter
 from ..ledger import Account, Transaction
 from ..money import format_credits
 from ..pricing import ModelPrice, Usage, usd_cost
@@ -136,13 +136,20 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
     ) -> StreamingResponse:
         """The caller's ledger as CSV, streamed (a long history never sits in memory)."""
         subject = target(caller, user_id)
+        where = _filter(type, start_date, end_date)  # a bad date is a 422 before the first byte
         await _account(runtime, subject)
-        rows = (await history()).export(subject, _filter(type, start_date, end_date))
+        rows = (await history()).export(subject, where)
+        # the query runs now, so that its errors are still a JSON answer, not a broken stream
+        first = await anext(rows, None)
 
         async def lines() -> AsyncIterator[str]:
             buffer = io.StringIO()
             writer = csv.writer(buffer, lineterminator="\r\n")
             writer.writerow(CSV_COLUMNS)
+            if first is None:
+                yield buffer.getvalue()
+                return
+            writer.writerow(_csv_row(first))
             async for tx in rows:
                 writer.writerow(_csv_row(tx))
                 if buffer.tell() > 64 * 1024:
@@ -182,7 +189,12 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
         return await (await history()).usage(target(caller, user_id), _period(days, start_date, end_date))
 
     def breakdown(dimension: Dimension, path: str, summary: str) -> None:
-        @router.get(path, response_model=schemas.UsageBreakdown, summary=summary)
+        description = (
+            f"Requests, tokens and credits per {dimension.replace('_', ' ')} over a period (default the "
+            "last 30 days), the largest charge first."
+        )
+
+        @router.get(path, response_model=schemas.UsageBreakdown, summary=summary, description=description)
         async def usage_by(
             caller: CallerDep,
             days: Days = None,
@@ -241,11 +253,7 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
 def _filter(
     type_: TransactionType | None, start: date | datetime | None, end: date | datetime | None
 ) -> TxFilter:
-    return TxFilter(
-        type=type_,
-        start=as_utc(start) if start is not None else None,
-        end=as_utc(end, end_of_day=True) if end is not None else None,
-    )
+    return TxFilter.of(type_, start, end)
 
 
 def _cap(account: Account) -> dict[str, Any]:
