@@ -137,6 +137,7 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
 
     @router.get("/admin/credits/accounts/{user_id}", response_model=schemas.Account)
     async def get_account(user_id: UserIdPath, _: AdminDep) -> dict[str, Any]:
+        """One account: balance, held credits, tier, monthly cap and status."""
         account = await runtime.account(user_id)
         if account is None:
             raise AccountNotFound(f"no credit account {user_id!r}", param="user_id")
@@ -160,6 +161,7 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
 
     @router.post("/admin/credits/accounts/{user_id}/enable", response_model=schemas.Account)
     async def enable_account(user_id: UserIdPath, _: AdminDep) -> dict[str, Any]:
+        """Accept the account's requests again."""
         return (await (await accounts()).update(user_id, status="active")).to_json()
 
     @router.post("/admin/credits/refund", response_model=schemas.Refunded)

@@ -46,6 +46,7 @@ def add_coupon_routes(router: APIRouter, runtime: Runtime) -> None:
     async def list_coupons(
         _: AdminDep, active: Annotated[bool | None, Query()] = None, limit: Limit = 50, offset: Offset = 0
     ) -> dict[str, Any]:
+        """Coupons, newest first, with their uses; ``active`` filters on whether they can be redeemed."""
         items, total = await (await coupons()).list(active=active, limit=limit, offset=offset)
         return {"items": items, "total": total, "limit": limit, "offset": offset}
 
