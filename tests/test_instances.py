@@ -34,7 +34,17 @@ CONFIG = TESTS / "credits_instances.yaml"
 def _start(
     database_url: str, redis_url: str, upstream: FakeUpstream, master: str, log: Any, name: str
 ) -> tuple[Any, Proxy]:
-    env = proxy_env(database_url, master, upstream.url, redis_url, CREDITS_CONFIG=str(CONFIG))
+    # a Redis call counts as failed after 2 s, not 0.25: on a loaded machine (CI, or these tests
+    # run under two busy processes) the shorter timeout sends reads around the cache, and the
+    # cache's use below could not be seen; correctness never depends on it
+    env = proxy_env(
+        database_url,
+        master,
+        upstream.url,
+        redis_url,
+        CREDITS_CONFIG=str(CONFIG),
+        CREDITS_REDIS_TIMEOUT_SECONDS="2",
+    )
     path = log / f"{name}.log"
     proc, url = start_proxy(TESTS / "proxy_config.yaml", env, path)
     return proc, Proxy(url=url, master_key=master, log_path=path)
