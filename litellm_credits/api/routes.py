@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException  # fastapi's HTTPException is a s
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from ..errors import CreditsError, InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
+from ..errors import CreditsError, InvalidRequest, PermissionDenied, ServiceUnavailable
 from ..history import PeriodError
 from ..ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS
 from ..ratelimit import Rate
@@ -374,37 +374,36 @@ def target(caller: Caller, user_id: str | None) -> str:
 
 # --- what no route serves ---------------------------------------------------------------------
 
-FALLBACK_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 CREDITS_PREFIXES = ("/credits", "/admin/credits")
 
 
 def add_fallback_routes(router: APIRouter, prefixes: tuple[str, ...] = CREDITS_PREFIXES) -> None:
     """Last routes of ``router``: any other path under the ``prefixes`` gets a 404 ``not_found``,
     and a path served for other methods a 405 ``method_not_allowed`` with ``Allow``, in the
-    credits error shape (not FastAPI's ``{"detail": ...}``)."""
-    fallbacks: list[Any] = []
+    credits error shape (not FastAPI's ``{"detail": ...}``) with the security headers."""
 
     async def fallback(request: Request) -> Response:
         allowed: set[str] = set()
         for route in router.routes:
-            if isinstance(route, APIRoute) and route not in fallbacks:
+            if isinstance(route, APIRoute):
                 match, _ = route.matches(request.scope)
                 if match is not Match.NONE:
                     allowed |= route.methods or set()
-        if not allowed:
-            raise NotFound(f"no credits route {request.url.path}")
-        allow = ", ".join(sorted(allowed))
-        return _error(
-            405,
-            "method_not_allowed",
-            f"{request.method} is not allowed on {request.url.path}; allowed: {allow}",
-            headers={"Allow": allow},
-        )
+        path = request.url.path
+        if allowed:
+            allow = ", ".join(sorted(allowed))
+            message = f"{request.method} is not allowed on {path}; allowed: {allow}"
+            response = _error(405, "method_not_allowed", message, headers={"Allow": allow})
+        else:
+            response = _error(404, "not_found", f"no credits route {path}")
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
     for prefix in prefixes:
         for path in (prefix, prefix + "/{path:path}"):
-            router.add_api_route(path, fallback, methods=FALLBACK_METHODS, include_in_schema=False)
-            fallbacks.append(router.routes[-1])
+            # a plain Starlette route with no methods matches every method, even those FastAPI
+            # does not list (QUERY, PROPFIND), which would otherwise get FastAPI's own 405
+            router.add_route(router.prefix + path, fallback, methods=(), include_in_schema=False)
 
 
 CallerDep = Annotated[Caller, Depends(_caller)]
