@@ -57,8 +57,9 @@ pytestmark = pytest.mark.proxy
 # per-account API limits far above what the fuzzer sends: a user key's requests reach the routes
 FUZZ_CONFIG = TESTS / "fuzz_credits.yaml"
 CREDITS_PATH = re.compile(r"^/api/v1/(admin/)?credits(/|$)")
-# examples per operation and generation mode (valid, invalid): about 2,500 requests in all
-EXAMPLES = 15
+# generated examples per operation and generation mode (valid, invalid), after the coverage
+# cases: about 2,600 requests per key in all
+EXAMPLES = 10
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES,
     derandomize=True,
@@ -109,7 +110,7 @@ def fuzz_proxy(
 
 def credits_spec(proxy: Proxy) -> dict[str, Any]:
     """The proxy's OpenAPI with only the credits paths (LiteLLM's own hundreds left out)."""
-    spec = httpx.get(proxy.url + "/openapi.json", timeout=30).json()
+    spec = httpx.get(proxy.url + "/openapi.json", timeout=120).json()  # built on first request
     spec["paths"] = {p: ops for p, ops in spec["paths"].items() if CREDITS_PATH.match(p)}
     return spec
 
@@ -141,33 +142,46 @@ def error_shape(response: schemathesis.Response) -> str | None:
 
 
 def fuzz(proxy: Proxy, key: str) -> tuple[int, list[str]]:
-    """Every credits operation, valid and invalid requests: (requests sent, failures)."""
+    """Every credits operation: schemathesis' coverage cases (boundary values, missing and
+    wrong-typed fields, other methods), then generated examples, valid and invalid.
+    Returns (requests sent, failures)."""
     schema = schemathesis.openapi.from_dict(credits_spec(proxy))
+    modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
     failures: list[str] = []
     sent = 0
+
     with requests.Session() as session:
+
+        def send(case: Any, label: str) -> None:
+            nonlocal sent
+            # the schema declares LiteLLM's x-litellm-api-key (which wins over Authorization),
+            # and schemathesis fills it in: the key under test goes there
+            case.headers = {**(case.headers or {}), "x-litellm-api-key": f"Bearer {key}"}
+            response = case.call(base_url=proxy.url, session=session, timeout=60)
+            sent += 1
+            problem = error_shape(response)
+            if problem is None:
+                try:
+                    case.validate_response(response, checks=CHECKS)
+                except (FailureGroup, AssertionError) as exc:
+                    problem = str(exc)[:1500]
+            if problem is not None:
+                failures.append(f"{label}: {problem}\n{case.as_curl_command()}")
+
         for result in schema.get_all_operations():
             operation = result.ok()
-            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            generation = schema.config.generation_for(operation=operation)
+            # deterministic by construction: no randomness in the coverage phase
+            for case in schema.iter_coverage_cases(
+                operation, generation_modes=modes, generation_config=generation
+            ):
+                send(case, f"{operation.label} (coverage)")
+            for mode in modes:
 
                 @FUZZ_SETTINGS
                 @given(case=operation.as_strategy(generation_mode=mode))
                 def run(case: Any) -> None:
-                    nonlocal sent
-                    # the schema declares LiteLLM's x-litellm-api-key (which wins over
-                    # Authorization) and the fuzzer fills it in: the key under test goes there
-                    case.headers = {**(case.headers or {}), "x-litellm-api-key": f"Bearer {key}"}
-                    response = case.call(base_url=proxy.url, session=session, timeout=60)
-                    sent += 1
-                    problem = error_shape(response)
-                    if problem is None:
-                        try:
-                            case.validate_response(response, checks=CHECKS)
-                        except (FailureGroup, AssertionError) as exc:
-                            problem = str(exc)[:1500]
-                    if problem is not None:
-                        curl = case.as_curl_command()
-                        failures.append(f"{operation.label} ({mode.value}): {problem}\n{curl}")
+                    send(case, f"{operation.label} ({mode.value})")
 
                 run()
     return sent, failures
@@ -393,12 +407,15 @@ def test_usage_breakdowns_count_tokens_as_integers(fuzz_proxy: FuzzProxy) -> Non
         ("DELETE", "/api/v1/credits/balance", 405, "GET"),
         ("PUT", "/api/v1/admin/credits/accounts/someone", 405, "GET, PATCH"),
         ("GET", "/api/v1/admin/credits/allocate", 405, "POST"),
+        ("QUERY", "/api/v1/credits/usage/stats", 405, "GET"),  # found by the fuzzer's coverage phase
+        ("PROPFIND", "/api/v1/credits/nowhere", 404, None),
     ],
 )
 def test_unknown_routes_and_methods_answer_in_the_error_shape(
     fuzz_proxy: FuzzProxy, method: str, path: str, status: int, allow: str | None
 ) -> None:
-    """Regression: 404 and 405 under the credits prefixes were FastAPI's ``{"detail": ...}``."""
+    """Regression: 404 and 405 under the credits prefixes were FastAPI's ``{"detail": ...}``
+    (and a method FastAPI does not list, such as QUERY, lacked the security headers)."""
     for headers in ({}, {"Authorization": f"Bearer {fuzz_proxy.master_key}"}):
         r = httpx.request(method, fuzz_proxy.url + path, headers=headers, timeout=30)
         assert r.status_code == status, r.text
