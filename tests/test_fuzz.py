@@ -7,8 +7,8 @@ one that breaks the documented status codes, content types or response schemas; 
 no traceback, and afterwards ``litellm-credits verify`` finds the ledger sound.
 
 Explicit cases pin the inputs that gave 500s before (malformed bodies, extreme dates) and the
-shape of 404 and 405 under the credits prefixes. The runs are deterministic: Hypothesis is
-derandomized, with no example database.
+shape of 404 and 405 under the credits prefixes. The runs are deterministic: schemathesis'
+coverage cases involve no randomness, and Hypothesis is derandomized, with no example database.
 """
 
 from __future__ import annotations
