@@ -359,6 +359,17 @@ def test_extreme_dates_get_422_naming_the_parameter(
             assert (error["type"], error["param"]) == ("validation_error", param), (path, error)
 
 
+@pytest.mark.parametrize("expires_at", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"])
+def test_a_coupon_expiry_out_of_range_is_a_422_naming_it(fuzz_proxy: FuzzProxy, expires_at: str) -> None:
+    """Regression: such dates reached PostgreSQL and came back as a generic 400 ("breaks a limit
+    of the ledger") that named no field."""
+    body = {"code": "EDGE" + secrets.token_hex(4), "type": "fixed", "value": "1", "expires_at": expires_at}
+    with fuzz_proxy.admin() as admin:
+        r = admin.post("/api/v1/admin/credits/coupons", json=body)
+    assert r.status_code == 422, r.text
+    assert (r.json()["error"]["type"], r.json()["error"]["param"]) == ("validation_error", "expires_at")
+
+
 def test_the_widest_representable_period_is_answered(fuzz_proxy: FuzzProxy) -> None:
     user, _ = fuzz_proxy.create_account("1")
     widest = {"start_date": "0001-01-02", "end_date": "9999-12-29"}

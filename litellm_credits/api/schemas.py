@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 
+from ..history import PeriodError, instant
 from ..money import AmountError, format_credits, parse_credits
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -23,6 +24,14 @@ def _amount(value: Any) -> int:
         return parse_credits(value)
     except AmountError as exc:
         raise ValueError(str(exc)) from None
+
+
+def _moment(value: datetime) -> datetime:
+    """A date-time PostgreSQL and Python can both hold, in UTC (no offset means UTC)."""
+    try:
+        return instant(value, "expires_at")
+    except PeriodError as exc:
+        raise ValueError(exc.message) from None
 
 
 def _positive(value: int) -> int:
@@ -386,7 +395,7 @@ class CreateCoupon(_In):
         description="credits (fixed) or a percentage of the next allocation (percent)"
     )
     max_uses: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] | None = None
-    expires_at: datetime | None = None
+    expires_at: Annotated[datetime, AfterValidator(_moment)] | None = None
     tiers: Annotated[list[Tier], Field(min_length=1, max_length=50)] | None = Field(
         None, description="only accounts in these tiers may redeem it"
     )
