@@ -235,15 +235,17 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         "LITELLM_MASTER_KEY": key,
         "CREDITS_DATABASE_URL": dsn,
         "LITELLM_LOCAL_MODEL_COST_MAP": os.environ.get("LITELLM_LOCAL_MODEL_COST_MAP", "True"),
+        # LiteLLM serves Swagger UI at / unless told otherwise; /docs is where people look
+        "DOCS_URL": os.environ.get("DOCS_URL", "/docs"),
     }
     cmd = [exe, "--config", args.config, "--host", args.host, "--port", str(args.port)]
     if args.num_workers > 1:
         cmd += ["--num_workers", str(args.num_workers)]
         if not settings.redis_url:
             print(
-                "warning: several workers without CREDITS_REDIS_URL: each keeps its own cache and "
-                "rate limits, so a balance read through one worker may lag a change made through "
-                f"another by up to {settings.credits.cache.ttl_seconds:g} s (holds are unaffected)",
+                "warning: several workers without CREDITS_REDIS_URL: each counts rate limits and "
+                "caches analytics on its own (balances, keys and holds are read from PostgreSQL "
+                "and always current)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -75,6 +75,17 @@ def test_readme_usage_example_runs(served: tuple[str, str]) -> None:
     assert balance == "9.986500"
 
 
+def test_the_api_docs_are_where_the_readme_says(served: tuple[str, str]) -> None:
+    """Regression: the README sent newcomers to /docs, which was a 404 (LiteLLM serves its
+    Swagger UI at / unless DOCS_URL says otherwise)."""
+    url, _ = served
+    assert "`/docs`" in README.read_text()
+    page = httpx.get(url + "/docs", timeout=30)
+    assert page.status_code == 200 and "swagger" in page.text.lower()
+    spec = httpx.get(url + "/openapi.json", timeout=30).json()
+    assert "/api/v1/credits/balance" in spec["paths"]
+
+
 def test_quickstart_commands_are_the_makefile_targets() -> None:
     makefile = (ROOT / "Makefile").read_text()
     quickstart = README.read_text().split("## Quickstart", 1)[1].split("##", 1)[0]
