@@ -37,6 +37,8 @@ from .errors import (
 )
 from .ledger_sql import (
     SQL_APPLY_BONUS,
+    SQL_BULK_CLAIM,
+    SQL_BULK_REQUEST,
     SQL_CREATE_ACCOUNT,
     SQL_CREDIT,
     SQL_DISCREPANCIES,
@@ -47,6 +49,7 @@ from .ledger_sql import (
     SQL_LOCK_ACCOUNT,
     SQL_REFUNDABLE,
     SQL_RESOLVE,
+    SQL_RESOLVED,
     SQL_SET_CAP,
     SQL_TX_BY_KEY,
     SQL_TX_REQUEST,
@@ -94,15 +97,6 @@ def _account(row: asyncpg.Record) -> Account:
 
 def _transaction(row: asyncpg.Record) -> Transaction:
     return Transaction(**dict(row))
-
-
-def _same_bulk(first: asyncpg.Record, request: str, amount: int, type: str) -> bool:
-    """Whether a row of an earlier bulk grant was made by this same request."""
-    recorded = (first["metadata"] or {}).get("bulk_request")
-    if recorded is not None:
-        return bool(recorded == request)
-    # rows from before bulk requests were recorded: compare what each row has
-    return bool(first["amount"] == amount and first["type"] == type)
 
 
 class Ledger:
@@ -281,27 +275,34 @@ class Ledger:
         """Credit several accounts in one transaction: all of them, or (on any error) none.
 
         Accounts are locked in sorted order, so concurrent bulk grants cannot deadlock. With an
-        idempotency key, a replay returns the first run's transactions.
+        idempotency key, a replay returns the first run's transactions, and the key used for any
+        other request (other amounts, accounts or type) is ``IdempotencyConflict``.
         """
         if not grants or any(a <= 0 for a in grants.values()):
             raise InvalidRequest("every amount must be positive", param="items")
         keys = {s: f"{idempotency_key or 'bulk:' + str(uuid.uuid4())}:{s}" for s in grants}
-        # the whole request, recorded on each of its rows: a replay must match all of it
-        request = hashlib.sha256(json.dumps([type, sorted(grants.items())]).encode()).hexdigest()
-        metadata = {"bulk_request": request}
+        subjects = sorted(grants)
         async with self.pool.acquire() as conn, conn.transaction():
-            done = [await conn.fetchrow(SQL_TX_REQUEST, s, keys[s]) for s in sorted(grants)]
-            if any(done):
-                if not all(done) or any(
-                    not _same_bulk(r, request, grants[s], type)
-                    for s, r in zip(sorted(grants), done, strict=True)
-                ):
-                    raise IdempotencyConflict()
-                return [_transaction(await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s])) for s in sorted(grants)]
+            if idempotency_key is not None:
+                request = hashlib.sha256(json.dumps([type, sorted(grants.items())]).encode()).hexdigest()
+                if await conn.fetchval(SQL_BULK_CLAIM, idempotency_key, request, subjects) is None:
+                    first = await conn.fetchrow(SQL_BULK_REQUEST, idempotency_key)
+                    if first is None or first["request_hash"] != request:
+                        raise IdempotencyConflict()
+                    return [_transaction(await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s])) for s in subjects]
+                # a key used before bulk grants were recorded (migration 0008) has only its rows
+                done = [await conn.fetchrow(SQL_TX_REQUEST, s, keys[s]) for s in subjects]
+                if any(done):
+                    if not all(done) or any(
+                        r["amount"] != grants[s] or r["type"] != type
+                        for s, r in zip(subjects, done, strict=True)
+                    ):
+                        raise IdempotencyConflict()
+                    return [_transaction(await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s])) for s in subjects]
             rows, missing = [], []
-            for subject in sorted(grants):
+            for subject in subjects:
                 row = await conn.fetchrow(
-                    SQL_CREDIT, subject, grants[subject], type, keys[subject], description, metadata, None
+                    SQL_CREDIT, subject, grants[subject], type, keys[subject], description, {}, None
                 )
                 if row is None:
                     missing.append(subject)
@@ -315,7 +316,7 @@ class Ledger:
                     param="items",
                     missing=missing,
                 )
-        await self.changed(*sorted(grants))
+        await self.changed(*subjects)
         return [_transaction(r) for r in rows]
 
     # holds -------------------------------------------------------------------------------
@@ -429,8 +430,12 @@ class Ledger:
         usage_status: str,
         usage: UsageRecord,
     ) -> Settlement | None:
-        row = await self._retry(
-            lambda: self.pool.fetchrow(
+        attempts = 0
+
+        async def resolve() -> asyncpg.Record | None:
+            nonlocal attempts
+            attempts += 1
+            return await self.pool.fetchrow(
                 SQL_RESOLVE,
                 subject_id,
                 hold_id,
@@ -448,11 +453,26 @@ class Ledger:
                 usage.latency_ms,
                 usage.metadata or {},
             )
-        )
+
+        row = await self._retry(resolve)
         if row is None:
-            return None
+            # tried again after a failure: the first attempt may have committed with its reply
+            # lost; a hold that ended exactly as asked is that attempt's settlement
+            return await self._resolved(subject_id, hold_id, charge, hold_status) if attempts > 1 else None
         await self.changed(subject_id, wait=False)
         return Settlement(row["balance"], row["charge"] if row["debits"] else 0, row["transaction_id"])
+
+    async def _resolved(
+        self, subject_id: str, hold_id: uuid.UUID, charge: int | None, hold_status: str
+    ) -> Settlement | None:
+        row = await self._retry(lambda: self.pool.fetchrow(SQL_RESOLVED, subject_id, hold_id))
+        expected = row["amount"] if row is not None and charge is None else charge
+        if row is None or row["status"] != hold_status or row["settled_amount"] != expected:
+            return None
+        await self.changed(subject_id, wait=False)
+        return Settlement(
+            row["balance"], row["settled_amount"] if row["debits"] else 0, row["transaction_id"]
+        )
 
     async def settle(
         self, subject_id: str, hold_id: uuid.UUID, charge: int, usage: UsageRecord

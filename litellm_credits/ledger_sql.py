@@ -74,6 +74,16 @@ SELECT t.type,
 FROM credits.credit_transactions t WHERE t.subject_id = $1 AND t.id = $2
 """
 
+# A bulk grant's idempotency key, with what it asked for: recorded in the grant's transaction, so
+# that a replay for other accounts (whose own rows know nothing of it) is told apart too
+SQL_BULK_CLAIM = """
+INSERT INTO credits.bulk_grants (idempotency_key, request_hash, subjects)
+VALUES ($1, $2, $3)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING created_at
+"""
+SQL_BULK_REQUEST = "SELECT request_hash, subjects FROM credits.bulk_grants WHERE idempotency_key = $1"
+
 # what the request behind an idempotency key asked for (compared on a replay)
 SQL_TX_REQUEST = """
 SELECT type, amount, refund_of, metadata FROM credits.credit_transactions
@@ -187,6 +197,18 @@ WITH prior AS (
 SELECT a.balance, a.charge, a.debits, (SELECT id FROM t) AS transaction_id FROM a
 """
 
+# How a hold ended, and the settlement it made: what a resolution retried after a lost reply
+# answers, when the hold ended exactly as it asked ($1 subject, $2 hold id)
+SQL_RESOLVED = """
+SELECT h.status, h.amount, h.settled_amount, h.debits, t.id AS transaction_id,
+       coalesce(t.balance_after, a.balance) AS balance
+FROM credits.holds h
+JOIN credits.credit_accounts a ON a.subject_id = h.subject_id
+LEFT JOIN credits.credit_transactions t
+       ON t.subject_id = h.subject_id AND t.idempotency_key = 'hold:' || h.id::text
+WHERE h.subject_id = $1 AND h.id = $2
+"""
+
 SQL_HOLD_AGAIN = """
 SELECT h.expires_at, a.tier, h.amount, h.debits, h.request_hash, true AS replayed
 FROM credits.holds h JOIN credits.credit_accounts a USING (subject_id)
@@ -211,6 +233,8 @@ SQL_DISCREPANCIES = "SELECT * FROM credits.v_ledger_discrepancies"
 __all__ = [
     "ACCOUNT_COLUMNS",
     "SQL_APPLY_BONUS",
+    "SQL_BULK_CLAIM",
+    "SQL_BULK_REQUEST",
     "SQL_CREATE_ACCOUNT",
     "SQL_CREDIT",
     "SQL_DISCREPANCIES",
@@ -221,6 +245,7 @@ __all__ = [
     "SQL_LOCK_ACCOUNT",
     "SQL_REFUNDABLE",
     "SQL_RESOLVE",
+    "SQL_RESOLVED",
     "SQL_SET_CAP",
     "SQL_TX_BY_KEY",
     "SQL_TX_REQUEST",
