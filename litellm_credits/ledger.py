@@ -368,13 +368,19 @@ class Ledger:
 
         async def take() -> asyncpg.Record | None:
             try:
-                return await self.pool.fetchrow(
+                row = await self.pool.fetchrow(
                     SQL_HOLD, subject_id, hold_id, tiers, amounts, debits, default_tier,
                     int(ttl_seconds), model, power_level, request_hash,
                 )  # fmt: skip
             except asyncpg.UniqueViolationError:
-                # the same id taken at the same moment by another attempt: it is this one's twin
-                return await self.pool.fetchrow(SQL_HOLD_AGAIN, subject_id, hold_id)
+                row = None  # the same id taken at the same moment by another attempt
+            if row is None:
+                # A refusal may be a twin's doing: an attempt in flight at the same moment (the
+                # first try of a retried statement, still waiting on the account's lock) misses
+                # in this statement's snapshot, commits first, and the balance it took is then
+                # what refuses this one. A new statement sees it; only then is it a refusal.
+                row = await self.pool.fetchrow(SQL_HOLD_AGAIN, subject_id, hold_id)
+            return row
 
         row = await self._retry(take)
         if row is not None:

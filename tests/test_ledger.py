@@ -431,3 +431,30 @@ async def test_daily_rollup_equals_the_events(ledger: Ledger, account: AccountFa
         subject,
     )
     assert (mine["requests"], mine["charged"]) == (2, c("0.75"))
+
+
+async def test_twin_attempts_of_one_hold_in_flight_at_once_both_get_it(
+    ledger: Ledger, account: AccountFactory, database_url: str
+) -> None:
+    """Regression (review): two attempts of one hold id in flight at once (a retry while the
+    first attempt's backend still waits on the account's lock) both missed the hold in their
+    snapshot; the second then met the balance the first had taken and was refused with 402 for
+    a hold that existed."""
+    subject = await account("10")
+    hold_id = uuid.uuid4()
+    blocker = await asyncpg.connect(database_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute(
+                "SELECT 1 FROM credits.credit_accounts WHERE subject_id = $1 FOR UPDATE", subject
+            )
+            first = asyncio.create_task(ledger.hold(subject, c("10"), ttl_seconds=60, hold_id=hold_id))
+            await asyncio.sleep(0.2)
+            twin = asyncio.create_task(ledger.hold(subject, c("10"), ttl_seconds=60, hold_id=hold_id))
+            await asyncio.sleep(0.2)
+    finally:
+        await blocker.close()
+    held = await asyncio.gather(first, twin)
+    assert {h.id for h in held} == {hold_id} and sorted(h.replayed for h in held) == [False, True]
+    assert (await ledger.require_account(subject)).held == c("10")
+    await assert_sound(ledger, subject)
