@@ -25,6 +25,21 @@ class AmountError(ValueError):
     """An amount that does not follow the grammar of :func:`parse_credits`."""
 
 
+class JSONNumber:
+    """A JSON number with a fraction or an exponent, kept as written (``json.loads(...,
+    parse_float=JSONNumber)``), so that an amount is held to the grammar as the client wrote it:
+    a float would turn ``123456789012.123456`` into ``123456789012.12346``, and a Decimal
+    ``1E-6`` into ``0.000001``."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 # ASCII digits only: ``str.isdigit`` and ``Decimal`` also take "１" (full width), "١" (Arabic-Indic)
 # and "1_000", which must never become money
 _AMOUNT = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
@@ -93,7 +108,9 @@ def parse_credits(value: Any) -> int:
         return value * MICRO
     if isinstance(value, Decimal):
         return _decimal_micro(value)
-    if isinstance(value, float):
+    if isinstance(value, JSONNumber):
+        text = value.text
+    elif isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
             raise AmountError("amount must be finite")
         text = repr(value)
@@ -156,6 +173,7 @@ __all__ = [
     "MICRO",
     "PLACES",
     "AmountError",
+    "JSONNumber",
     "format_credits",
     "micro_ceil",
     "parse_credits",

@@ -295,3 +295,23 @@ def test_to_decimal_of_any_float_is_its_repr(f: float) -> None:
 )
 def test_to_decimal_examples(value: object, expected: Decimal) -> None:
     assert to_decimal(value) == expected
+
+
+def test_a_json_number_amount_is_read_as_written_not_as_a_float() -> None:
+    """Regression (review): a JSON number went through float, so 123456789012.123456 became
+    123456789012.12346 (a wrong amount, without an error), and 1e2 passed the no-exponent rule."""
+    from pydantic import ValidationError
+
+    from litellm_credits.api.routes import parse_json_object
+    from litellm_credits.api.schemas import Deduct
+
+    def deduct(amount: str) -> Deduct:
+        body = b'{"user_id": "a", "idempotency_key": "k", "amount": ' + amount.encode() + b"}"
+        return Deduct.model_validate(parse_json_object(body))
+
+    assert deduct("123456789012.123456").amount == 123_456_789_012_123_456
+    assert deduct("12.5").amount == 12_500_000
+    assert deduct("7").amount == 7_000_000
+    for refused in ("1e2", "1E-6", "0.0000001", "1.0000000"):
+        with pytest.raises(ValidationError):
+            deduct(refused)

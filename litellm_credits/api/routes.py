@@ -29,6 +29,7 @@ from starlette.routing import Match
 from ..errors import CreditsError, InvalidRequest, PermissionDenied, ServiceUnavailable
 from ..history import PeriodError
 from ..ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS
+from ..money import JSONNumber
 from ..ratelimit import Rate
 from . import schemas
 
@@ -142,7 +143,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise BodyError("utf8_invalid", f"the body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        # numbers with a fraction or an exponent stay as written, for money.parse_credits to judge
+        # (only amounts accept them: any other field refuses a JSONNumber)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=JSONNumber)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno} (char {exc.pos})"
         raise BodyError("json_invalid", f"invalid JSON at {where}: {exc.msg}") from None

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 
 from ..history import PeriodError, instant
-from ..money import AmountError, format_credits, parse_credits
+from ..money import AmountError, JSONNumber, format_credits, parse_credits
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SUBJECT = re.compile(r"^[A-Za-z0-9._:@+\-]{1,256}$")
@@ -17,8 +17,12 @@ _SUBJECT = re.compile(r"^[A-Za-z0-9._:@+\-]{1,256}$")
 
 def _amount(value: Any) -> int:
     """Micro-credits of an amount in a request body, by :func:`~litellm_credits.money.parse_credits`'s
-    grammar (a decimal string such as "12.50", or a JSON number)."""
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    grammar (a decimal string such as "12.50", or a JSON number).
+
+    The credits routes keep a JSON number with a fraction as written (a ``JSONNumber``, never a
+    float), and the grammar judges that text: ``12.5`` is fine, ``1e2`` is not.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int | float | JSONNumber):
         raise ValueError('amount must be a decimal string such as "12.50"')
     try:
         return parse_credits(value)
