@@ -48,7 +48,9 @@ WITH r AS (
     LIMIT 1
     FOR UPDATE
 ), b AS (
-    SELECT r.code, floor($2 * r.value / 100)::bigint AS bonus FROM r
+    -- div() is the exact integer quotient; "/" would round a long quotient to 6 places before
+    -- floor() saw it (a bonus one micro-credit too large on allocations of millions)
+    SELECT r.code, div($2 * r.value, 100)::bigint AS bonus FROM r
 ), a AS (
     UPDATE credits.credit_accounts SET balance = balance + b.bonus
     FROM b
