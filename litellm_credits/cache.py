@@ -49,24 +49,29 @@ log = logging.getLogger("litellm_credits.cache")
 
 T = TypeVar("T")
 
-# KEYS: entry, version. ARGV: the version this process's memory holds ('' for none), a new
-# version for a key that has none, the version's ttl in ms. Returns {2, version} when memory is
-# current, {1, version, entry, pttl} for a Redis hit, {0, version} for a miss.
+# KEYS: entry, version. ARGV: the version this process's memory holds ('' for none). Returns
+# {2, version} when memory is current, {1, version, entry, pttl} for a Redis hit, {0, version}
+# for a miss; version '' when the key has none (reads never write: a lookup of a key that does
+# not exist, such as a made-up API key, leaves nothing behind in Redis).
 LUA_READ = """
-local version = redis.call('GET', KEYS[2])
-if not version then
-    version = ARGV[2]
-    redis.call('SET', KEYS[2], version, 'PX', ARGV[3])
-end
-if ARGV[1] == version then return {2, version} end
+local version = redis.call('GET', KEYS[2]) or ''
+if ARGV[1] ~= '' and ARGV[1] == version then return {2, version} end
 local value = redis.call('GET', KEYS[1])
 if value then return {1, version, value, redis.call('PTTL', KEYS[1])} end
 return {0, version}
 """
+# KEYS: entry, version. ARGV: the version the reader saw before it loaded, the entry, its ttl ms,
+# a new version (for a key that has none), the version's ttl ms. Returns the entry's version, or
+# '' when a change came in meanwhile (nothing is stored).
 LUA_FILL = """
-if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+local version = redis.call('GET', KEYS[2]) or ''
+if version ~= ARGV[1] then return '' end
+if version == '' then
+    version = ARGV[4]
+    redis.call('SET', KEYS[2], version, 'PX', ARGV[5])
+end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
+return version
 """
 # KEYS: entry, version (one account: one hash slot); ARGV: version ttl ms, the new version
 LUA_INVALIDATE = """
@@ -180,9 +185,7 @@ class Cache:
             return await load()
         try:
             found = await self._script(
-                LUA_READ,
-                [key, self.keys.version(key)],
-                [entry[1] if entry is not None else "", _new_version(), self._version_ttl_ms],
+                LUA_READ, [key, self.keys.version(key)], [entry[1] if entry is not None else ""]
             )
         except RedisDown:
             # what memory holds cannot be checked, now or (changes made meanwhile) afterwards
@@ -202,25 +205,26 @@ class Cache:
                 metrics.incr("cache_bypassed")
                 return await load()
             metrics.incr("cache_hits_redis")
-            remaining = int(found[3]) / 1000 if int(found[3]) > 0 else ttl
-            self._remember(key, version, value, min(ttl, remaining), start, started)
+            if version:  # an entry whose version expired or was evicted is not kept here
+                remaining = int(found[3]) / 1000 if int(found[3]) > 0 else ttl
+                self._remember(key, version, value, min(ttl, remaining), start, started)
             return value
         metrics.incr("cache_misses")
         value = await load()
         if value is None:
             return None
-        self._remember(key, version, value, ttl, start, started)
+        if version:
+            self._remember(key, version, value, ttl, start, started)
         if self._fills < MAX_FILLS and time.monotonic() - started <= MAX_READ_SECONDS:
             # Redis is filled behind the answer (a round trip saved on every miss); the version
-            # check refuses the fill if a change came in meanwhile. Fills beyond MAX_FILLS are
+            # check refuses the fill if a change came in meanwhile, and a key that had no version
+            # gets one then, and this process's entry with it. Fills beyond MAX_FILLS are
             # skipped, not queued.
             self._fills += 1
-            fill = self._script(
-                LUA_FILL,
-                [key, self.keys.version(key)],
-                [version, codec.dump(value), max(1, int(ttl * 1000))],
-            )
-            task = asyncio.get_running_loop().create_task(self._fill(fill))
+            args = [version, codec.dump(value), max(1, int(ttl * 1000)), _new_version(), self._version_ttl_ms]
+            fill = self._script(LUA_FILL, [key, self.keys.version(key)], args)
+            remember = None if version else (key, value, ttl, start, started)
+            task = asyncio.get_running_loop().create_task(self._fill(fill, remember))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return value
@@ -230,10 +234,13 @@ class Cache:
         # longer than any entry lives, so an entry never outlives the version it was read under
         return int(max(self.ttl * 2, 60) * 1000)
 
-    async def _fill(self, op: Awaitable[Any]) -> None:
+    async def _fill(self, op: Awaitable[Any], remember: tuple[str, Any, float, int, float] | None) -> None:
         try:
             with contextlib.suppress(RedisDown):
-                await op
+                version = _text(await op)
+                if version and remember is not None:
+                    key, value, ttl, start, started = remember
+                    self._remember(key, version, value, ttl, start, started)
         finally:
             self._fills -= 1
 

@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict
+from typing import Any
 
 from .errors import IdempotencyConflict
 from .ledger import Ledger
@@ -17,18 +18,22 @@ from .records import Charge, Hold, Quote, Transaction, UsageRecord
 _CHARGE_NAMESPACE = uuid.UUID("6f1d3b8e-2c4a-4e7b-9a51-0c2f6d1e8b37")
 
 
-def request_hash(
+def request_hash(request: Mapping[str, Any]) -> bytes:
+    """What a charge was asked for: the client's request as it sent it (not the prices or tiers
+    it was quoted at, which an operator may change between a request and its retry)."""
+    return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).digest()
+
+
+def _quoted_request(
     quotes: Mapping[str, Quote], default_tier: str, usage: UsageRecord, power_level: str | None
-) -> bytes:
-    """What a charge was asked for: every tier's quote and the usage it records (not the
-    latency or metadata, which a retry may carry differently)."""
-    request = {
+) -> dict[str, Any]:
+    """The request, for callers that pass none: every tier's quote and the usage it records."""
+    return {
         "quotes": sorted((t, q.amount, q.debits) for t, q in quotes.items()),
         "default_tier": default_tier,
         "usage": {k: v for k, v in asdict(usage).items() if k not in ("latency_ms", "metadata")},
         "power_level": power_level,
     }
-    return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).digest()
 
 
 def _same_request(hold: Hold, quotes: Mapping[str, Quote], default_tier: str, fingerprint: bytes) -> bool:
@@ -47,6 +52,7 @@ async def charge(
     idempotency_key: str,
     usage: UsageRecord,
     power_level: str | None = None,
+    request: Mapping[str, Any] | None = None,
 ) -> Charge:
     """Charge a service used outside the proxy (search, speech, ...), idempotently.
 
@@ -54,10 +60,13 @@ async def charge(
     cap, unlimited tiers) and the same records. The hold's id derives from the idempotency
     key and is looked up before anything else, so a retry finds the first attempt (whatever
     the balance is now), finishes it if it was cut short, and never charges twice; the same
-    key for another request is ``409 idempotency_conflict``.
+    key for another request is ``409 idempotency_conflict``. ``request`` is what the client
+    sent (without the key), compared on a replay; by default, the quotes and the usage.
     """
     hold_id = uuid.uuid5(_CHARGE_NAMESPACE, f"{subject_id}\x00{idempotency_key}")
-    fingerprint = request_hash(quotes, default_tier, usage, power_level)
+    fingerprint = request_hash(
+        request if request is not None else _quoted_request(quotes, default_tier, usage, power_level)
+    )
     hold = await ledger.hold_quoted(
         subject_id,
         quotes,

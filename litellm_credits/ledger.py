@@ -209,6 +209,7 @@ class Ledger:
             row = await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key)
             if row is None or row["amount"] != amount or row["type"] != type:
                 raise IdempotencyConflict() from None
+            await self.changed(subject_id)  # the first attempt's announcement may have been lost
             return _transaction(row)
         if row is None:
             raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
@@ -242,27 +243,40 @@ class Ledger:
                     or (amount is not None and first["amount"] != amount)
                 ):
                     raise IdempotencyConflict()
-                return _transaction(await conn.fetchrow(SQL_TX_BY_KEY, subject_id, key))
-            original = await conn.fetchrow(SQL_REFUNDABLE, subject_id, transaction_id)
-            if original is None:
-                raise NotFound(f"no transaction {transaction_id} on this account", param="transaction_id")
-            if original["type"] != "usage":
-                raise InvalidRequest("only usage can be refunded", param="transaction_id")
-            refundable = original["refundable"]
-            amount = refundable if amount is None else amount
-            if refundable <= 0:
-                raise Conflict("this charge has been refunded in full", param="transaction_id")
-            if not 0 < amount <= refundable:
-                raise RefundTooLarge(
-                    f"at most {format_credits(refundable)} of this charge can be refunded",
-                    param="amount",
-                    refundable=format_credits(refundable),
-                )
-            row = await conn.fetchrow(
-                SQL_CREDIT, subject_id, amount, "refund", key, description, {}, transaction_id
-            )
+                row = await conn.fetchrow(SQL_TX_BY_KEY, subject_id, key)
+            else:
+                row = await self._refund(conn, subject_id, transaction_id, amount, key, description)
+        # a replay too: the first attempt's announcement may have been lost
         await self.changed(subject_id)
         return _transaction(row)
+
+    @staticmethod
+    async def _refund(
+        conn: asyncpg.Connection,
+        subject_id: str,
+        transaction_id: int,
+        amount: int | None,
+        key: str,
+        description: str | None,
+    ) -> asyncpg.Record:
+        original = await conn.fetchrow(SQL_REFUNDABLE, subject_id, transaction_id)
+        if original is None:
+            raise NotFound(f"no transaction {transaction_id} on this account", param="transaction_id")
+        if original["type"] != "usage":
+            raise InvalidRequest("only usage can be refunded", param="transaction_id")
+        refundable = original["refundable"]
+        amount = refundable if amount is None else amount
+        if refundable <= 0:
+            raise Conflict("this charge has been refunded in full", param="transaction_id")
+        if not 0 < amount <= refundable:
+            raise RefundTooLarge(
+                f"at most {format_credits(refundable)} of this charge can be refunded",
+                param="amount",
+                refundable=format_credits(refundable),
+            )
+        return await conn.fetchrow(
+            SQL_CREDIT, subject_id, amount, "refund", key, description, {}, transaction_id
+        )
 
     async def credit_many(
         self,

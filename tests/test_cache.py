@@ -74,8 +74,8 @@ async def test_hits_come_from_memory_then_redis_and_invalidation_reaches_every_i
     source = Source({"balance": 1})
     key = a.keys.account("acct-1")
     assert await a.get(key, source.load, JSON_CODEC) == {"balance": 1}
+    await a.drain()  # Redis is filled behind the answer, giving the key a version
     assert await a.get(key, source.load, JSON_CODEC) == {"balance": 1}  # memory
-    await a.drain()  # Redis is filled behind the answer
     before = metrics["cache_hits_redis"]
     assert await b.get(key, source.load, JSON_CODEC) == {"balance": 1}  # Redis, filled by a
     assert metrics["cache_hits_redis"] == before + 1
@@ -273,6 +273,7 @@ async def test_memory_does_not_answer_while_redis_cannot_confirm_it(
         source = Source(1)
         key = cache.keys.account("acct-silent")
         await cache.get(key, source.load, JSON_CODEC)
+        await cache.drain()
         await cache.get(key, source.load, JSON_CODEC)
         assert source.reads == 1  # from memory, confirmed by Redis
         os.kill(own_redis.proc.pid, signal.SIGSTOP)
@@ -286,6 +287,20 @@ async def test_memory_does_not_answer_while_redis_cannot_confirm_it(
     finally:
         await cache.close()
         await cache.link.close()
+
+
+async def test_looking_up_what_does_not_exist_leaves_nothing_in_redis(
+    instances: Callable[[], Cache],
+) -> None:
+    """Regression (review): every read created a version for its key, so requests with made-up
+    API keys (no authentication needed) each left a key in Redis for two minutes."""
+    cache = instances()
+    nothing = Source(None)
+    for n in range(50):
+        assert await cache.get(cache.keys.api_key(f"{n:064x}"), nothing.load, JSON_CODEC) is None
+    await cache.drain()
+    left = await cache.link.call(lambda client: client.keys(cache.keys.prefix + ":apikey:*"))
+    assert left == []
 
 
 async def test_an_unreadable_entry_is_a_miss(instances: Callable[[], Cache]) -> None:

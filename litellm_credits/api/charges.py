@@ -28,6 +28,7 @@ def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup
         key: str,
         quotes: dict[str, Quote],
         usage: UsageRecord,
+        request: schemas.Deduct | schemas.CalculateAndDeduct,
         power_level: str | None = None,
     ) -> dict[str, Any]:
         await limit_account(runtime, "api_charge", caller, user_id)  # per account charged
@@ -40,6 +41,8 @@ def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup
             idempotency_key=key,
             usage=usage,
             power_level=power_level,
+            # a retry is the same request when the client sent the same body
+            request={"route": type(request).__name__, **request.model_dump(exclude={"idempotency_key"})},
         )
         return {
             "user_id": user_id,
@@ -63,7 +66,7 @@ def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup
             model=body.model,
             metadata={"description": body.description} if body.description else None,
         )
-        return await charge(caller, body.user_id, body.idempotency_key, quotes, usage)
+        return await charge(caller, body.user_id, body.idempotency_key, quotes, usage, body)
 
     @router.post("/credits/calculate-and-deduct", response_model=schemas.Charged, openapi_extra=CHARGE_ROUTE)
     async def calculate_and_deduct(body: schemas.CalculateAndDeduct, caller: ServiceDep) -> dict[str, Any]:
@@ -94,7 +97,7 @@ def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup
             cached_tokens=body.cached_tokens,
             reasoning_tokens=body.reasoning_tokens,
         )
-        return await charge(caller, body.user_id, body.idempotency_key, quotes, usage, power_level)
+        return await charge(caller, body.user_id, body.idempotency_key, quotes, usage, body, power_level)
 
 
 __all__ = ["add_charge_routes"]
