@@ -5,9 +5,10 @@ limiter's added latency.
 
 Through the real proxy (a subprocess, one keep-alive client, one request at a time):
 
-  - hit:      GET /api/v1/credits/balance, the account in the proxy's memory;
+  - hit:      GET /api/v1/credits/balance, the account in the proxy's memory (its version
+              confirmed by Redis in the read's one round trip);
   - miss:     the same, after the bench invalidated the account (as a write would) before each
-              request: pub/sub empties the proxy's memory, Redis is empty, PostgreSQL answers;
+              request: the proxy's memory holds an old version, Redis is empty, PostgreSQL answers;
   - no cache: a second proxy with the cache off (``cache.ttl_seconds: 0``) and no API rate limit.
 
 In this process, without HTTP: ``Runtime.account()`` from memory, from Redis and from PostgreSQL,
@@ -157,11 +158,9 @@ async def main(args: argparse.Namespace) -> None:
 
         async def invalidate() -> None:  # what every write does after its commit
             await rt.cache.invalidate([account_key])
-            await asyncio.sleep(0.002)  # let the proxy's subscriber hear it (untimed)
 
         async def cold() -> None:  # the account and the caller's key both unknown to the cache
             await rt.cache.invalidate([account_key, rt.link.keys.api_key(hash_key(key).hex())])
-            await asyncio.sleep(0.002)
 
         print(f"balance endpoint through the proxy, {n} sequential requests each")
         results = {}
@@ -220,7 +219,6 @@ async def main(args: argparse.Namespace) -> None:
         async def forget_everywhere() -> None:
             await rt.cache.invalidate([account_key])
 
-        await asyncio.sleep(0.2)  # subscribed
         for label, before in (
             ("memory", None),
             ("Redis", forget_memory),
