@@ -95,10 +95,10 @@ async def test_hold_retried_after_a_lost_reply_when_it_used_up_the_balance(
     ledger: Ledger, account: AccountFactory
 ) -> None:
     subject = await account("10")
-    flaky, pool = lossy(ledger)
+    unreliable, pool = lossy(ledger)
     pool.lose_next_reply(SQL_HOLD)
     hold_id = uuid.uuid4()
-    hold = await flaky.hold(subject, c("10"), ttl_seconds=600, hold_id=hold_id)  # 402 before the fix
+    hold = await unreliable.hold(subject, c("10"), ttl_seconds=600, hold_id=hold_id)  # 402 before the fix
     assert pool.lost == 1
     assert (hold.id, hold.amount, hold.debits) == (hold_id, c("10"), True)
     assert (await ledger.require_account(subject)).held == c("10")  # held once, not twice
@@ -110,9 +110,9 @@ async def test_hold_retried_after_a_lost_reply_when_it_reached_the_monthly_cap(
     ledger: Ledger, account: AccountFactory
 ) -> None:
     subject = await account("100", monthly_cap="5")
-    flaky, pool = lossy(ledger)
+    unreliable, pool = lossy(ledger)
     pool.lose_next_reply(SQL_HOLD)
-    hold = await flaky.hold(subject, c("5"), ttl_seconds=600)  # 402 monthly_cap_exceeded before the fix
+    hold = await unreliable.hold(subject, c("5"), ttl_seconds=600)  # 402 monthly_cap_exceeded before the fix
     assert pool.lost == 1 and hold.amount == c("5")
     assert (await ledger.require_account(subject)).held == c("5")
     await assert_sound(ledger, subject)
@@ -150,10 +150,10 @@ async def test_charge_retried_after_a_lost_hold_reply_when_it_used_up_the_balanc
     ledger: Ledger, account: AccountFactory
 ) -> None:
     subject = await account("1")
-    flaky, pool = lossy(ledger)
+    unreliable, pool = lossy(ledger)
     pool.lose_next_reply(SQL_HOLD)
     done = await charges.charge(  # 402 before the fix
-        flaky, subject, flat(c("1")), default_tier="free", idempotency_key="search-2", usage=USAGE
+        unreliable, subject, flat(c("1")), default_tier="free", idempotency_key="search-2", usage=USAGE
     )
     assert pool.lost == 1
     assert (done.charged, done.balance, done.replayed) == (c("1"), 0, False)
@@ -251,9 +251,9 @@ async def test_settle_retried_after_a_lost_reply_returns_the_settlement(
 ) -> None:
     subject = await account("10")
     hold = await ledger.hold(subject, c("2"), ttl_seconds=600)
-    flaky, pool = lossy(ledger)
+    unreliable, pool = lossy(ledger)
     pool.lose_next_reply(SQL_RESOLVE)
-    settled = await flaky.settle(subject, hold.id, c("1"), USAGE)  # the bug: None, "already ended"
+    settled = await unreliable.settle(subject, hold.id, c("1"), USAGE)  # the bug: None, "already ended"
     assert pool.lost == 1
     assert settled is not None and (settled.balance, settled.charged) == (c("9"), c("1"))
     assert await usage_of(ledger, subject) == [-c("1")]  # charged once
@@ -264,10 +264,10 @@ async def test_charge_with_a_lost_settle_reply_is_not_reported_as_replayed(
     ledger: Ledger, account: AccountFactory
 ) -> None:
     subject = await account("5")
-    flaky, pool = lossy(ledger)
+    unreliable, pool = lossy(ledger)
     pool.lose_next_reply(SQL_RESOLVE)
     done = await charges.charge(
-        flaky, subject, flat(c("2")), default_tier="free", idempotency_key="tts-1", usage=USAGE
+        unreliable, subject, flat(c("2")), default_tier="free", idempotency_key="tts-1", usage=USAGE
     )
     assert pool.lost == 1
     # the API answers "charged": "0" for a replay; this was the first (and only) charge
