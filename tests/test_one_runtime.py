@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -32,15 +32,21 @@ pytestmark = pytest.mark.proxy
 
 
 @pytest.fixture(scope="module")
+def own_database(fresh_database: Callable[[], str]) -> str:
+    """A database of its own: other proxies of the run keep pools on the shared one."""
+    return fresh_database()
+
+
+@pytest.fixture(scope="module")
 def beside_the_package(
-    database_url: str, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+    own_database: str, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Proxy]:
     here = tmp_path_factory.mktemp("serve-layout")
     (here / "litellm_credits").symlink_to(ROOT / "litellm_credits", target_is_directory=True)
     config = here / "litellm_config.yaml"
     shutil.copy(TESTS / "proxy_config.yaml", config)
     master = "sk-master-" + secrets.token_urlsafe(24)
-    env = proxy_env(database_url, master, upstream.url)  # no Redis, as under `make serve`
+    env = proxy_env(own_database, master, upstream.url)  # no Redis, as under `make serve`
     log = here / "proxy.log"
     proc, url = start_proxy(config, env, log)
     try:
@@ -67,7 +73,7 @@ async def _pools_by_process(database_url: str) -> Counter[str]:
     return Counter(pid for pid in pids if pid != str(os.getpid()))
 
 
-async def test_one_pool_in_the_process(beside_the_package: Proxy, database_url: str) -> None:
+async def test_one_pool_in_the_process(beside_the_package: Proxy, own_database: str) -> None:
     _, key = beside_the_package.create_account("5")
     for _ in range(5):  # through custom_auth, the routes and the hook
         assert _balance(beside_the_package, key).status_code == 200
@@ -75,7 +81,7 @@ async def test_one_pool_in_the_process(beside_the_package: Proxy, database_url: 
             oa.chat.completions.create(
                 model="fake-custom", messages=[{"role": "user", "content": "hi"}], max_tokens=5
             )
-    pools = await _pools_by_process(database_url)
+    pools = await _pools_by_process(own_database)
     assert list(pools.values()) == [1], f"one process, one pool: {pools}"
 
 
@@ -94,7 +100,7 @@ def test_a_revoked_key_is_refused_on_the_next_request(beside_the_package: Proxy)
 
 
 def test_a_top_up_through_the_api_or_the_cli_is_seen_on_the_next_read(
-    beside_the_package: Proxy, database_url: str
+    beside_the_package: Proxy, own_database: str
 ) -> None:
     user_id, key = beside_the_package.create_account("1")
     for _ in range(10):
@@ -105,7 +111,7 @@ def test_a_top_up_through_the_api_or_the_cli_is_seen_on_the_next_read(
     for _ in range(10):
         assert _balance(beside_the_package, key).json()["balance"] == "3.000000"
     cli = Path(sys.executable).parent / "litellm-credits"
-    env = {**os.environ, "CREDITS_DATABASE_URL": database_url}
+    env = {**os.environ, "CREDITS_DATABASE_URL": own_database}
     env.pop("CREDITS_REDIS_URL", None)
     done = subprocess.run(
         [str(cli), "allocate", user_id, "4"], env=env, capture_output=True, text=True, timeout=60
