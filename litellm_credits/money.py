@@ -9,6 +9,7 @@ under-collects by a rounding error.
 
 from __future__ import annotations
 
+import math
 import re
 from decimal import Decimal
 from typing import Any
@@ -111,7 +112,7 @@ def parse_credits(value: Any) -> int:
     if isinstance(value, JSONNumber):
         text = value.text
     elif isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise AmountError("amount must be finite")
         text = repr(value)
     elif isinstance(value, str):
