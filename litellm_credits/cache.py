@@ -11,7 +11,7 @@ fetched the entry (``LUA_READ``). So once a write through instance A has returne
 instance B cannot answer from B's memory: the version it holds is no longer Redis's. Memory then
 saves moving and decoding the value, not the round trip. Versions are random tokens, never
 counters, so an expired or evicted version can never come back equal to one a memory entry holds
-(a reader that finds none sets a new one).
+(a key with none gets a new one from the first fill; reads never write).
 
 A reader that loaded an old value from PostgreSQL just before a writer committed must not put
 it back after the writer's invalidation: a fill of Redis succeeds only if the version is still

@@ -12,7 +12,7 @@ from __future__ import annotations
 import email.message
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -71,13 +71,12 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         }
         for e in exc.errors()
     ]
-    errors = exc.errors()
-    param = _param([str(p) for p in errors[0].get("loc", ())]) if errors else None
+    param = _param(fields[0]["loc"]) if fields else None
     msg = fields[0]["msg"] if fields else "invalid request"
     return _error(422, "validation_error", f"{param or 'request'}: {msg}", param, fields=fields)
 
 
-def _param(loc: list[str]) -> str | None:
+def _param(loc: Sequence[str]) -> str | None:
     """The parameter an error location names: ``("query", "end_date", "date")`` is ``end_date``
     (the rest is which member of a union failed), ``("body", "items", "0", "amount")`` is
     ``items.0.amount``, and ``("body",)`` the body as a whole."""
