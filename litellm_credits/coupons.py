@@ -20,6 +20,7 @@ from typing import Any, Literal
 import asyncpg
 
 from .errors import (
+    AccountIsMember,
     AccountNotFound,
     CouponAlreadyRedeemed,
     CouponExhausted,
@@ -46,7 +47,7 @@ LIMIT $2 OFFSET $3
 """
 SQL_COUNT = "SELECT count(*) FROM credits.coupon_codes WHERE ($1::boolean IS NULL OR active = $1)"
 SQL_DEACTIVATE = f"UPDATE credits.coupon_codes SET active = false WHERE code = $1 RETURNING {COUPON_COLUMNS}"
-SQL_ACCOUNT_TIER = "SELECT tier FROM credits.credit_accounts WHERE subject_id = $1 FOR UPDATE"
+SQL_ACCOUNT_TIER = "SELECT tier, parent_id FROM credits.credit_accounts WHERE subject_id = $1 FOR UPDATE"
 SQL_COUPON = (
     f"SELECT {COUPON_COLUMNS}, expires_at <= now() AS expired FROM credits.coupon_codes WHERE code = $1"
 )
@@ -143,9 +144,10 @@ class Coupons:
 
     async def _redeem(self, subject_id: str, code: str) -> Redemption:
         async with self.pool.acquire() as conn, conn.transaction():
-            tier = await conn.fetchval(SQL_ACCOUNT_TIER, subject_id)
-            if tier is None:
+            account = await conn.fetchrow(SQL_ACCOUNT_TIER, subject_id)
+            if account is None:
                 raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+            tier = account["tier"]
             # (account, code) is the redemption's key, looked up first: a repeat is told it was
             # redeemed, with the first redemption, even after the coupon expired or ran out
             first = await conn.fetchrow(SQL_REDEEMED, subject_id, code)
@@ -156,6 +158,13 @@ class Coupons:
                 raise CouponNotFound("no such coupon", param="code")
             if coupon["expired"]:
                 raise CouponExpired(f"coupon {code} has expired", param="code")
+            if account["parent_id"] is not None:
+                raise AccountIsMember(
+                    f"{subject_id!r} spends its team's credits; the team {account['parent_id']!r} redeems "
+                    "coupons",
+                    param="code",
+                    team_id=account["parent_id"],
+                )
             if coupon["tiers"] and tier not in coupon["tiers"]:
                 raise CouponNotApplicable(f"coupon {code} is not valid for the {tier} tier", param="code")
             if await conn.fetchval(SQL_CLAIM, subject_id, code, coupon["type"], coupon["value"]) is None:

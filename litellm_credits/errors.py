@@ -4,7 +4,8 @@
     ├── AuthenticationError           401 authentication_error
     ├── PermissionDenied              403 permission_denied
     │   ├── AccountDisabled           403 account_disabled
-    │   └── CouponNotApplicable       403 coupon_not_applicable
+    │   ├── CouponNotApplicable       403 coupon_not_applicable
+    │   └── TeamMismatch              403 team_mismatch (a key of another team)
     ├── NotFound                      404 not_found
     │   ├── AccountNotFound           404 account_not_found
     │   ├── CouponNotFound            404 coupon_not_found
@@ -14,14 +15,22 @@
     │   ├── IdempotencyConflict       409 idempotency_conflict
     │   ├── CouponExists              409 coupon_exists
     │   ├── CouponExhausted           409 coupon_exhausted
-    │   └── CouponAlreadyRedeemed     409 coupon_already_redeemed
+    │   ├── CouponAlreadyRedeemed     409 coupon_already_redeemed
+    │   ├── AccountIsMember           409 account_is_member (credits go to its team)
+    │   └── TeamHierarchy             409 team_hierarchy (teams have two levels)
     ├── CouponExpired                 410 coupon_expired
     ├── InvalidRequest                400 invalid_request
     │   ├── ModelNotPriced            400 model_not_priced (a model this proxy routes, no price)
+    │   ├── CostNotBounded            400 cost_not_bounded (no price bounds the call up front)
     │   └── RefundTooLarge            400 refund_exceeds_charge
     ├── PaymentRequired               402 (abstract)
     │   ├── InsufficientCredits       402 insufficient_credits
-    │   └── MonthlyCapExceeded        402 monthly_cap_exceeded
+    │   ├── MonthlyCapExceeded        402 monthly_cap_exceeded
+    │   ├── DailyCapExceeded          402 daily_cap_exceeded
+    │   ├── RequestCapExceeded        402 request_cap_exceeded
+    │   ├── TeamInsufficientCredits   402 team_insufficient_credits (a member's team)
+    │   ├── TeamCapExceeded           402 team_cap_exceeded (details.limit)
+    │   └── MemberCapExceeded         402 member_cap_exceeded (details.limit)
     ├── RateLimited                   429 rate_limited (with Retry-After)
     └── ServiceUnavailable            503 service_unavailable
 
@@ -122,6 +131,10 @@ class ModelNotPriced(InvalidRequest):
 class PaymentRequired(CreditsError):
     status = 402
     type = "payment_required"
+    # set by the ledger on a refused hold: the most the tightest limit left (micro-credits), and
+    # the paying account's tier (what a caller needs to say how much of a request that covers)
+    room: int | None = None
+    tier: str | None = None
 
 
 class InsufficientCredits(PaymentRequired):
@@ -172,6 +185,50 @@ class MonthlyCapExceeded(PaymentRequired):
             month_spend=format_credits(month_spend),
             resets_at=resets,
         )
+
+
+class DailyCapExceeded(PaymentRequired):
+    type = "daily_cap_exceeded"
+
+
+class RequestCapExceeded(PaymentRequired):
+    type = "request_cap_exceeded"
+
+
+class TeamInsufficientCredits(PaymentRequired):
+    """The member's team has not the credits for the request."""
+
+    type = "team_insufficient_credits"
+
+
+class TeamCapExceeded(PaymentRequired):
+    """A cap of the member's team (``details.limit``: monthly, daily or per_request)."""
+
+    type = "team_cap_exceeded"
+
+
+class MemberCapExceeded(PaymentRequired):
+    """A cap the team set on this member (``details.limit``: monthly, daily or per_request)."""
+
+    type = "member_cap_exceeded"
+
+
+class CostNotBounded(InvalidRequest):
+    """A priced call whose cost nothing bounds before it runs (``unbounded_calls`` allows it)."""
+
+    type = "cost_not_bounded"
+
+
+class TeamMismatch(PermissionDenied):
+    type = "team_mismatch"
+
+
+class AccountIsMember(Conflict):
+    type = "account_is_member"
+
+
+class TeamHierarchy(Conflict):
+    type = "team_hierarchy"
 
 
 class RefundTooLarge(InvalidRequest):
@@ -235,9 +292,11 @@ def to_proxy_exception(err: CreditsError, *, anthropic: bool = False) -> Excepti
 __all__ = [
     "AccountDisabled",
     "AccountExists",
+    "AccountIsMember",
     "AccountNotFound",
     "AuthenticationError",
     "Conflict",
+    "CostNotBounded",
     "CouponAlreadyRedeemed",
     "CouponExhausted",
     "CouponExists",
@@ -245,9 +304,11 @@ __all__ = [
     "CouponNotApplicable",
     "CouponNotFound",
     "CreditsError",
+    "DailyCapExceeded",
     "IdempotencyConflict",
     "InsufficientCredits",
     "InvalidRequest",
+    "MemberCapExceeded",
     "ModelNotFound",
     "ModelNotPriced",
     "MonthlyCapExceeded",
@@ -256,6 +317,11 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "RefundTooLarge",
+    "RequestCapExceeded",
     "ServiceUnavailable",
+    "TeamCapExceeded",
+    "TeamHierarchy",
+    "TeamInsufficientCredits",
+    "TeamMismatch",
     "to_proxy_exception",
 ]

@@ -23,15 +23,15 @@ from typing import Any, Literal, TypeVar
 import asyncpg
 
 from .errors import (
-    AccountDisabled,
     AccountExists,
+    AccountIsMember,
     AccountNotFound,
     Conflict,
+    CreditsError,
     IdempotencyConflict,
-    InsufficientCredits,
     InvalidRequest,
-    MonthlyCapExceeded,
     NotFound,
+    PaymentRequired,
     RefundTooLarge,
     ServiceUnavailable,
 )
@@ -47,6 +47,7 @@ from .ledger_sql import (
     SQL_HOLD,
     SQL_HOLD_AGAIN,
     SQL_LOCK_ACCOUNT,
+    SQL_PARENT,
     SQL_REFUNDABLE,
     SQL_RESOLVE,
     SQL_RESOLVED,
@@ -54,6 +55,7 @@ from .ledger_sql import (
     SQL_TX_BY_KEY,
     SQL_TX_REQUEST,
 )
+from .limits import refusal
 from .money import format_credits
 from .records import Account, Hold, Quote, Settlement, Transaction, UsageRecord
 
@@ -157,12 +159,14 @@ class Ledger:
         monthly_cap: int | None = None,
         subject_type: str = "user",
         display_name: str | None = None,
+        parent_id: str | None = None,
         exist_ok: bool = False,
         conn: asyncpg.Connection | None = None,
     ) -> Account:
-        """Open an account; ``conn`` runs it inside the caller's transaction."""
+        """Open an account (a member of ``parent_id``'s team when given); ``conn`` runs it inside
+        the caller's transaction."""
         row = await (conn or self.pool).fetchrow(
-            SQL_CREATE_ACCOUNT, subject_id, subject_type, tier, monthly_cap, display_name
+            SQL_CREATE_ACCOUNT, subject_id, subject_type, tier, monthly_cap, display_name, parent_id
         )
         if row is not None:
             if conn is None:  # inside a caller's transaction, the caller announces it
@@ -212,9 +216,20 @@ class Ledger:
             await self.changed(subject_id)  # the first attempt's announcement may have been lost
             return _transaction(row)
         if row is None:
-            raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+            raise await self._not_credited(subject_id)
         await self.changed(subject_id)
         return _transaction(row)
+
+    async def _not_credited(self, subject_id: str) -> CreditsError:
+        """Why a credit wrote nothing: no such account, or a member (its team takes credits)."""
+        account = await self.get_account(subject_id)
+        if account is None:
+            return AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+        return AccountIsMember(
+            f"{subject_id!r} spends the credits of its team {account.parent_id!r}; allocate to the team",
+            param="user_id",
+            team_id=account.parent_id,
+        )
 
     async def refund(
         self,
@@ -325,6 +340,14 @@ class Ledger:
                 if type == "allocation":
                     await conn.execute(SQL_APPLY_BONUS, subject, grants[subject], row["id"])
             if missing:
+                members = [s for s in missing if await conn.fetchval(SQL_PARENT, s) is not None]
+                if members:
+                    raise AccountIsMember(
+                        f"{len(members)} of {len(grants)} accounts are team members, whose credits "
+                        "are their teams'; nothing was credited",
+                        param="items",
+                        members=members,
+                    )
                 raise AccountNotFound(
                     f"{len(missing)} of {len(grants)} accounts do not exist; nothing was credited",
                     param="items",
@@ -369,77 +392,61 @@ class Ledger:
         hold_id: uuid.UUID | None = None,
         request_hash: bytes | None = None,
     ) -> Hold:
-        """Hold the quote for the account's tier (``default_tier``'s for a tier not quoted).
+        """Hold the quote for the paying account's tier (``default_tier``'s for a tier not quoted):
+        the account's own, or its team's for a member. A quote with a ``minimum`` that does not fit
+        whole holds what is left instead, when that is at least the minimum (``Hold.clamped``).
 
         A ``hold_id`` that exists already returns that hold (``replayed``), whatever the balance
         is now: the caller compares ``request_hash`` (or the amount) to tell a retry of the same
-        request from another request under the same key.
+        request from another request under the same key. A refusal raises the 402/403/404 that
+        names the limit (``limits.refusal``).
         """
         hold_id = hold_id or uuid.uuid4()
         tiers = list(quotes)
         amounts = [q.amount for q in quotes.values()]
+        # a minimum at or above the whole amount could only refuse: no clamping then
+        minimums = [
+            q.minimum if q.minimum is not None and q.minimum < q.amount else None for q in quotes.values()
+        ]
         debits = [q.debits for q in quotes.values()]
 
-        async def take() -> asyncpg.Record | None:
+        async def take() -> asyncpg.Record:
             try:
-                row = await self.pool.fetchrow(
-                    SQL_HOLD, subject_id, hold_id, tiers, amounts, debits, default_tier,
+                return await self.pool.fetchrow(
+                    SQL_HOLD, subject_id, hold_id, tiers, amounts, minimums, debits, default_tier,
                     int(ttl_seconds), model, power_level, request_hash,
                 )  # fmt: skip
             except asyncpg.UniqueViolationError:
-                row = None  # the same id taken at the same moment by another attempt
-            if row is None:
-                # A refusal may be a twin's doing: an attempt in flight at the same moment (the
-                # first try of a retried statement, still waiting on the account's lock) misses
-                # in this statement's snapshot, commits first, and the balance it took is then
-                # what refuses this one. A new statement sees it; only then is it a refusal.
+                # the same id taken at the same moment by another attempt, which committed first
                 row = await self.pool.fetchrow(SQL_HOLD_AGAIN, subject_id, hold_id)
-            return row
+                if row is None:
+                    raise
+                return row
 
         row = await self._retry(take)
-        if row is not None:
+        if row["outcome"] in ("held", "replayed"):
             # a replay too: the first attempt's reply (and its announcement) may have been lost
-            await self.changed(subject_id, wait=False)
+            await self.changed(*{subject_id, row["payer_id"]}, wait=False)
             return Hold(
                 hold_id,
-                subject_id,
+                row["payer_id"],
                 row["amount"],
                 row["debits"],
                 row["expires_at"],
                 row["tier"],
-                replayed=row["replayed"],
+                replayed=row["outcome"] == "replayed",
                 request_hash=row["request_hash"],
+                quoted=row["quoted"],
             )
-        raise await self._refusal(subject_id, quotes, default_tier)
-
-    async def _refusal(self, subject_id: str, quotes: Mapping[str, Quote], default_tier: str) -> Exception:
         account = await self.get_account(subject_id)
-        if account is None:
-            return AccountNotFound(f"no credit account {subject_id!r}", param="user")
-        if account.status != "active":
-            return AccountDisabled(f"credit account {subject_id!r} is disabled")
-        amount = quotes.get(account.tier, quotes[default_tier]).amount
-        common = {
-            "balance": format_credits(account.balance),
-            "held": format_credits(account.held),
-            "available": format_credits(account.available),
-            "required": format_credits(amount),
-        }
-        if account.available < amount:
-            return InsufficientCredits(
-                f"insufficient credits: {format_credits(amount)} required, "
-                f"{format_credits(account.available)} available",
-                **common,
-            )
-        return MonthlyCapExceeded.for_request(
-            cap=account.monthly_cap or 0,
-            month_spend=account.month_spend,
-            held=account.held,
-            required=amount,
-            resets_at=account.resets_at,
-            balance=common["balance"],
-            available=common["available"],
-        )
+        team = await self.get_account(account.parent_id) if account and account.parent_id else None
+        required = row["quoted"]
+        if required is None:
+            required = quotes.get(row["tier"] or default_tier, quotes[default_tier]).amount
+        error = refusal(row["outcome"], account, team, required=required, room=row["room"])
+        if isinstance(error, PaymentRequired):
+            error.room, error.tier = row["room"], row["tier"]
+        raise error
 
     async def _resolve(
         self,

@@ -11,26 +11,32 @@ from __future__ import annotations
 _THIS_MONTH = "date_trunc('month', now() AT TIME ZONE 'UTC')::date"
 _NEXT_MONTH_AT = f"(({_THIS_MONTH} + interval '1 month') AT TIME ZONE 'UTC')"
 _MONTH_SPEND = f"(CASE WHEN a.month_start < {_THIS_MONTH} THEN 0 ELSE a.month_spend END)"
+_TODAY = "(now() AT TIME ZONE 'UTC')::date"
+_DAY_SPEND = f"(CASE WHEN a.day_start < {_TODAY} THEN 0 ELSE a.day_spend END)"
 
 ACCOUNT_COLUMNS = f"""
     a.subject_id, a.subject_type, a.tier, a.balance, a.held, a.monthly_cap,
     {_MONTH_SPEND} AS month_spend, a.status, a.display_name, a.created_at, a.updated_at,
-    {_NEXT_MONTH_AT} AS resets_at
+    {_NEXT_MONTH_AT} AS resets_at, a.parent_id, a.daily_cap, a.request_cap,
+    {_DAY_SPEND} AS day_spend
 """
 
 SQL_GET_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM credits.credit_accounts a WHERE a.subject_id = $1"
 
 SQL_CREATE_ACCOUNT = f"""
-INSERT INTO credits.credit_accounts AS a (subject_id, subject_type, tier, monthly_cap, display_name)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO credits.credit_accounts AS a
+    (subject_id, subject_type, tier, monthly_cap, display_name, parent_id)
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (subject_id) DO NOTHING
 RETURNING {ACCOUNT_COLUMNS}
 """
 
+# A member's credits are its team's: only refunds (of what it spent before it joined) and
+# adjustments reach its own balance; no row is written for anything else.
 SQL_CREDIT = """
 WITH a AS (
     UPDATE credits.credit_accounts SET balance = balance + $2
-    WHERE subject_id = $1
+    WHERE subject_id = $1 AND (parent_id IS NULL OR $3 IN ('refund', 'adjustment'))
     RETURNING balance
 )
 INSERT INTO credits.credit_transactions
@@ -68,6 +74,7 @@ WITH r AS (
 UPDATE credits.coupon_redemptions SET applied_at = now(), transaction_id = (SELECT id FROM t)
 WHERE subject_id = $1 AND code = (SELECT code FROM a)
 """
+SQL_PARENT = "SELECT parent_id FROM credits.credit_accounts WHERE subject_id = $1"
 SQL_LOCK_ACCOUNT = "SELECT balance FROM credits.credit_accounts WHERE subject_id = $1 FOR UPDATE"
 SQL_REFUNDABLE = """
 SELECT t.type,
@@ -97,107 +104,22 @@ SELECT id, subject_id, amount, balance_after, type, idempotency_key, description
 FROM credits.credit_transactions WHERE subject_id = $1 AND idempotency_key = $2
 """
 
-# Takes a hold in one statement. The amount depends on the account's tier (its markup, or no
-# debit at all on an unlimited tier), so the caller quotes every tier and the statement picks the
-# account's: $3 tiers, $4 amounts, $5 debits (parallel arrays), $6 the tier for unknown ones.
-# $1 subject, $2 hold id, $7 ttl seconds, $8 model, $9 power level, $10 request hash (or NULL)
-#
-# The hold's id is its idempotency key, and it is looked up first: a hold that exists (a retry
-# after a commit whose reply was lost, a replayed charge) is returned as it is, with
-# ``replayed``, before the balance, the cap or the account's status are looked at. Two attempts
-# in flight at once both miss it; the second then fails on the primary key and its UPDATE is
-# rolled back with it (the caller reads the hold back).
-SQL_HOLD = f"""
-WITH prior AS (
-    SELECT h.expires_at, h.amount, h.debits, h.request_hash
-    FROM credits.holds h WHERE h.subject_id = $1 AND h.id = $2
-), a AS (
-    UPDATE credits.credit_accounts a SET
-        held        = a.held + CASE WHEN q.debits THEN q.amount ELSE 0 END,
-        month_spend = {_MONTH_SPEND},
-        month_start = greatest(a.month_start, {_THIS_MONTH})
-    FROM unnest($3::text[], $4::bigint[], $5::boolean[]) AS q(tier, amount, debits)
-    WHERE a.subject_id = $1
-      AND NOT EXISTS (SELECT 1 FROM prior)
-      AND q.tier = CASE WHEN a.tier = ANY($3::text[]) THEN a.tier ELSE $6 END
-      AND a.status = 'active'
-      AND (NOT q.debits OR q.amount = 0 OR (
-               a.balance - a.held >= q.amount
-           AND (a.monthly_cap IS NULL OR {_MONTH_SPEND} + a.held + q.amount <= a.monthly_cap)))
-    RETURNING a.subject_id, a.tier, q.amount, q.debits
-), h AS (
-    INSERT INTO credits.holds
-        (id, subject_id, amount, debits, expires_at, model, power_level, request_hash)
-    SELECT $2, a.subject_id, a.amount, a.debits, now() + $7::integer * interval '1 second', $8, $9,
-           $10::bytea
-    FROM a
-    RETURNING expires_at
-)
-SELECT h.expires_at, a.tier, a.amount, a.debits, $10::bytea AS request_hash, false AS replayed
-FROM h, a
-UNION ALL
-SELECT p.expires_at, (SELECT tier FROM credits.credit_accounts WHERE subject_id = $1), p.amount,
-       p.debits, p.request_hash, true
-FROM prior p
-"""
+# Takes a hold in one statement: credits.take_hold (migration 0009) has the rules. The amount
+# depends on the paying account's tier (its markup, or no debit on an unlimited tier), so the
+# caller quotes every tier and the function picks the payer's: $3 tiers, $4 amounts, $5 minimums
+# (the least a clamped hold may take; NULL: refuse what does not fit), $6 debits (parallel
+# arrays), $7 the tier for unknown ones. $1 subject, $2 hold id (its idempotency key: a hold that
+# exists is returned as it is, before any balance, cap or status is looked at), $8 ttl seconds,
+# $9 model, $10 power level, $11 request hash (or NULL).
+SQL_HOLD = "SELECT * FROM credits.take_hold($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 
-# Ends an open hold (or settles an expired one late). $3 is the charge (NULL = the hold's own
-# amount, i.e. capture; 0 = void).
-# $1 subject, $2 hold id, $3 charge, $4 hold status, $5 usage status, $6 service, $7 model,
-# $8 provider, $9 prompt, $10 completion, $11 cached, $12 reasoning, $13 cost, $14 latency ms,
-# $15 metadata
-SQL_RESOLVE = f"""
-WITH prior AS (
-    SELECT status FROM credits.holds WHERE subject_id = $1 AND id = $2 FOR UPDATE
-), h AS (
-    UPDATE credits.holds SET
-        status = $4,
-        resolved_at = now(),
-        settled_amount = coalesce($3, amount)
-    FROM prior
-    WHERE subject_id = $1 AND id = $2
-      -- an open hold ends once; a hold the sweeper released (expired) may still be settled by
-      -- the usage that arrives late, since the upstream did serve it
-      AND (prior.status = 'open' OR ($4 = 'settled' AND prior.status = 'expired'))
-    RETURNING amount, debits, power_level, coalesce($3, amount) AS charge,
-              prior.status = 'open' AS was_open
-), a AS (
-    UPDATE credits.credit_accounts a SET
-        balance     = a.balance - CASE WHEN h.debits THEN h.charge ELSE 0 END,
-        held        = a.held - CASE WHEN h.debits AND h.was_open THEN h.amount ELSE 0 END,
-        month_spend = {_MONTH_SPEND} + CASE WHEN h.debits THEN h.charge ELSE 0 END,
-        month_start = greatest(a.month_start, {_THIS_MONTH})
-    FROM h
-    WHERE a.subject_id = $1
-    RETURNING a.balance, h.debits, h.charge, h.power_level
-), t AS (
-    INSERT INTO credits.credit_transactions
-        (subject_id, amount, balance_after, type, idempotency_key, hold_id, model, provider,
-         power_level, prompt_tokens, completion_tokens, metadata)
-    SELECT $1, -a.charge, a.balance, 'usage', 'hold:' || $2::text, $2, $7, $8,
-           a.power_level, $9, $10, $15
-    FROM a WHERE a.debits AND a.charge > 0
-    RETURNING id
-), u AS (
-    INSERT INTO credits.usage_events
-        (subject_id, request_id, service, model, provider, power_level, prompt_tokens,
-         completion_tokens, cached_tokens, reasoning_tokens, cost, charged, latency_ms, status,
-         transaction_id, metadata)
-    SELECT $1, $2::text, $6, $7, $8, a.power_level, $9, $10, $11, $12,
-           coalesce($13, a.charge), CASE WHEN a.debits THEN a.charge ELSE 0 END, $14, $5,
-           (SELECT id FROM t), $15
-    FROM a
-    ON CONFLICT (subject_id, request_id) DO UPDATE SET
-        status = EXCLUDED.status, model = EXCLUDED.model, provider = EXCLUDED.provider,
-        prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
-        cached_tokens = EXCLUDED.cached_tokens, reasoning_tokens = EXCLUDED.reasoning_tokens,
-        cost = EXCLUDED.cost, charged = EXCLUDED.charged, latency_ms = EXCLUDED.latency_ms,
-        transaction_id = EXCLUDED.transaction_id,
-        metadata = credits.usage_events.metadata || EXCLUDED.metadata
-    RETURNING id
+# Ends an open hold (or settles an expired one late): credits.resolve_hold. $3 is the charge
+# (NULL = the hold's own amount, i.e. capture; 0 = void). $1 payer, $2 hold id, $4 hold status,
+# $5 usage status, $6 service, $7 model, $8 provider, $9 prompt, $10 completion, $11 cached,
+# $12 reasoning, $13 cost, $14 latency ms, $15 metadata
+SQL_RESOLVE = (
+    "SELECT * FROM credits.resolve_hold($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
 )
-SELECT a.balance, a.charge, a.debits, (SELECT id FROM t) AS transaction_id FROM a
-"""
 
 # How a hold ended, and the settlement it made: what a resolution retried after a lost reply
 # answers, when the hold ended exactly as it asked ($1 subject, $2 hold id)
@@ -211,10 +133,13 @@ LEFT JOIN credits.credit_transactions t
 WHERE h.subject_id = $1 AND h.id = $2
 """
 
+# A hold read back by its id, in take_hold's shape: for the account that made it ($1, the payer
+# or the member) and the id ($2)
 SQL_HOLD_AGAIN = """
-SELECT h.expires_at, a.tier, h.amount, h.debits, h.request_hash, true AS replayed
-FROM credits.holds h JOIN credits.credit_accounts a USING (subject_id)
-WHERE h.subject_id = $1 AND h.id = $2
+SELECT 'replayed' AS outcome, h.subject_id AS payer_id, a.tier, h.amount, h.debits, h.expires_at,
+       h.request_hash, NULL::bigint AS room, h.amount AS quoted
+FROM credits.holds h JOIN credits.credit_accounts a ON a.subject_id = h.subject_id
+WHERE h.id = $2 AND (h.subject_id = $1 OR h.member_id = $1)
 """
 
 SQL_EXPIRED_HOLDS = """
@@ -245,6 +170,7 @@ __all__ = [
     "SQL_HOLD",
     "SQL_HOLD_AGAIN",
     "SQL_LOCK_ACCOUNT",
+    "SQL_PARENT",
     "SQL_REFUNDABLE",
     "SQL_RESOLVE",
     "SQL_RESOLVED",

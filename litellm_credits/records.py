@@ -30,10 +30,18 @@ class Account:
     created_at: datetime
     updated_at: datetime
     resets_at: datetime
+    parent_id: str | None = None  # the team it spends from (a member), or None
+    daily_cap: int | None = None
+    request_cap: int | None = None
+    day_spend: int = 0
 
     @property
     def available(self) -> int:
         return self.balance - self.held
+
+    @property
+    def is_member(self) -> bool:
+        return self.parent_id is not None
 
     def to_cache(self) -> str:
         """A compact JSON form for the cache (exact: amounts stay integers)."""
@@ -62,6 +70,10 @@ class Account:
             "status": self.status,
             "display_name": self.display_name,
             "created_at": self.created_at.isoformat(),
+            "parent_id": self.parent_id,
+            "daily_cap": None if self.daily_cap is None else format_credits(self.daily_cap),
+            "request_cap": None if self.request_cap is None else format_credits(self.request_cap),
+            "day_spend": format_credits(self.day_spend),
         }
 
 
@@ -104,16 +116,21 @@ class Transaction:
 
 @dataclass(frozen=True)
 class Quote:
-    """What a request would hold on one tier: the amount, and whether the tier is debited."""
+    """What a request would hold on one tier: the amount, and whether the tier is debited.
+
+    ``minimum`` is the least a hold that does not fit may take instead (a clamped hold, and the
+    request's output limit lowered to what it covers); None refuses what does not fit whole.
+    """
 
     amount: int
     debits: bool = True
+    minimum: int | None = None
 
 
 @dataclass(frozen=True)
 class Hold:
     id: uuid.UUID
-    subject_id: str
+    subject_id: str  # the account that pays: the requester, or its team
     amount: int
     debits: bool
     expires_at: datetime
@@ -122,6 +139,12 @@ class Hold:
     replayed: bool = False
     # what a keyed hold was asked for (see ledger_sql.SQL_HOLD); None when not recorded
     request_hash: bytes | None = None
+    # what the request's tier quoted; more than ``amount`` when the hold was clamped
+    quoted: int | None = None
+
+    @property
+    def clamped(self) -> bool:
+        return self.quoted is not None and self.amount < self.quoted
 
 
 @dataclass(frozen=True)
