@@ -22,12 +22,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, localcontext
 from typing import Any
 
 from .errors import InvalidRequest, ModelNotPriced
 from .money import micro_ceil, to_decimal
 from .settings import CreditsConfig, ModelPriceConfig, PowerLevel
+from .timed_prices import EDGE, SERVICE_TIER_SUFFIXES, OffPeak, tier_suffix
+from .unit_prices import ImagePrices
 
 ZERO = Decimal(0)
 _TOKEN_RATE_KEYS = frozenset(
@@ -42,6 +45,9 @@ _ABOVE_KEY = re.compile(
     r"^(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost|cache_creation_input_token_cost)"
     r"_above_(\d+)(k?)_tokens$"
 )
+# the keys a service tier reprices (LiteLLM's ``_get_token_base_cost`` and reasoning rate)
+_TIER_RATE_KEYS = _TOKEN_RATE_KEYS | {"output_cost_per_reasoning_token"}
+_TIER_KEY_SUFFIXES = frozenset(SERVICE_TIER_SUFFIXES.values())
 # Sums and products of prices, token counts and rates are exact: no rounding to the default
 # 28-digit context, which could drop the tail of a long price before the charge is rounded up.
 EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
@@ -82,6 +88,10 @@ class ModelPrice:
     # long-prompt pricing: (threshold, rates) that apply to every token of a request whose
     # prompt has more than ``threshold`` tokens, as ``input_cost_per_token_above_200k_tokens``
     above: tuple[tuple[int, tuple[tuple[str, Decimal], ...]], ...] = ()
+    # rates per service tier suffix ("priority", "flex" ...): token rates and long-prompt rates
+    # by their standard key (``input_cost_per_token``, ``input_cost_per_token_above_272k_tokens``)
+    service_tiers: tuple[tuple[str, tuple[tuple[str, Decimal], ...]], ...] = ()
+    off_peak: OffPeak | None = None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str) -> ModelPrice | None:
@@ -100,7 +110,54 @@ class ModelPrice:
                 threshold = int(m.group(2)) * (1000 if m.group(3) else 1)
                 tiers.setdefault(threshold, {})[m.group(1)] = to_decimal(raw)
         above = tuple((t, tuple(sorted(rates.items()))) for t, rates in sorted(tiers.items()))
-        return cls(**values, above=above, source=source)
+        return cls(
+            **values,
+            above=above,
+            service_tiers=_service_tier_rates(data),
+            off_peak=OffPeak.from_mapping(data.get("off_peak_pricing")),
+            source=source,
+        )
+
+    def at(self, service_tier: str | None = None, moment: datetime | None = None) -> ModelPrice:
+        """The flat rates that apply to a call served at ``service_tier`` (None: the standard one)
+        that started at ``moment`` (None: peak rates), as ``litellm.cost_per_token`` resolves
+        them: the tier's rate for each key it prices (else the standard one), long-prompt rates
+        likewise, then the off-peak rates, which replace whatever they name for the whole call."""
+        price = self
+        rates = dict(self.service_tiers).get(tier_suffix(service_tier) or "")
+        if rates:
+            changes: dict[str, Any] = {k: v for k, v in rates if k in _TOKEN_RATE_KEYS}
+            if "output_cost_per_reasoning_token" in dict(rates):
+                changes["output_cost_per_reasoning_token"] = dict(rates)["output_cost_per_reasoning_token"]
+            elif "output_cost_per_token" in changes:
+                changes["output_cost_per_reasoning_token"] = None  # the tier's output rate then
+            tiered: dict[int, dict[str, Decimal]] = {t: dict(r) for t, r in self.above}
+            for key, rate in rates:
+                m = _ABOVE_KEY.match(key)
+                if m:
+                    threshold = int(m.group(2)) * (1000 if m.group(3) else 1)
+                    tiered.setdefault(threshold, {})[m.group(1)] = rate
+            changes["above"] = tuple((t, tuple(sorted(r.items()))) for t, r in sorted(tiered.items()))
+            price = replace(price, **changes)
+        if self.off_peak is not None and moment is not None and self.off_peak.covers(moment):
+            night: dict[str, Any] = dict(self.off_peak.rates)
+            above = tuple(
+                (t, tuple((k, r) for k, r in rates_ if k not in night)) for t, rates_ in price.above
+            )
+            price = replace(price, **night, above=tuple((t, r) for t, r in above if r))
+        if price.service_tiers or price.off_peak is not None:
+            price = replace(price, service_tiers=(), off_peak=None)
+        return price
+
+    def variants(self, service_tier: str | None, moment: datetime) -> list[ModelPrice]:
+        """Every flat price a call starting about ``moment`` may be billed at: its requested
+        service tier or the standard one (a provider may serve either), on both sides of an
+        off-peak window that opens or closes within a minute."""
+        tiers = {None, service_tier} if tier_suffix(service_tier) else {None}
+        moments = [moment]
+        if self.off_peak is not None and self.off_peak.near_edge(moment):
+            moments += [moment - EDGE, moment + EDGE]
+        return [self.at(t, m) for t in tiers for m in moments]
 
     def for_prompt(self, prompt_tokens: int) -> ModelPrice:
         """The rates that apply to a request with this many prompt tokens (long-prompt tiers)."""
@@ -116,7 +173,8 @@ class ModelPrice:
             k: v for k, v in override.model_dump(exclude_none=True).items() if k in PRICE_KEYS
         }
         if changes.keys() & _TOKEN_RATE_KEYS:
-            changes["above"] = ()  # the operator's token rates replace any long-prompt tiers
+            # the operator's token rates replace long-prompt, service-tier and off-peak ones
+            changes.update(above=(), service_tiers=(), off_peak=None)
         if override.max_output_tokens is not None:
             changes["max_output_tokens"] = override.max_output_tokens
         if override.free:
@@ -128,7 +186,16 @@ class ModelPrice:
         with localcontext(EXACT):
             values = {k: getattr(self, k) * factor for k in PRICE_KEYS if getattr(self, k) is not None}
             above = tuple((t, tuple((k, r * factor) for k, r in rates)) for t, rates in self.above)
-        return replace(self, **values, above=above)
+            tiers = tuple((t, tuple((k, r * factor) for k, r in rates)) for t, rates in self.service_tiers)
+            night = self.off_peak
+            if night is not None:
+                night = replace(night, rates=tuple((k, r * factor) for k, r in night.rates))
+        return replace(self, **values, above=above, service_tiers=tiers, off_peak=night)
+
+    @property
+    def priced_by_token(self) -> bool:
+        """Whether tokens are what it charges for (a token call's cost is then bounded)."""
+        return any(getattr(self, k) is not None for k in _TOKEN_RATE_KEYS)
 
     @property
     def priced(self) -> bool:
@@ -192,12 +259,12 @@ def _usd_cost(price: ModelPrice, usage: Usage) -> Decimal:
     return cost
 
 
-def worst_case(
-    price: ModelPrice, prompt_tokens: int, max_output_tokens: int, images: int = 0, characters: int = 0
-) -> Decimal:
-    """The most ``prompt_tokens`` in and ``max_output_tokens`` out can cost at ``price``."""
+def worst_rates(price: ModelPrice, prompt_tokens: int) -> tuple[Decimal, Decimal]:
+    """The highest USD rate a prompt token and an output token of a request with this many
+    prompt tokens may be billed at (cached, cache-write, reasoning and long-prompt rates all
+    considered)."""
     if price.free:
-        return ZERO
+        return ZERO, ZERO
     price = price.for_prompt(prompt_tokens)
     in_rates = [
         r
@@ -211,8 +278,18 @@ def worst_case(
     out_rates = [
         r for r in (price.output_cost_per_token, price.output_cost_per_reasoning_token) if r is not None
     ]
+    return max(in_rates, default=ZERO), max(out_rates, default=ZERO)
+
+
+def worst_case(
+    price: ModelPrice, prompt_tokens: int, max_output_tokens: int, images: int = 0, characters: int = 0
+) -> Decimal:
+    """The most ``prompt_tokens`` in and ``max_output_tokens`` out can cost at ``price``."""
+    if price.free:
+        return ZERO
+    in_rate, out_rate = worst_rates(price, prompt_tokens)
     with localcontext(EXACT):
-        cost = prompt_tokens * max(in_rates, default=ZERO) + max_output_tokens * max(out_rates, default=ZERO)
+        cost = prompt_tokens * in_rate + max_output_tokens * out_rate
         cost += images * ((price.input_cost_per_image or ZERO) + (price.output_cost_per_image or ZERO))
         cost += characters * (price.input_cost_per_character or ZERO)
     return cost
@@ -235,13 +312,36 @@ def max_price(prices: Iterable[ModelPrice]) -> ModelPrice:
             merged = tiers.setdefault(threshold, {})
             for key, rate in rates:
                 merged[key] = max(rate, merged.get(key, rate))
+    service: dict[str, dict[str, Decimal]] = {}
+    for p in prices:
+        for suffix, rates in p.service_tiers:
+            merged = service.setdefault(suffix, {})
+            for key, rate in rates:
+                merged[key] = max(rate, merged.get(key, rate))
     return ModelPrice(
         **values,
         above=tuple((t, tuple(sorted(r.items()))) for t, r in sorted(tiers.items())),
+        # every deployment's tier rates at their highest; off-peak rates are the lower ones, so
+        # the group's worst case is its standard rates
+        service_tiers=tuple((k, tuple(sorted(r.items()))) for k, r in sorted(service.items())),
         max_output_tokens=max(caps) if caps else None,
         free=all(p.free for p in prices),
         source="+".join(sorted({p.source for p in prices})),
     )
+
+
+def _service_tier_rates(data: Mapping[str, Any]) -> tuple[tuple[str, tuple[tuple[str, Decimal], ...]], ...]:
+    """``input_cost_per_token_priority`` and the like, by tier suffix and standard key."""
+    found: dict[str, dict[str, Decimal]] = {}
+    for key, raw in data.items():
+        if raw is None or isinstance(raw, bool) or not isinstance(key, str):
+            continue
+        base, _, suffix = key.rpartition("_")
+        if suffix not in _TIER_KEY_SUFFIXES:
+            continue
+        if base in _TIER_RATE_KEYS or _ABOVE_KEY.match(base):
+            found.setdefault(suffix, {})[base] = to_decimal(raw)
+    return tuple((t, tuple(sorted(r.items()))) for t, r in sorted(found.items()))
 
 
 def _strip_provider(model: str) -> str:
@@ -257,6 +357,7 @@ class Pricing:
     _map_cache: dict[str, ModelPrice | None] = field(default_factory=dict, repr=False)
     # live prices a provider publishes (OpenRouter's model list), by LiteLLM model name
     provider_prices: dict[str, ModelPrice] = field(default_factory=dict, repr=False)
+    _images: ImagePrices | None = field(default=None, repr=False)
 
     def _litellm_map(self) -> Mapping[str, Mapping[str, Any]]:
         if self.model_cost is None:
@@ -264,6 +365,13 @@ class Pricing:
 
             self.model_cost = litellm.model_cost
         return self.model_cost
+
+    @property
+    def image_prices(self) -> ImagePrices:
+        """Per-image prices by size and quality, from the same map."""
+        if self._images is None:
+            self._images = ImagePrices(self._litellm_map())
+        return self._images
 
     def from_map(self, model: str) -> ModelPrice | None:
         """LiteLLM's price for ``model`` (with or without a provider prefix)."""
@@ -358,4 +466,15 @@ class Pricing:
             return micro_ceil(usd * rate)
 
 
-__all__ = ["FREE", "PRICE_KEYS", "ModelPrice", "Pricing", "Usage", "max_price", "usd_cost", "worst_case"]
+__all__ = [
+    "EXACT",
+    "FREE",
+    "PRICE_KEYS",
+    "ModelPrice",
+    "Pricing",
+    "Usage",
+    "max_price",
+    "usd_cost",
+    "worst_case",
+    "worst_rates",
+]
