@@ -12,7 +12,8 @@ import hmac
 import json
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -21,17 +22,45 @@ from .records import Service
 
 @dataclass(frozen=True)
 class HoldClaim:
-    """What the pre-call hook promised the settlement: who, which hold, at what rate."""
+    """What the pre-call hook promised the settlement: who, which hold, at what rate, and what the
+    stream guard needs to stop a stream at the hold."""
 
     hold_id: uuid.UUID
-    subject_id: str
+    subject_id: str  # the account that pays (the requester, or its team)
     rate: Decimal  # credits per USD of list price (tier markup x power level)
     power_level: str
     service: Service
     # on a key the user brought: the share of the cost charged (the usage event still records
     # the full cost); None on the operator's or a provisioned key
     byok_fee: Decimal | None = None
-    tier: str = ""  # the account's tier when the hold was taken (its token limit)
+    tier: str = ""  # the paying account's tier when the hold was taken (its token limit)
+    account_id: str = ""  # the account the request was made for (a member, or the payer itself)
+    held: int = 0  # micro-credits held
+    prompt_tokens: int = 0  # as counted before the call
+    prompt_usd: Decimal = Decimal(0)  # the prompt at its highest rate
+    output_usd: Decimal = Decimal(0)  # one output token at its highest rate
+    # the output limit the request went out with when the hold was clamped, and what it asked
+    max_tokens: int | None = None
+    requested_max_tokens: int | None = None
+    service_tier: str | None = None  # the service tier the request asked for
+    started: float = 0.0  # when the hold was taken (UTC epoch seconds): the moment prices apply
+
+    @property
+    def requester(self) -> str:
+        return self.account_id or self.subject_id
+
+    @property
+    def started_at(self) -> datetime:
+        return datetime.fromtimestamp(self.started, timezone.utc)
+
+
+_DECIMALS = frozenset(f.name for f in fields(HoldClaim) if f.type in ("Decimal", "Decimal | None"))
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, uuid.UUID | Decimal):
+        return str(value)
+    return value
 
 
 class HoldSigner:
@@ -41,18 +70,7 @@ class HoldSigner:
         self._key = key or secrets.token_bytes(32)
 
     def sign(self, claim: HoldClaim) -> str:
-        body = json.dumps(
-            [
-                str(claim.hold_id),
-                claim.subject_id,
-                str(claim.rate),
-                claim.power_level,
-                claim.service,
-                None if claim.byok_fee is None else str(claim.byok_fee),
-                claim.tier,
-            ],
-            separators=(",", ":"),
-        ).encode()
+        body = json.dumps([_encode(v) for v in astuple(claim)], separators=(",", ":")).encode()
         mac = hmac.new(self._key, body, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(body).decode() + "." + base64.urlsafe_b64encode(mac).decode()
 
@@ -67,16 +85,12 @@ class HoldSigner:
             return None
         if not hmac.compare_digest(mac, hmac.new(self._key, body, hashlib.sha256).digest()):
             return None
-        hold_id, subject_id, rate, power_level, service, fee, tier = json.loads(body)
-        return HoldClaim(
-            uuid.UUID(hold_id),
-            subject_id,
-            Decimal(rate),
-            power_level,
-            service,
-            None if fee is None else Decimal(fee),
-            tier,
-        )
+        values = dict(zip((f.name for f in fields(HoldClaim)), json.loads(body), strict=True))
+        values["hold_id"] = uuid.UUID(values["hold_id"])
+        for name in _DECIMALS:
+            if values[name] is not None:
+                values[name] = Decimal(values[name])
+        return HoldClaim(**values)
 
 
 __all__ = ["HoldClaim", "HoldSigner"]

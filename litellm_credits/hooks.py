@@ -1,24 +1,26 @@
-"""The LiteLLM callback: identity → pricing → ledger, and nothing else.
+"""The LiteLLM callback: identity → estimate → hold → call → settle, and nothing else.
 
-pre-call   refuse a model the proxy does not route (404), price the worst case, hold it (402
-           when it does not fit), pass a signed hold token to the later hooks in
-           ``data["metadata"]``; a refusal is logged once, in one line (``refusals.py``);
-success    price the actual usage and settle the hold, exactly once;
+pre-call   refuse a model the proxy does not route (404), estimate what the request may cost
+           (``estimate.py``), hold it (402 when not even a clamped hold fits; a clamped hold lowers
+           the request's output limit to what it covers), pass a signed claim to the later
+           hooks in ``data["metadata"]``; a refusal is logged once, in one line (``refusals.py``);
+stream     end a stream cleanly at its hold (``stream_guard.py``);
+success    price the actual usage and settle the hold, exactly once (``settlement.py``);
 failure    void the hold.
 
-The hold token is signed with a per-process key, so an id that a client smuggles into its
-own metadata is never acted on.
+The claim is signed with a per-process key, so an id that a client smuggles into its own metadata
+is never acted on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import json
 import logging
 import time
-from collections.abc import Mapping
-from datetime import datetime
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Mapping
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -36,27 +38,31 @@ from .deployments import (
 )
 from .errors import (
     AccountNotFound,
+    CostNotBounded,
     CreditsError,
     InvalidRequest,
     ModelNotFound,
-    PermissionDenied,
-    RateLimited,
+    PaymentRequired,
     ServiceUnavailable,
+    TeamMismatch,
 )
-from .ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS
-from .pricing import ModelPrice, Usage, max_price, usd_cost, worst_case
-from .ratelimit import Rate
+from .estimate import Estimate, count_prompt_tokens, estimate_tokens, estimate_units, requested_output
+from .identity import request_metadata, requested_power_level, subject_of, team_of, when_short_of
+from .ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS, Ledger
+from .money import parse_credits
+from .pricing import ModelPrice, max_price
 from .records import Hold, Quote, Service, UsageRecord
 from .refusals import quiet_litellm_logs, refuse
 from .runtime import Runtime
+from .settlement import RETRYABLE, Settler, usage_from_response
+from .stream_guard import Delivered, StreamGuard
+from .tier_limits import TierLimits
+from .unit_prices import audio_seconds
 
 log = logging.getLogger("litellm_credits.hooks")
 
 HOLD_KEY = "credits_hold"
-MAX_OUTPUT_TOKENS = 10_000_000
-MAX_CHOICES = 128
-_RETRYABLE: tuple[type[BaseException], ...] = (ServiceUnavailable, *UNAVAILABLE_ERRORS)
-POWER_LEVEL_HEADER = "x-power-level"
+MAX_TOKENS_HEADER = "x-credits-max-tokens"
 
 _SERVICES: dict[str, Service] = {
     "completion": "chat",
@@ -75,73 +81,10 @@ _SERVICES: dict[str, Service] = {
     "transcription": "audio_transcription",
     "atranscription": "audio_transcription",
 }
+_UNIT_PRICED: frozenset[Service] = frozenset({"image", "audio_speech", "audio_transcription"})
 
-# how long the tier an account's hold reported is trusted for checking its limits before a hold
-TIER_MEMORY_SECONDS = 10.0
-
-
-def _metadata(data: dict) -> dict:
-    """The request's own metadata dict: ``litellm_metadata`` on routes where ``metadata`` is the
-    provider's parameter (Responses, Anthropic messages, batches), else ``metadata``."""
-    key = "litellm_metadata" if "litellm_metadata" in data else "metadata"
-    meta = data.get(key)
-    if meta is None:
-        meta = data[key] = {}
-    if not isinstance(meta, dict):
-        raise InvalidRequest(f"{key} must be an object", param=key)
-    return meta
-
-
-def _subject_id(value: Any, param: str) -> str:
-    subject = str(value)
-    if not 1 <= len(subject) <= 256 or any(ord(ch) < 32 or ord(ch) == 127 for ch in subject):
-        raise InvalidRequest("the account id must be 1 to 256 printable characters", param=param)
-    return subject
-
-
-def _choices(data: Mapping[str, Any]) -> int:
-    n = data.get("n")
-    if n is None:
-        return 1
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
-        raise InvalidRequest(f"n must be an integer from 1 to {MAX_CHOICES}", param="n")
-    return n
-
-
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def usage_from_response(response: Any, kwargs: Mapping[str, Any], service: Service) -> Usage:
-    """Token and unit counts of a finished call, as the provider (or LiteLLM) reported them."""
-    usage = _get(response, "usage")
-    prompt_details = _get(usage, "prompt_tokens_details")
-    completion_details = _get(usage, "completion_tokens_details")
-    images = 0
-    characters = 0
-    seconds = Decimal(0)
-    if service == "image":
-        images = len(_get(response, "data") or [])
-    elif service == "audio_speech":
-        characters = len(str(kwargs.get("input") or ""))
-    elif service == "audio_transcription":
-        hidden = _get(response, "_hidden_params") or {}
-        duration = _get(hidden, "audio_transcription_duration") or _get(response, "duration")
-        seconds = Decimal(str(duration)) if duration else Decimal(0)
-    return Usage(
-        prompt_tokens=int(_get(usage, "prompt_tokens") or 0),
-        completion_tokens=int(_get(usage, "completion_tokens") or 0),
-        cached_tokens=int(_get(prompt_details, "cached_tokens") or 0),
-        cache_creation_tokens=int(_get(usage, "cache_creation_input_tokens") or 0),
-        reasoning_tokens=int(_get(completion_details, "reasoning_tokens") or 0),
-        images=images,
-        input_seconds=seconds,
-        characters=characters,
-    )
+# holds whose stream the guard ended (it settles them), remembered this many at most
+MAX_CUT_STREAMS = 10_000
 
 
 class CreditsHandler(CustomLogger):
@@ -160,50 +103,19 @@ class CreditsHandler(CustomLogger):
         self.deployments = deployments
         self.routes = routes
         self.signer = signer or HoldSigner()
-        self._pending: set[asyncio.Task[None]] = set()
+        self.settler = Settler(runtime, self.group_price)
         self._provider_models: object = None
-        # account -> tier of its last hold here: lets a throttled call be refused before its hold
-        self._tiers: dict[str, tuple[str, float]] = {}
+        self.limits = TierLimits(runtime)
+        self._cut: OrderedDict[uuid.UUID, None] = OrderedDict()
         quiet_litellm_logs()
 
     # identity ----------------------------------------------------------------------------
 
     def subject_of(self, auth: Any, data: Mapping[str, Any]) -> str | None:
-        """The account a request spends from; None for unmetered admin traffic."""
-        role = str(_get(auth, "user_role") or "")
-        is_admin = role.endswith("proxy_admin") and _get(auth, "user_id") in (None, "default_user_id")
-        if is_admin:
-            # the master key acting for a customer (a trusted backend) names them in `user`
-            user = data.get("user")
-            return _subject_id(user, "user") if user else None
-        mode = self.runtime.settings.credits.subject
-        if mode == "end_user" and (_get(auth, "metadata") or {}).get("credits_role") not in (
-            "service",
-            "admin",
-        ):
-            # the end user is whatever the caller says it is: only a trusted backend may say it
-            raise PermissionDenied(
-                "billing by end user needs a service key (key metadata credits_role: service)"
-            )
-        subject = {
-            "user": _get(auth, "user_id"),
-            "team": _get(auth, "team_id"),
-            "end_user": _get(auth, "end_user_id") or data.get("user"),
-            "key": _get(auth, "token") or _get(auth, "api_key"),
-        }[mode]
-        if not subject:
-            raise PermissionDenied(f"this key has no {mode} to charge credits to")
-        return _subject_id(subject, "user")
+        """The account a request is for; None for unmetered admin traffic."""
+        return subject_of(auth, data, self.runtime.settings.credits.subject)
 
     # pricing -----------------------------------------------------------------------------
-
-    def _requested_power_level(self, data: dict) -> str | None:
-        metadata = _metadata(data)
-        if metadata.get("power_level"):
-            return str(metadata["power_level"])
-        headers = (data.get("proxy_server_request") or {}).get("headers") or {}
-        value = headers.get(POWER_LEVEL_HEADER)
-        return str(value) if value else None
 
     def group_price(self, model_group: str, deployments: list[dict[str, Any]] | None = None) -> ModelPrice:
         """The worst price among the deployments a model group may route to."""
@@ -217,33 +129,78 @@ class CreditsHandler(CustomLogger):
             for d in deployments
         )
 
-    def _prompt_tokens(self, data: Mapping[str, Any], model: str, service: Service) -> int:
+    def _estimate(
+        self,
+        data: dict,
+        call_type: str,
+        service: Service,
+        model_group: str,
+        deployments: list[dict[str, Any]],
+        started: datetime,
+    ) -> Estimate:
+        """What the request may cost at the highest rate it may be billed at (its service tier or
+        the standard one, either side of an off-peak window that is about to open or close)."""
+        group = self.group_price(model_group, deployments)
+        tier = data.get("service_tier") if isinstance(data.get("service_tier"), str) else None
+        price = max_price(group.variants(tier, started))
+        cfg = self.runtime.settings.credits
+        if service in _UNIT_PRICED:
+            image = self._image_price(data, model_group, deployments) if service == "image" else None
+            seconds = None
+            if service == "audio_transcription":
+                seconds = audio_seconds(data.get("file")) or Decimal(cfg.max_audio_seconds)
+            return estimate_units(data, price, service=service, image_price=image, audio_seconds=seconds)
         import litellm
 
-        try:
-            if data.get("messages"):
-                return int(litellm.token_counter(model=model, messages=data["messages"]))
-            text = data.get("input") if service in ("embedding", "chat") else data.get("prompt")
-            if isinstance(text, list):
-                text = " ".join(str(t) for t in text)
-            return int(litellm.token_counter(model=model, text=str(text or "")))
-        except Exception:
-            # a tokenizer failure must not let the request through unpriced
-            return len(json.dumps(data.get("messages") or data.get("input") or "", default=str))
+        prompt = count_prompt_tokens(data, model_group, service, litellm.token_counter)
+        return estimate_tokens(
+            data,
+            price,
+            call_type=call_type,
+            service=service,
+            prompt_tokens=prompt,
+            default_output_tokens=cfg.default_max_output_tokens,
+            min_output_tokens=cfg.min_output_tokens,
+        )
 
-    @staticmethod
-    def _requested_output(data: Mapping[str, Any]) -> int | None:
-        for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-            value = data.get(key)
-            if value is not None:
-                if (
-                    not isinstance(value, int)
-                    or isinstance(value, bool)
-                    or not 0 <= value <= MAX_OUTPUT_TOKENS
-                ):
-                    raise InvalidRequest(f"{key} must be an integer from 0 to {MAX_OUTPUT_TOKENS}", param=key)
-                return value
-        return None
+    def _image_price(
+        self, data: Mapping[str, Any], model_group: str, deployments: list[dict[str, Any]]
+    ) -> Decimal | None:
+        """The dearest deployment's price of one image of the requested size and quality."""
+        images = self.runtime.pricing.image_prices
+        found = []
+        for d in deployments or [{"litellm_params": {"model": model_group}}]:
+            params = d.get("litellm_params") or {}
+            model = str(params.get("model") or model_group)
+            provider = params.get("custom_llm_provider") or (model.split("/", 1)[0] if "/" in model else None)
+            found.append(
+                images.price(
+                    model,
+                    provider,
+                    size=data.get("size"),
+                    quality=data.get("quality"),
+                    deployment=deployment_prices(d),
+                )
+            )
+        prices = [p for p in found if p is not None]
+        return max(prices) if prices and len(prices) == len(found) else None
+
+    def _quotes(
+        self, estimate: Estimate | None, power_level: str, factor: Decimal, when_short: str | None
+    ) -> dict[str, Quote]:
+        """What the request holds on each tier (the account's is picked in the statement)."""
+        cfg = self.runtime.settings.credits
+        pricing = self.runtime.pricing
+        quotes = {}
+        for name, tier in cfg.tiers.items():
+            debits = not tier.unlimited
+            if estimate is None:  # nothing bounds it: the operator's fixed hold
+                quotes[name] = Quote(parse_credits(cfg.unbounded_hold), debits)
+                continue
+            rate = pricing.rate(name, power_level) * factor  # type: ignore[arg-type]
+            clamp = (when_short or tier.when_short) == "clamp"
+            quotes[name] = Quote(estimate.amount(rate), debits, estimate.minimum(rate) if clamp else None)
+        return quotes
 
     # hooks -------------------------------------------------------------------------------
 
@@ -274,86 +231,145 @@ class CreditsHandler(CustomLogger):
             err,
             anthropic=call == "anthropic_messages",
             model=data.get("model"),
-            user=_get(auth, "user_id"),
+            user=getattr(auth, "user_id", None),
             call_id=data.get("litellm_call_id"),
             cause=cause,
         )
 
     async def _pre_call(self, auth: Any, data: dict, call_type: str) -> dict:
-        metadata = _metadata(data)
+        metadata = request_metadata(data)
         metadata.pop(HOLD_KEY, None)  # never carry a client's value forward
-        model_group = data.get("model")
-        if not model_group:
+        if not data.get("model"):
             return data
         subject = self.subject_of(auth, data)
         if subject is None:
             return data
+        model_group = str(data["model"])
         service = _SERVICES.get(call_type, "other")
-        deployments = self._deployments(str(model_group), data)
+        deployments = self._deployments(model_group, data)
         pricing = self.runtime.pricing
-        power_level = pricing.power_level(self._requested_power_level(data))
+        power_level = pricing.power_level(requested_power_level(data))
         via_openrouter = is_openrouter(deployments)
         if via_openrouter:
             await self._load_provider_prices()
-        price = self.group_price(str(model_group), deployments)
-        output = pricing.output_cap(price, self._requested_output(data))
-        n = _choices(data)
-        if service == "chat":
-            output *= n  # every choice is billed
-        estimate_usd = worst_case(
-            price,
-            self._prompt_tokens(data, str(model_group), service),
-            output,
-            images=n if service == "image" else 0,
-            characters=len(str(data.get("input") or "")) if service == "audio_speech" else 0,
-        )
-
+        started = time.time()
         cfg = self.runtime.settings.credits
+        estimate: Estimate | None
+        try:
+            moment = datetime.fromtimestamp(started, timezone.utc)
+            estimate = self._estimate(data, call_type, service, model_group, deployments, moment)
+        except CostNotBounded:
+            if cfg.unbounded_hold is None:
+                raise
+            estimate = None  # the operator allows it with a fixed hold
         own_key = await self._openrouter_key(subject) if via_openrouter else None
         # a key the user brought pays the provider itself: only the configured fee is charged
         byok_fee = cfg.openrouter_byok_fee if own_key is not None and own_key[1] else None
         factor = Decimal(1) if byok_fee is None else byok_fee
-        quotes = {}
-        for tier in cfg.tiers:
-            amount = pricing.to_micro(estimate_usd, pricing.rate(tier, power_level) * factor)
-            if amount == 0 and not price.free and factor:
-                # a priced call whose cost cannot be bounded up front (audio by duration, say)
-                # still needs a paying account: the smallest hold keeps an empty balance out
-                amount = 1
-            quotes[tier] = Quote(amount, debits=not pricing.is_unlimited(tier))
+        quotes = self._quotes(estimate, power_level, factor, when_short_of(auth))
         ledger = await self.runtime.ledger()
+        team = team_of(auth, cfg.subject)
+        hold = await self._hold(ledger, subject, team, quotes, estimate, model_group, power_level, factor)
+        if own_key is not None:
+            # the account's own OpenRouter key: a provisioned one is capped at what the account
+            # can pay, a brought one is the user's
+            data["api_key"] = own_key[0].reveal()
+        rate = pricing.rate(hold.tier, power_level)
+        requested, _ = requested_output(data) if service == "chat" else (None, ())
+        max_tokens = None
+        if hold.clamped and estimate is not None and estimate.output_params:
+            max_tokens = estimate.covered_output_tokens(hold.amount, rate * factor)
+            for param in estimate.output_params:
+                data[param] = max_tokens
+        # the guard stops a stream at what the hold pays for, when the operator pays for it
+        guarded = estimate is not None and hold.debits and byok_fee is None and hold.amount > 0
+        metadata[HOLD_KEY] = self.signer.sign(
+            HoldClaim(
+                hold.id,
+                hold.subject_id,
+                rate,
+                power_level,
+                service,
+                byok_fee,
+                hold.tier,
+                account_id=subject,
+                held=hold.amount,
+                prompt_tokens=estimate.prompt_tokens if estimate else 0,
+                prompt_usd=estimate.prompt_usd if estimate else Decimal(0),
+                output_usd=estimate.output_usd if estimate and guarded else Decimal(0),
+                max_tokens=max_tokens,
+                requested_max_tokens=requested,
+                service_tier=data.get("service_tier") if isinstance(data.get("service_tier"), str) else None,
+                started=started,
+            )
+        )
+        return data
+
+    async def _hold(
+        self,
+        ledger: Ledger,
+        subject: str,
+        team: str | None,
+        quotes: dict[str, Quote],
+        estimate: Estimate | None,
+        model_group: str,
+        power_level: str,
+        factor: Decimal,
+    ) -> Hold:
+        """Hold the quote (opening the account on a subject's first request), then check the
+        account's rate limits; a refusal says how many output tokens the balance covers."""
+        cfg = self.runtime.settings.credits
         take = functools.partial(
             ledger.hold_quoted,
             subject,
             quotes,
             default_tier=cfg.default_tier,
             ttl_seconds=cfg.holds.ttl_seconds,
-            model=str(model_group),
+            model=model_group,
             power_level=power_level,
         )
-        known_tier = self._known_tier(subject)
+        known_tier = self.limits.known_tier(subject)
         if known_tier is not None:  # refused here, a throttled call costs the ledger nothing
-            await self._check_limits(subject, known_tier)
+            await self.limits.check(subject, known_tier)
         try:
-            hold = await take()
-        except AccountNotFound:
-            # first request of a subject LiteLLM knows: an empty account in the default tier
-            await ledger.create_account(
-                subject, tier=cfg.default_tier, subject_type=cfg.subject, exist_ok=True
+            try:
+                hold = await take()
+            except AccountNotFound:
+                # first request of a subject LiteLLM knows: an empty account in the default tier
+                # (a key's team's member, when it has a team)
+                await self._open_account(ledger, subject, team)
+                hold = await take()
+        except PaymentRequired as err:
+            if estimate is not None and estimate.output_usd > 0 and err.room is not None:
+                rate = self.runtime.pricing.rate(err.tier or cfg.default_tier, power_level) * factor  # type: ignore[arg-type]
+                covered = estimate.covered_output_tokens(max(err.room, 0), rate)
+                err.details.update(
+                    covered_output_tokens=covered, min_output_tokens=estimate.min_output_tokens
+                )
+                err.message += f"; what is left covers {covered} output tokens of this request"
+            raise
+        if team is not None and hold.subject_id != team:
+            await ledger.void(
+                hold.subject_id, hold.id, UsageRecord(cost=0, metadata={"error": "team_mismatch"})
             )
-            hold = await take()
-        self._learn_tier(subject, hold.tier)
+            raise TeamMismatch(
+                f"account {subject!r} is not a member of team {team!r}, whose key this is; an admin "
+                "can move it there (PATCH /api/v1/admin/credits/accounts/{id} with parent_id)",
+                param="team_id",
+            )
+        self.limits.learn_tier(subject, hold.tier)
         if hold.tier != known_tier:
-            await self._rate_limit(subject, hold, service, str(model_group))
-        if own_key is not None:
-            # the account's own OpenRouter key: a provisioned one is capped at what the account
-            # can pay, a brought one is the user's
-            data["api_key"] = own_key[0].reveal()
-        rate = pricing.rate(hold.tier, power_level)
-        metadata[HOLD_KEY] = self.signer.sign(
-            HoldClaim(hold.id, subject, rate, power_level, service, byok_fee, hold.tier)
+            await self.limits.after_hold(subject, hold, model_group)
+        return hold
+
+    async def _open_account(self, ledger: Ledger, subject: str, team: str | None) -> None:
+        cfg = self.runtime.settings.credits
+        kind = "user" if cfg.subject == "team_member" else cfg.subject
+        if team is not None:
+            await ledger.create_account(team, tier=cfg.default_tier, subject_type="team", exist_ok=True)
+        await ledger.create_account(
+            subject, tier=cfg.default_tier, subject_type=kind, parent_id=team, exist_ok=True
         )
-        return data
 
     def _deployments(self, model_group: str, data: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The model group's deployments; 404 ``model_not_found`` for a name the proxy does not
@@ -369,47 +385,6 @@ class CreditsHandler(CustomLogger):
             param="model",
             model=model_group,
         )
-
-    def _learn_tier(self, subject: str, tier: str) -> None:
-        """Remember the account's tier as its last hold reported it (for the next call's limits)."""
-        if len(self._tiers) >= 100_000 and subject not in self._tiers:
-            self._tiers.clear()
-        self._tiers[subject] = (tier, time.monotonic())
-
-    def _known_tier(self, subject: str) -> str | None:
-        """The tier learned in the last few seconds: a changed tier is honoured that soon, and a
-        throttled account costs at most one hold (then voided) per that many seconds."""
-        known = self._tiers.get(subject)
-        if known is None or time.monotonic() - known[1] > TIER_MEMORY_SECONDS:
-            return None
-        return known[0]
-
-    async def _check_limits(self, subject: str, tier_name: str) -> None:
-        """The tier's requests and tokens per minute for this account (429 ``rate_limited``).
-        Buckets are per tier: a changed tier starts from a full one, and is never counted twice.
-
-        Tokens are counted when a call settles, so here the question is only whether the account
-        is in debt.
-        """
-        tier = self.runtime.settings.credits.tiers.get(tier_name)
-        if tier is None or (tier.rpm is None and tier.tpm is None):
-            return
-        limiter = self.runtime.limiter
-        if tier.rpm is not None:
-            await limiter.check(subject, f"llm_rpm:{tier_name}", Rate(tier.rpm, 60))
-        if tier.tpm is not None:
-            await limiter.check(subject, f"llm_tpm:{tier_name}", Rate(tier.tpm, 60), cost=0)
-
-    async def _rate_limit(self, subject: str, hold: Hold, service: Service, model: str) -> None:
-        """The limits of the tier the hold reported (first call of an account in this process, or
-        its tier changed); a refusal releases the hold."""
-        try:
-            await self._check_limits(subject, hold.tier)
-        except RateLimited:
-            ledger = await self.runtime.ledger()
-            usage = UsageRecord(service=service, model=model, cost=0, metadata={"error": "rate_limited"})
-            await ledger.void(subject, hold.id, usage)
-            raise
 
     async def _load_provider_prices(self) -> None:
         """Before pricing an OpenRouter model group: OpenRouter's own current prices, cached."""
@@ -453,117 +428,93 @@ class CreditsHandler(CustomLogger):
                 return self.signer.verify(meta[HOLD_KEY])
         return None
 
+    async def async_post_call_response_headers_hook(
+        self,
+        data: dict,
+        user_api_key_dict: Any,
+        response: Any,
+        request_headers: dict[str, str] | None = None,
+        litellm_call_info: dict[str, object] | None = None,
+    ) -> dict[str, str] | None:
+        """``x-credits-max-tokens`` on a response whose output limit a clamped hold lowered."""
+        claim = self._claim(data)
+        if claim is None or claim.max_tokens is None:
+            return None
+        return {MAX_TOKENS_HEADER: str(claim.max_tokens)}
+
+    async def async_post_call_streaming_iterator_hook(
+        self, user_api_key_dict: Any, response: Any, request_data: dict
+    ) -> AsyncGenerator[Any, None]:
+        claim = self._claim(request_data)
+        if claim is None or claim.output_usd <= 0 or claim.service != "chat":
+            async for chunk in response:
+                yield chunk
+            return
+        options = request_data.get("stream_options") or {}
+        guard = StreamGuard(
+            claim,
+            model=str(request_data.get("model") or ""),
+            include_usage=bool(isinstance(options, Mapping) and options.get("include_usage")),
+            counter=_token_counter(),
+        )
+        settling = False
+        async for chunk in guard.guard(response):
+            if guard.delivered.cut and not settling:
+                # before the ending goes out: the guard settles what it delivered, and a success
+                # event that may still come for this stream (a disconnect's, say) is ignored
+                settling = True
+                self._remember_cut(claim.hold_id)
+                self.settler.spawn(self._settle_cut(claim, request_data, guard.delivered))
+            yield chunk
+
+    def _remember_cut(self, hold_id: uuid.UUID) -> None:
+        if hold_id in self._cut:
+            return
+        self._cut[hold_id] = None
+        while len(self._cut) > MAX_CUT_STREAMS:
+            self._cut.popitem(last=False)
+
+    async def _settle_cut(
+        self, claim: HoldClaim, request_data: Mapping[str, Any], delivered: Delivered
+    ) -> None:
+        logging_obj = request_data.get("litellm_logging_obj")
+        kwargs = dict(getattr(logging_obj, "model_call_details", None) or {})
+        group = str(request_data.get("model") or "")
+
+        async def settle() -> None:
+            await self.settler.settle(
+                claim, kwargs, None, start=None, end=None, model_group=group, delivered=delivered
+            )
+
+        try:
+            await settle()
+        except RETRYABLE:
+            self.settler.later(claim, settle)
+        except Exception:
+            log.exception("litellm-credits: settling the cut stream of hold %s failed", claim.hold_id)
+
     async def async_log_success_event(
         self, kwargs: dict, response_obj: Any, start_time: datetime, end_time: datetime
     ) -> None:
         params = kwargs.get("litellm_params") or {}
         claim = self._claim(params)
-        if claim is None:
+        if claim is None or claim.hold_id in self._cut:
             return
         if kwargs.get("stream") and "async_complete_streaming_response" not in kwargs:
             return  # a chunk, not the end of the stream
+
+        async def settle() -> None:
+            await self.settler.settle(claim, kwargs, response_obj, start=start_time, end=end_time)
+
         try:
-            await self._settle(claim, kwargs, response_obj, start_time, end_time)
-        except _RETRYABLE:
-            # the upstream was paid for: keep trying while the hold lives, outside LiteLLM's
-            # 20 s callback timeout (settling is idempotent, so a retry can never charge twice)
-            log.warning("litellm-credits: ledger unavailable, will retry settling hold %s", claim.hold_id)
-            task = asyncio.get_running_loop().create_task(
-                self._settle_later(claim, kwargs, response_obj, start_time, end_time)
-            )
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            await settle()
+        except RETRYABLE:
+            # the upstream was paid for: keep trying while the hold lives (settling is
+            # idempotent, so a retry can never charge twice)
+            self.settler.later(claim, settle)
         except Exception:
             # LiteLLM swallows callback errors; the hold stays open for the sweeper
             log.exception("litellm-credits: settling hold %s failed", claim.hold_id)
-
-    async def _settle_later(
-        self, claim: HoldClaim, kwargs: dict, response: Any, start: datetime, end: datetime
-    ) -> None:
-        deadline = time.monotonic() + self.runtime.settings.credits.holds.ttl_seconds
-        delay = 0.5
-        while time.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 15.0)
-            try:
-                await self._settle(claim, kwargs, response, start, end)
-            except _RETRYABLE:
-                continue
-            except Exception:
-                log.exception("litellm-credits: settling hold %s failed", claim.hold_id)
-                return
-            log.info("litellm-credits: hold %s settled after the ledger came back", claim.hold_id)
-            return
-        log.error("litellm-credits: gave up settling hold %s; the sweeper resolves it", claim.hold_id)
-
-    async def _settle(
-        self, claim: HoldClaim, kwargs: dict, response: Any, start: datetime, end: datetime
-    ) -> None:
-        params = kwargs.get("litellm_params") or {}
-        slo = kwargs.get("standard_logging_object") or {}
-        model_group = slo.get("model_group") or kwargs.get("model") or ""
-        provider = kwargs.get("custom_llm_provider") or slo.get("custom_llm_provider")
-        model = (
-            f"{provider}/{kwargs.get('model')}" if provider and kwargs.get("model") else kwargs.get("model")
-        )
-        usage = usage_from_response(response, kwargs, claim.service)
-        ledger = await self.runtime.ledger()
-        try:
-            price = self.runtime.pricing.price(
-                model_group,
-                model,
-                deployment_prices(
-                    {
-                        "model_info": params.get("model_info"),
-                        "litellm_params": params,
-                    }
-                ),
-            )
-        except CreditsError:
-            price = self.group_price(model_group)
-        usd = usd_cost(price, usage)
-        cost = self.runtime.pricing.to_micro(usd, claim.rate)
-        charge = cost
-        if claim.byok_fee is not None:  # the user's own key paid the provider: only the fee
-            charge = self.runtime.pricing.to_micro(usd, claim.rate * claim.byok_fee)
-        latency = int((end - start).total_seconds() * 1000) if start and end else None
-        result = await ledger.settle(
-            claim.subject_id,
-            claim.hold_id,
-            charge,
-            UsageRecord(
-                service=claim.service,
-                model=model_group or model,
-                provider=provider,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                cached_tokens=usage.cached_tokens,
-                reasoning_tokens=usage.reasoning_tokens,
-                cost=cost,
-                latency_ms=max(latency, 0) if latency is not None else None,
-                metadata={
-                    "deployment": model,
-                    "call_id": kwargs.get("litellm_call_id"),
-                    # LiteLLM's own float estimate, kept for audit; never used to charge
-                    "litellm_response_cost": str(slo.get("response_cost")),
-                    # the exact price in USD (markups included), for reconciling with providers
-                    "usd": format(usd.normalize(), "f"),
-                    **({"byok": True} if claim.byok_fee is not None else {}),
-                },
-            ),
-        )
-        if result is None:
-            log.warning(
-                "litellm-credits: hold %s was already resolved; usage not charged again", claim.hold_id
-            )
-            return
-        tier = self.runtime.settings.credits.tiers.get(claim.tier)
-        tokens = usage.prompt_tokens + usage.completion_tokens
-        if tier is not None and tier.tpm is not None and tokens:
-            # the call happened: its tokens count even past the limit (the next call waits)
-            await self.runtime.limiter.hit(
-                claim.subject_id, f"llm_tpm:{claim.tier}", Rate(tier.tpm, 60), tokens, force=True
-            )
 
     async def async_post_call_failure_hook(
         self,
@@ -573,10 +524,10 @@ class CreditsHandler(CustomLogger):
         traceback_str: Any = None,
     ) -> None:
         claim = self._claim(request_data)
-        if claim is None:
+        if claim is None or claim.hold_id in self._cut:
             return
         try:
-            if self.subject_of(user_api_key_dict, request_data) != claim.subject_id:
+            if self.subject_of(user_api_key_dict, request_data) != claim.requester:
                 return  # only the caller who took a hold may release it
         except CreditsError:
             return
@@ -596,4 +547,17 @@ class CreditsHandler(CustomLogger):
             log.exception("litellm-credits: voiding hold %s failed", claim.hold_id)
 
 
-__all__ = ["HOLD_KEY", "CreditsHandler", "HoldClaim", "HoldSigner", "usage_from_response"]
+def _token_counter() -> Any:
+    import litellm
+
+    return litellm.token_counter
+
+
+__all__ = [
+    "HOLD_KEY",
+    "MAX_TOKENS_HEADER",
+    "CreditsHandler",
+    "HoldClaim",
+    "HoldSigner",
+    "usage_from_response",
+]

@@ -31,6 +31,7 @@ Dec = Annotated[Decimal, BeforeValidator(to_decimal)]
 # an amount of credits, by the grammar of every money input (money.parse_credits)
 CreditsAmount = Annotated[Decimal, BeforeValidator(_credits)]
 PowerLevel = Literal["eco", "balanced", "precision"]
+WhenShort = Literal["refuse", "clamp"]
 POWER_LEVELS: tuple[PowerLevel, ...] = ("eco", "balanced", "precision")
 
 
@@ -46,6 +47,9 @@ class TierConfig(_Strict):
     # per-account limits on LLM calls (None = no limit): requests and tokens per minute
     rpm: int | None = Field(None, gt=0)
     tpm: int | None = Field(None, gt=0)
+    # a request whose worst case does not fit: hold what is left and lower its output limit to
+    # what that covers (clamp), or refuse it with 402 (refuse); a key's metadata may override
+    when_short: WhenShort = "clamp"
 
     @model_validator(mode="after")
     def _check(self) -> TierConfig:
@@ -111,13 +115,22 @@ def _default_power_levels() -> dict[PowerLevel, Decimal]:
 class CreditsConfig(_Strict):
     """The contents of ``credits.yaml``."""
 
-    subject: Literal["user", "team", "end_user", "key"] = "user"
+    # who pays: the key's user, its team, the end user a trusted backend names, the key itself,
+    # or (team_member) the key's user out of the key's team's credits, within the user's caps
+    subject: Literal["user", "team", "team_member", "end_user", "key"] = "user"
     credits_per_usd: Dec = Decimal(1000)
     default_tier: str = "free"
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: {"free": TierConfig()})
     power_levels: dict[PowerLevel, Dec] = Field(default_factory=_default_power_levels)
     default_power_level: PowerLevel = "balanced"
     default_max_output_tokens: int = Field(4096, gt=0)
+    # a clamped request keeps at least this many output tokens (per choice); below it: 402
+    min_output_tokens: int = Field(256, gt=0)
+    # a transcription whose audio header states no duration is held for this many seconds
+    max_audio_seconds: int = Field(3600, gt=0)
+    # credits held for a priced call whose cost nothing bounds up front (speech priced per
+    # second of output, say); unset: such calls are refused with cost_not_bounded
+    unbounded_hold: CreditsAmount | None = None
     models: dict[str, ModelPriceConfig] = Field(default_factory=dict)
     unknown_model_price: ModelPriceConfig | None = None
     free_model_suffixes: tuple[str, ...] = (":free",)
@@ -138,6 +151,8 @@ class CreditsConfig(_Strict):
     def _check(self) -> CreditsConfig:
         if self.credits_per_usd <= 0:
             raise ValueError("credits_per_usd must be positive")
+        if self.unbounded_hold is not None and self.unbounded_hold <= 0:
+            raise ValueError("unbounded_hold must be positive (leave it out to refuse such calls)")
         if self.default_tier not in self.tiers:
             raise ValueError(f"default_tier {self.default_tier!r} is not in tiers")
         missing = [p for p in POWER_LEVELS if p not in self.power_levels]
@@ -230,4 +245,5 @@ __all__ = [
     "RateLimitsConfig",
     "Settings",
     "TierConfig",
+    "WhenShort",
 ]

@@ -237,7 +237,7 @@ async def test_over_the_monthly_cap_is_a_402(proxy: Proxy, ledger: Ledger) -> No
 def test_a_request_the_cap_cannot_fit_would_exceed_it(proxy: Proxy) -> None:
     """Regression: a request over what was left of the monthly cap was told the cap was "reached"
     although nothing had been spent."""
-    _, key = proxy.create_account("100", monthly_cap="3")
+    _, key = proxy.create_account("100", monthly_cap="3", tier="strict")
     with client(proxy, key) as oa, pytest.raises(openai.APIStatusError) as err:
         # 1000 output tokens at 3.3e-6 USD: 3.3 credits held, over the cap of 3
         oa.chat.completions.create(model="fake-custom", messages=chat("hi"), max_tokens=1000)
