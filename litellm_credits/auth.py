@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 
 from .errors import AuthenticationError, CreditsError, ServiceUnavailable, to_proxy_exception
+from .identity import WHEN_SHORT_KEY
 from .ledger import UNAVAILABLE_ERRORS
 
 KEY_PREFIX = "sk-cr-"
@@ -31,11 +32,11 @@ ROLE_SERVICE = "service"
 ROLE_USER = "user"
 
 SQL_INSERT_KEY = """
-INSERT INTO credits.api_keys (key_hash, subject_id, key_prefix, role, name)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO credits.api_keys (key_hash, subject_id, key_prefix, role, name, when_short)
+VALUES ($1, $2, $3, $4, $5, $6)
 RETURNING id
 """
-KEY_COLUMNS = "id, subject_id, key_prefix, role, name, created_at, revoked_at"
+KEY_COLUMNS = "id, subject_id, key_prefix, role, name, when_short, created_at, revoked_at"
 SQL_LIST_KEYS = f"SELECT {KEY_COLUMNS} FROM credits.api_keys WHERE subject_id = $1 ORDER BY id"
 SQL_REVOKE_KEY = f"""
 UPDATE credits.api_keys SET revoked_at = now()
@@ -44,7 +45,7 @@ RETURNING {KEY_COLUMNS}, key_hash
 """
 SQL_GET_KEY = f"SELECT {KEY_COLUMNS} FROM credits.api_keys WHERE id = $1"
 SQL_LOOKUP_KEY = """
-SELECT subject_id, role FROM credits.api_keys WHERE key_hash = $1 AND revoked_at IS NULL
+SELECT subject_id, role, when_short FROM credits.api_keys WHERE key_hash = $1 AND revoked_at IS NULL
 """
 
 
@@ -55,6 +56,16 @@ class IssuedKey:
     role: str
     prefix: str
     id: int = 0
+    when_short: str | None = None
+
+
+@dataclass(frozen=True)
+class KeyOwner:
+    """Who a live key belongs to, and what it chose: its account, role and ``when_short``."""
+
+    subject_id: str
+    role: str
+    when_short: str | None = None
 
 
 def hash_key(key: str) -> bytes:
@@ -71,11 +82,13 @@ async def issue_key(
     *,
     role: str = ROLE_USER,
     name: str | None = None,
+    when_short: str | None = None,
 ) -> IssuedKey:
+    """A new key for the account (its ``when_short`` overrides the tier's, when given)."""
     key = new_key()
     prefix = key[: len(KEY_PREFIX) + 6]
-    key_id = await conn.fetchval(SQL_INSERT_KEY, hash_key(key), subject_id, prefix, role, name)
-    return IssuedKey(key=key, subject_id=subject_id, role=role, prefix=prefix, id=key_id)
+    key_id = await conn.fetchval(SQL_INSERT_KEY, hash_key(key), subject_id, prefix, role, name, when_short)
+    return IssuedKey(key, subject_id, role, prefix, id=key_id, when_short=when_short)
 
 
 def key_json(row: asyncpg.Record) -> dict[str, Any]:
@@ -86,6 +99,7 @@ def key_json(row: asyncpg.Record) -> dict[str, Any]:
         "prefix": row["key_prefix"],
         "role": row["role"],
         "name": row["name"],
+        "when_short": row["when_short"],
         "created_at": row["created_at"].isoformat(),
         "revoked_at": row["revoked_at"].isoformat() if row["revoked_at"] else None,
     }
@@ -114,21 +128,24 @@ async def revoke_key(
 async def rotate_key(
     conn: asyncpg.Connection, key_id: int, *, on_revoked: Revoked | None = None
 ) -> IssuedKey | None:
-    """Revoke a live key and issue its successor (same account, role and name), atomically."""
+    """Revoke a live key and issue its successor (same account, role, name and when_short),
+    atomically."""
     async with conn.transaction():
         row = await conn.fetchrow(SQL_REVOKE_KEY, key_id)
         if row is None:
             return None
-        issued = await issue_key(conn, row["subject_id"], role=row["role"], name=row["name"])
+        issued = await issue_key(
+            conn, row["subject_id"], role=row["role"], name=row["name"], when_short=row["when_short"]
+        )
     if on_revoked is not None:
         await on_revoked(bytes(row["key_hash"]))
     return issued
 
 
-async def lookup_key(conn: asyncpg.Pool | asyncpg.Connection, key: str) -> tuple[str, str] | None:
-    """(subject_id, role) for a live key, else None."""
+async def lookup_key(conn: asyncpg.Pool | asyncpg.Connection, key: str) -> KeyOwner | None:
+    """Who a live key belongs to, else None."""
     row = await conn.fetchrow(SQL_LOOKUP_KEY, hash_key(key))
-    return (row["subject_id"], row["role"]) if row else None
+    return KeyOwner(row["subject_id"], row["role"], row["when_short"]) if row else None
 
 
 def _master_key() -> str | None:
@@ -172,15 +189,28 @@ async def custom_auth(request: Any, api_key: str) -> Any:
             raise AuthenticationError("invalid API key")
     except CreditsError as err:
         raise to_proxy_exception(err) from None
-    subject_id, role = found
     digest = hash_key(key).hex()
+    metadata = {"credits_role": found.role}
+    if found.when_short is not None:
+        metadata[WHEN_SHORT_KEY] = found.when_short
     return UserAPIKeyAuth(
         api_key=digest,
         token=digest,
-        user_id=subject_id,
-        user_role=LitellmUserRoles.PROXY_ADMIN if role == ROLE_ADMIN else LitellmUserRoles.INTERNAL_USER,
-        metadata={"credits_role": role},
+        user_id=found.subject_id,
+        user_role=LitellmUserRoles.PROXY_ADMIN
+        if found.role == ROLE_ADMIN
+        else LitellmUserRoles.INTERNAL_USER,
+        metadata=metadata,
     )
 
 
-__all__ = ["KEY_PREFIX", "IssuedKey", "custom_auth", "hash_key", "issue_key", "lookup_key", "new_key"]
+__all__ = [
+    "KEY_PREFIX",
+    "IssuedKey",
+    "KeyOwner",
+    "custom_auth",
+    "hash_key",
+    "issue_key",
+    "lookup_key",
+    "new_key",
+]

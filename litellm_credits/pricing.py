@@ -110,8 +110,11 @@ class ModelPrice:
                 threshold = int(m.group(2)) * (1000 if m.group(3) else 1)
                 tiers.setdefault(threshold, {})[m.group(1)] = to_decimal(raw)
         above = tuple((t, tuple(sorted(rates.items()))) for t, rates in sorted(tiers.items()))
+        cap = data.get("max_output_tokens")
         return cls(
             **values,
+            # the most a call may write: its worst case when the request sets no limit
+            max_output_tokens=cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None,
             above=above,
             service_tiers=_service_tier_rates(data),
             off_peak=OffPeak.from_mapping(data.get("off_peak_pricing")),

@@ -16,7 +16,6 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import auth, db, migrations
 from .cache import Cache, Codec
@@ -93,8 +92,8 @@ class Runtime:
             consistent=True,
         )
 
-    async def lookup_key(self, key: str) -> tuple[str, str] | None:
-        """(subject_id, role) of a live plugin API key, cached; revocation invalidates it."""
+    async def lookup_key(self, key: str) -> auth.KeyOwner | None:
+        """Who a live plugin API key belongs to, cached; revocation invalidates it."""
         ledger = await self.ledger()
         return await self.cache.get(
             self.link.keys.api_key(auth.hash_key(key).hex()),
@@ -248,7 +247,16 @@ class Runtime:
 
 
 ACCOUNT_CODEC: Codec[Account] = Codec(Account.to_cache, Account.from_cache)
-KEY_CODEC: Codec[Any] = Codec(json.dumps, lambda text: tuple(json.loads(text)))
+
+
+def _key_owner(text: str) -> auth.KeyOwner:
+    subject_id, role, when_short = json.loads(text)  # an entry of another version is a miss
+    return auth.KeyOwner(subject_id, role, when_short)
+
+
+KEY_CODEC: Codec[auth.KeyOwner] = Codec(
+    lambda owner: json.dumps([owner.subject_id, owner.role, owner.when_short]), _key_owner
+)
 
 
 def _log_start_failure(task: asyncio.Task[Ledger]) -> None:

@@ -26,6 +26,8 @@ from .estimate import Estimate
 log = logging.getLogger("litellm_credits.stream_guard")
 
 TokenCounter = Callable[..., int]
+# how much of the delivered text a new chunk is counted after (tokens do not span further)
+TAIL_CHARACTERS = 64
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -83,14 +85,21 @@ class StreamGuard:
             output_tokens=2**62,
         ).covered_output_tokens(claim.held, claim.rate)
         self.delivered = Delivered()
+        self._tail = ""  # the end of the delivered text, where the next chunk's tokens may join
 
-    def _tokens(self, text: str) -> int:
-        if not text:
-            return 0
+    def _count(self, text: str) -> int:
         try:
-            return int(self.counter(model=self.model, text=text))
+            return int(self.counter(model=self.model, text=text)) if text else 0
         except Exception:  # an unknown tokenizer: a character a token errs on the safe side
             return len(text)
+
+    def _tokens(self, text: str) -> int:
+        """The tokens ``text`` adds to what was delivered: a chunk alone would count too many
+        where tokens join across chunks (" word" is one token, " " and "word" two), so the
+        chunk is counted after the delivered text's last characters, less what they count."""
+        if not text:
+            return 0
+        return max(self._count(self._tail + text) - self._count(self._tail), 0)
 
     async def guard(self, stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
         """The chunks of ``stream``, ended cleanly at the hold."""
@@ -99,6 +108,7 @@ class StreamGuard:
             for choice in _get(chunk, "choices") or ():
                 index = _get(choice, "index")
                 delivered.choices.add(index if isinstance(index, int) else 0)
+            text = chunk_text(chunk)
             usage = _get(chunk, "usage")
             reported = _get(usage, "completion_tokens") if usage is not None else None
             if isinstance(reported, int) and reported > 0:
@@ -107,8 +117,8 @@ class StreamGuard:
                 delivered.prompt_tokens = prompt if isinstance(prompt, int) else delivered.prompt_tokens
                 total = reported
             else:
-                total = delivered.completion_tokens + self._tokens(chunk_text(chunk))
-            if total > self.budget and chunk_text(chunk):
+                total = delivered.completion_tokens + self._tokens(text)
+            if total > self.budget and text:
                 delivered.cut = True
                 log.info(
                     "litellm-credits: stream of hold %s ended at its hold (%d output tokens)",
@@ -119,6 +129,7 @@ class StreamGuard:
                     yield final
                 return
             delivered.completion_tokens = total
+            self._tail = (self._tail + text)[-TAIL_CHARACTERS:]
             yield chunk
 
     def endings(self, last: Any) -> list[Any]:

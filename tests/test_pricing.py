@@ -579,8 +579,11 @@ def test_output_cap() -> None:
     assert p.output_cap(p.price("mapped"), 50) == 50  # the request's max_tokens
     assert p.output_cap(p.price("other-mapped"), 5000) == 5000
     assert p.output_cap(p.price("other-mapped"), None) == 300  # the config's cap for the model
-    # the map's max_output_tokens is not read: default_max_output_tokens from the config
-    assert p.output_cap(p.price("mapped"), None) == 1000
+    # the map's own cap: the most the model may write when the request sets no limit (a clamped
+    # hold then lowers it to what the account can pay)
+    assert p.output_cap(p.price("mapped"), None) == 8192
+    # neither the config nor the map knows: default_max_output_tokens
+    assert p.output_cap(p.price("zero-priced"), None) == 1000
 
 
 # --- worst case ---------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ def _issued(issued: keys.IssuedKey) -> dict[str, Any]:
         "user_id": issued.subject_id,
         "prefix": issued.prefix,
         "role": issued.role,
+        "when_short": issued.when_short,
         "api_key": issued.key,
     }
 
@@ -86,7 +87,9 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
         """Issue another key for an account (shown once): a user, service or admin key."""
         ledger = await runtime.ledger()
         await ledger.require_account(body.user_id)
-        issued = await keys.issue_key(ledger.pool, body.user_id, role=body.role, name=body.name)
+        issued = await keys.issue_key(
+            ledger.pool, body.user_id, role=body.role, name=body.name, when_short=body.when_short
+        )
         return _issued(issued)
 
     @router.get("/admin/credits/keys", response_model=list[schemas.KeyInfo])

@@ -249,12 +249,22 @@ class Charged(BaseModel):
     replayed: bool = Field(description="true when the idempotency key had been used: nothing new was charged")
 
 
+WhenShortField = Annotated[
+    Literal["refuse", "clamp"] | None,
+    Field(
+        description="what this key's requests do when their worst case does not fit: refuse (402) "
+        "or clamp (hold what is left, lower the output limit); unset: the tier decides"
+    ),
+]
+
+
 class CreateKey(_In):
     user_id: SubjectId
     role: Literal["user", "service", "admin"] = Field(
         "user", description="service keys may charge accounts; admin keys may do everything"
     )
     name: Annotated[str, Field(max_length=200), AfterValidator(_text)] | None = None
+    when_short: WhenShortField = None
 
 
 class KeyInfo(BaseModel):
@@ -263,6 +273,7 @@ class KeyInfo(BaseModel):
     prefix: str
     role: str
     name: str | None
+    when_short: str | None = None
     created_at: str
     revoked_at: str | None
 
@@ -272,6 +283,7 @@ class KeyCreated(BaseModel):
     user_id: str
     prefix: str
     role: str
+    when_short: str | None = None
     api_key: str = Field(description="shown once; only its hash is stored")
 
 
