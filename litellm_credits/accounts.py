@@ -1,4 +1,5 @@
-"""Account administration that moves no money: search, tier, cap, status, display name."""
+"""Account administration that moves no money: search, tier, caps, status, display name, and
+team membership (which team, if any, an account spends from)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any
 
 import asyncpg
 
-from .errors import AccountNotFound, InvalidRequest
-from .ledger_sql import ACCOUNT_COLUMNS
+from .errors import AccountNotFound, InvalidRequest, TeamHierarchy
+from .ledger_sql import ACCOUNT_COLUMNS, TEAM_LEVELS
 from .records import Account
 
 _UNSET: Any = object()
@@ -31,10 +32,26 @@ UPDATE credits.credit_accounts a SET
     tier         = CASE WHEN $2 THEN $3 ELSE a.tier END,
     monthly_cap  = CASE WHEN $4 THEN $5 ELSE a.monthly_cap END,
     status       = CASE WHEN $6 THEN $7 ELSE a.status END,
-    display_name = CASE WHEN $8 THEN $9 ELSE a.display_name END
+    display_name = CASE WHEN $8 THEN $9 ELSE a.display_name END,
+    daily_cap    = CASE WHEN $10 THEN $11 ELSE a.daily_cap END,
+    request_cap  = CASE WHEN $12 THEN $13 ELSE a.request_cap END
 WHERE a.subject_id = $1
 RETURNING {ACCOUNT_COLUMNS}
 """
+# a move changes parent_id alone, so the two-level trigger (migration 0009) runs only then
+SQL_MOVE = f"""
+UPDATE credits.credit_accounts a SET parent_id = $2
+WHERE a.subject_id = $1 AND a.parent_id IS DISTINCT FROM $2
+RETURNING {ACCOUNT_COLUMNS}
+"""
+SQL_MEMBERS = f"""
+SELECT {ACCOUNT_COLUMNS} FROM credits.credit_accounts a
+WHERE a.parent_id = $1
+ORDER BY a.subject_id
+LIMIT $2 OFFSET $3
+"""
+SQL_MEMBER_COUNT = "SELECT count(*) FROM credits.credit_accounts WHERE parent_id = $1"
+SQL_HAS_MEMBERS = "SELECT EXISTS (SELECT 1 FROM credits.credit_accounts WHERE parent_id = $1)"
 
 
 def like_escape(text: str) -> str:
@@ -71,20 +88,58 @@ class Accounts:
         monthly_cap: int | None = _UNSET,
         status: str = _UNSET,
         display_name: str | None = _UNSET,
+        daily_cap: int | None = _UNSET,
+        request_cap: int | None = _UNSET,
+        parent_id: str | None = _UNSET,
     ) -> Account:
-        """Change only the fields given (``monthly_cap=None`` removes the cap)."""
+        """Change only the fields given (a cap of None removes it; ``parent_id`` moves the
+        account into that team, or out of any with None), all at once or none."""
         if status is not _UNSET and status not in ("active", "disabled"):
             raise InvalidRequest("status must be active or disabled", param="status")
-        fields = (tier, monthly_cap, status, display_name)
+        fields = (tier, monthly_cap, status, display_name, daily_cap, request_cap)
         args: list[Any] = []
         for value in fields:
             args += [value is not _UNSET, None if value is _UNSET else value]
-        row = await self.pool.fetchrow(SQL_UPDATE, subject_id, *args)
-        if row is None:
-            raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(SQL_UPDATE, subject_id, *args)
+            if row is None:
+                raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+            if parent_id is not _UNSET:
+                row = await self._move(conn, subject_id, parent_id) or row
         if self.on_change is not None:
             await self.on_change(subject_id)
         return Account(**dict(row))
+
+    @staticmethod
+    async def _move(
+        conn: asyncpg.Connection, subject_id: str, parent_id: str | None
+    ) -> asyncpg.Record | None:
+        """Put the account in ``parent_id``'s team (None: out of any): its later requests spend
+        the team's credits within its caps and the team's. Open holds end where they began."""
+        if parent_id is not None:
+            if parent_id == subject_id:
+                raise InvalidRequest("an account cannot be its own team", param="parent_id")
+            if await conn.fetchval(SQL_HAS_MEMBERS, subject_id):
+                raise TeamHierarchy(
+                    f"{subject_id!r} has members of its own; teams have two levels", param="parent_id"
+                )
+        try:
+            return await conn.fetchrow(SQL_MOVE, subject_id, parent_id)
+        except asyncpg.ForeignKeyViolationError:
+            raise AccountNotFound(f"no credit account {parent_id!r} to join", param="parent_id") from None
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == TEAM_LEVELS:
+                raise TeamHierarchy(
+                    f"{parent_id!r} is a member of a team itself; teams have two levels", param="parent_id"
+                ) from None
+            raise
+
+    async def members(self, parent_id: str, *, limit: int = 50, offset: int = 0) -> tuple[list[Account], int]:
+        """A team's members, by id."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(SQL_MEMBERS, parent_id, limit, offset)
+            total = await conn.fetchval(SQL_MEMBER_COUNT, parent_id)
+        return [Account(**dict(r)) for r in rows], total
 
 
 __all__ = ["Accounts", "like_escape"]

@@ -17,21 +17,23 @@ from .ledger import Transaction
 from .money import format_credits
 
 TX_COLUMNS = """id, subject_id, amount, balance_after, type, idempotency_key, hold_id, model, provider,
-       power_level, prompt_tokens, completion_tokens, description, metadata, created_at"""
-# $1 subject, $2 type, $3 from (inclusive), $4 until (exclusive); NULL = no filter
+       power_level, prompt_tokens, completion_tokens, description, metadata, created_at, member_id"""
+# $1 subject, $2 type, $3 from (inclusive), $4 until (exclusive), $5 the team member whose requests
+# made the rows (a team's ledger); NULL = no filter
 TX_WHERE = """subject_id = $1
   AND ($2::text IS NULL OR type = $2)
   AND ($3::timestamptz IS NULL OR created_at >= $3)
-  AND ($4::timestamptz IS NULL OR created_at < $4)"""
+  AND ($4::timestamptz IS NULL OR created_at < $4)
+  AND ($5::text IS NULL OR member_id = $5)"""
 
-# $7: keyset paging, only rows older than this transaction (cheap at any depth, unlike OFFSET)
+# $8: keyset paging, only rows older than this transaction (cheap at any depth, unlike OFFSET)
 SQL_PAGE = f"""
 SELECT {TX_COLUMNS} FROM credits.credit_transactions
 WHERE {TX_WHERE}
-  AND ($7::bigint IS NULL OR (created_at, id) < (
-        SELECT c.created_at, c.id FROM credits.credit_transactions c WHERE c.subject_id = $1 AND c.id = $7))
+  AND ($8::bigint IS NULL OR (created_at, id) < (
+        SELECT c.created_at, c.id FROM credits.credit_transactions c WHERE c.subject_id = $1 AND c.id = $8))
 ORDER BY created_at DESC, id DESC
-LIMIT $5 OFFSET $6
+LIMIT $6 OFFSET $7
 """
 SQL_COUNT = f"SELECT count(*) FROM credits.credit_transactions WHERE {TX_WHERE}"
 SQL_ONE = f"SELECT {TX_COLUMNS} FROM credits.credit_transactions WHERE subject_id = $1 AND id = $2"
@@ -41,8 +43,8 @@ WHERE {TX_WHERE}
 ORDER BY created_at, id
 """
 
-# $1 subject, $2 from, $3 until
-USAGE_WHERE = "subject_id = $1 AND created_at >= $2 AND created_at < $3"
+# $1 the account (its own requests, and a team's members' too), $2 from, $3 until
+USAGE_WHERE = "(subject_id = $1 OR payer_id = $1) AND created_at >= $2 AND created_at < $3"
 USAGE_TOTALS = """count(*) AS requests,
        count(*) FILTER (WHERE status = 'success') AS succeeded,
        count(*) FILTER (WHERE status <> 'success') AS failed,
@@ -56,17 +58,23 @@ SELECT (created_at AT TIME ZONE 'UTC')::date AS day, {USAGE_TOTALS}
 FROM credits.usage_events WHERE {USAGE_WHERE}
 GROUP BY 1 ORDER BY 1
 """
-# the dimension is one of three fixed column names, never caller text
+# the dimension is one of four fixed column names, never caller text (a member is the account
+# that made the request: subject_id, on a team's usage)
 SQL_USAGE_BY = {
     dim: f"""
-SELECT coalesce({dim}, 'unknown') AS key, {USAGE_TOTALS}
+SELECT coalesce({column}, 'unknown') AS key, {USAGE_TOTALS}
 FROM credits.usage_events WHERE {USAGE_WHERE}
 GROUP BY 1 ORDER BY sum(charged) DESC, 1
 """
-    for dim in ("model", "power_level", "service")
+    for dim, column in (
+        ("model", "model"),
+        ("power_level", "power_level"),
+        ("service", "service"),
+        ("member", "subject_id"),
+    )
 }
 
-Dimension = Literal["model", "power_level", "service"]
+Dimension = Literal["model", "power_level", "service", "member"]
 TransactionType = Literal["allocation", "bonus", "refund", "usage", "coupon", "adjustment"]
 
 
@@ -146,6 +154,7 @@ class TxFilter:
     type: TransactionType | None = None
     start: datetime | None = None
     end: datetime | None = None
+    member: str | None = None  # on a team's ledger: the rows this member's requests made
 
     @classmethod
     def of(
@@ -153,6 +162,7 @@ class TxFilter:
         type: TransactionType | None = None,
         start: date | datetime | None = None,
         end: date | datetime | None = None,
+        member: str | None = None,
     ) -> TxFilter:
         """From query values (an end date counts as its whole day); :class:`PeriodError` for
         dates that cannot be represented."""
@@ -160,10 +170,11 @@ class TxFilter:
             type=type,
             start=instant(start, "start_date") if start is not None else None,
             end=instant(end, "end_date", end_of_day=True) if end is not None else None,
+            member=member,
         )
 
     def args(self) -> tuple[Any, ...]:
-        return (self.type, self.start, self.end)
+        return (self.type, self.start, self.end, self.member)
 
 
 def totals(row: asyncpg.Record) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
@@ -97,9 +97,11 @@ class CreditsHandler(CustomLogger):
         deployments: DeploymentLookup = proxy_deployments,
         routes: RouteCheck = proxy_routes,
         signer: HoldSigner | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
         self.runtime = runtime
+        self.clock = clock  # when a request starts: the moment its prices apply (off-peak windows)
         self.deployments = deployments
         self.routes = routes
         self.signer = signer or HoldSigner()
@@ -252,7 +254,7 @@ class CreditsHandler(CustomLogger):
         via_openrouter = is_openrouter(deployments)
         if via_openrouter:
             await self._load_provider_prices()
-        started = time.time()
+        started = self.clock()
         cfg = self.runtime.settings.credits
         estimate: Estimate | None
         try:

@@ -34,6 +34,7 @@ from .errors import (
     PaymentRequired,
     RefundTooLarge,
     ServiceUnavailable,
+    TeamHierarchy,
 )
 from .ledger_sql import (
     SQL_APPLY_BONUS,
@@ -54,6 +55,7 @@ from .ledger_sql import (
     SQL_SET_CAP,
     SQL_TX_BY_KEY,
     SQL_TX_REQUEST,
+    TEAM_LEVELS,
 )
 from .limits import refusal
 from .money import format_credits
@@ -160,14 +162,33 @@ class Ledger:
         subject_type: str = "user",
         display_name: str | None = None,
         parent_id: str | None = None,
+        daily_cap: int | None = None,
+        request_cap: int | None = None,
         exist_ok: bool = False,
         conn: asyncpg.Connection | None = None,
     ) -> Account:
         """Open an account (a member of ``parent_id``'s team when given); ``conn`` runs it inside
         the caller's transaction."""
-        row = await (conn or self.pool).fetchrow(
-            SQL_CREATE_ACCOUNT, subject_id, subject_type, tier, monthly_cap, display_name, parent_id
-        )
+        try:
+            row = await (conn or self.pool).fetchrow(
+                SQL_CREATE_ACCOUNT,
+                subject_id,
+                subject_type,
+                tier,
+                monthly_cap,
+                display_name,
+                parent_id,
+                daily_cap,
+                request_cap,
+            )
+        except asyncpg.ForeignKeyViolationError:
+            raise AccountNotFound(f"no team account {parent_id!r} to join", param="parent_id") from None
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == TEAM_LEVELS:
+                raise TeamHierarchy(
+                    f"{parent_id!r} is a member of a team itself; teams have two levels", param="parent_id"
+                ) from None
+            raise
         if row is not None:
             if conn is None:  # inside a caller's transaction, the caller announces it
                 await self.changed(subject_id)

@@ -25,8 +25,8 @@ SQL_GET_ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM credits.credit_accounts a WHER
 
 SQL_CREATE_ACCOUNT = f"""
 INSERT INTO credits.credit_accounts AS a
-    (subject_id, subject_type, tier, monthly_cap, display_name, parent_id)
-VALUES ($1, $2, $3, $4, $5, $6)
+    (subject_id, subject_type, tier, monthly_cap, display_name, parent_id, daily_cap, request_cap)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (subject_id) DO NOTHING
 RETURNING {ACCOUNT_COLUMNS}
 """
@@ -156,6 +156,9 @@ RETURNING {ACCOUNT_COLUMNS}
 
 SQL_DISCREPANCIES = "SELECT * FROM credits.v_ledger_discrepancies"
 
+# SQLSTATE raised by credits.check_team_levels (migration 0009): a team deeper than two levels
+TEAM_LEVELS = "CR002"
+
 
 __all__ = [
     "ACCOUNT_COLUMNS",
@@ -177,4 +180,5 @@ __all__ = [
     "SQL_SET_CAP",
     "SQL_TX_BY_KEY",
     "SQL_TX_REQUEST",
+    "TEAM_LEVELS",
 ]

@@ -94,11 +94,13 @@ class Transaction:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     metadata: dict[str, Any] | None = None
+    member_id: str | None = None  # on a team's ledger: the member whose request this was
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "user_id": self.subject_id,
+            "member_id": self.member_id,
             "type": self.type,
             "amount": format_credits(self.amount),
             "balance_after": format_credits(self.balance_after),

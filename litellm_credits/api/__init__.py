@@ -13,6 +13,7 @@ from .charges import add_charge_routes
 from .coupon_routes import add_coupon_routes
 from .openrouter_routes import add_openrouter_routes
 from .routes import ERROR_RESPONSES, SECURITY_HEADERS, CreditsRoute, add_fallback_routes
+from .team_routes import add_team_routes
 from .user import add_user_routes
 
 
@@ -26,6 +27,7 @@ def build_router(runtime: Runtime, price_of: Callable[[str], ModelPrice] | None 
     add_user_routes(router, runtime, price_of)
     add_charge_routes(router, runtime, price_of)
     add_coupon_routes(router, runtime)
+    add_team_routes(router, runtime)
     add_openrouter_routes(router, runtime)
     add_fallback_routes(router)  # last: only what no route above matched
     return router

@@ -48,7 +48,8 @@ def _issued(issued: keys.IssuedKey) -> dict[str, Any]:
 def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
     @router.post("/admin/credits/accounts", status_code=201, response_model=schemas.AccountCreated)
     async def create_account(body: schemas.CreateAccount, _: AdminDep) -> dict[str, Any]:
-        """Create a credit account and its first API key (shown once)."""
+        """Create a credit account and its first API key (shown once); with ``parent_id``, a member
+        of that team, which pays for its requests within the caps set here."""
         cfg = runtime.settings.credits
         tier = body.tier or cfg.default_tier
         if tier not in cfg.tiers:
@@ -60,6 +61,9 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
                 tier=tier,
                 monthly_cap=body.monthly_cap,
                 display_name=body.display_name,
+                parent_id=body.parent_id,
+                daily_cap=body.daily_cap,
+                request_cap=body.request_cap,
                 conn=conn,
             )
             issued = await keys.issue_key(conn, body.user_id)
@@ -148,7 +152,11 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
 
     @router.patch("/admin/credits/accounts/{user_id}", response_model=schemas.Account)
     async def update_account(user_id: UserIdPath, body: schemas.UpdateAccount, _: AdminDep) -> dict[str, Any]:
-        """Change tier, monthly cap, status or display name; only the fields sent change."""
+        """Change tier, caps, status, display name or team; only the fields sent change.
+
+        ``parent_id`` moves the account into that team (its later requests spend the team's
+        credits), ``null`` takes it out; its open holds end where they began.
+        """
         changes = {f: getattr(body, f) for f in body.model_fields_set}
         for field in ("tier", "status"):
             if field in changes and changes[field] is None:

@@ -79,6 +79,11 @@ class CreateAccount(_In):
     tier: Tier | None = None
     monthly_cap: NonNegativeAmount | None = Field(None, description="credits per calendar month (UTC)")
     display_name: Text | None = None
+    parent_id: SubjectId | None = Field(
+        None, description="the team this account is a member of: it spends the team's credits"
+    )
+    daily_cap: NonNegativeAmount | None = Field(None, description="credits per UTC day")
+    request_cap: NonNegativeAmount | None = Field(None, description="credits one request may hold")
 
 
 class Allocate(_In):
@@ -102,6 +107,10 @@ class Account(BaseModel):
     status: str
     display_name: str | None
     created_at: str
+    parent_id: str | None = Field(None, description="the team whose credits this account spends")
+    daily_cap: str | None = None
+    request_cap: str | None = None
+    day_spend: str = Field("0.000000", description="spent today (UTC), a team's members' included")
 
 
 class AccountCreated(Account):
@@ -112,6 +121,7 @@ class AccountCreated(Account):
 class Transaction(BaseModel):
     id: int
     user_id: str
+    member_id: str | None = Field(None, description="on a team's ledger: the member whose request it was")
     type: str
     amount: str = Field(description="signed: credits positive, usage negative")
     balance_after: str
@@ -288,12 +298,34 @@ class KeyCreated(BaseModel):
 
 
 class UpdateAccount(_In):
-    """Only the fields sent change; ``"monthly_cap": null`` removes the cap."""
+    """Only the fields sent change; a cap of null removes it, ``"parent_id": null`` takes the
+    account out of its team."""
 
     tier: Tier | None = None
     monthly_cap: NonNegativeAmount | None = None
     status: Literal["active", "disabled"] | None = None
     display_name: Text | None = None
+    daily_cap: NonNegativeAmount | None = None
+    request_cap: NonNegativeAmount | None = None
+    parent_id: SubjectId | None = Field(
+        None, description="move the account into this team (null: out of its team)"
+    )
+
+
+class MemberCaps(_In):
+    """A team member's caps; only the fields sent change, null removes a cap."""
+
+    monthly_cap: NonNegativeAmount | None = Field(None, description="credits per calendar month (UTC)")
+    daily_cap: NonNegativeAmount | None = Field(None, description="credits per UTC day")
+    request_cap: NonNegativeAmount | None = Field(None, description="credits one request may hold")
+
+
+class MemberPage(BaseModel):
+    team_id: str
+    items: list[Account]
+    total: int
+    limit: int
+    offset: int
 
 
 class AccountPage(BaseModel):

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
-from ..errors import AccountNotFound, NotFound
+from ..errors import AccountNotFound, NotFound, PermissionDenied
 from ..history import Dimension, History, Period, TransactionType, TxFilter
 from ..ledger import Account, Transaction
 from ..money import format_credits
@@ -30,6 +30,10 @@ Days = Annotated[int | None, Query(ge=1, le=3660, description="the last N days (
 StartDate = Annotated[date | datetime | None, Query(description="from this date or time (UTC)")]
 EndDate = Annotated[date | datetime | None, Query(description="up to this date (whole day) or time (UTC)")]
 TypeQuery = Annotated[TransactionType | None, Query(description="only this type of transaction")]
+MemberQuery = Annotated[
+    str | None,
+    Query(max_length=256, description="a team's ledger: only the rows this member's requests made"),
+]
 
 CSV_COLUMNS = (
     "id",
@@ -44,6 +48,7 @@ CSV_COLUMNS = (
     "prompt_tokens",
     "completion_tokens",
     "idempotency_key",
+    "member_id",
 )
 # a spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV injection")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -103,13 +108,14 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
         before: Annotated[
             int | None, Query(ge=1, le=2**63 - 1, description="continue after this transaction (next_before)")
         ] = None,
+        member_id: MemberQuery = None,
         user_id: UserIdQuery = None,
     ) -> dict[str, Any]:
         """The caller's ledger, newest first; amounts are signed decimal strings.
 
         Page with ``offset``, or, cheaper at any depth, with ``before=<next_before of the last page>``.
         """
-        where = _filter(type, start_date, end_date)
+        where = _filter(type, start_date, end_date, member_id)
         items, total = await (await history()).page(
             target(caller, user_id), limit=limit, offset=offset, where=where, before=before
         )
@@ -132,11 +138,12 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
         type: TypeQuery = None,
         start_date: StartDate = None,
         end_date: EndDate = None,
+        member_id: MemberQuery = None,
         user_id: UserIdQuery = None,
     ) -> StreamingResponse:
         """The caller's ledger as CSV, streamed (a long history never sits in memory)."""
         subject = target(caller, user_id)
-        where = _filter(type, start_date, end_date)  # a bad date is a 422 before the first byte
+        where = _filter(type, start_date, end_date, member_id)  # a bad date is a 422 before the first byte
         await _account(runtime, subject)
         rows = (await history()).export(subject, where)
         # the query runs now, so that its errors are still a JSON answer, not a broken stream
@@ -209,6 +216,7 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
     breakdown("model", "/credits/usage/by-model", "Usage by model")
     breakdown("power_level", "/credits/usage/by-power-level", "Usage by power level")
     breakdown("service", "/credits/usage/by-service", "Usage by service")
+    breakdown("member", "/credits/usage/by-member", "Usage by team member")
 
     @router.get("/credits/monthly-cap", response_model=schemas.MonthlyCap)
     async def get_monthly_cap(caller: CallerDep, user_id: UserIdQuery = None) -> dict[str, Any]:
@@ -219,9 +227,16 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
     async def set_monthly_cap(
         body: schemas.SetMonthlyCap, caller: CallerDep, user_id: UserIdQuery = None
     ) -> dict[str, Any]:
-        """Set (or, with null, remove) the account's monthly cap; it applies at once."""
+        """Set (or, with null, remove) the account's monthly cap; it applies at once. A team member's
+        caps are its team's to set (``PATCH /credits/team/members/{id}``)."""
+        subject = target(caller, user_id)
+        account = await _account(runtime, subject)
+        if account.parent_id is not None and not caller.is_admin:
+            raise PermissionDenied(
+                f"a team member's caps are set by its team ({account.parent_id!r})", param="monthly_cap"
+            )
         ledger = await runtime.ledger()
-        return _cap(await ledger.set_monthly_cap(target(caller, user_id), body.monthly_cap))
+        return _cap(await ledger.set_monthly_cap(subject, body.monthly_cap))
 
     @router.post("/credits/calculate-cost", response_model=schemas.CostQuote)
     async def calculate_cost(body: schemas.CalculateCost, caller: CallerDep) -> dict[str, Any]:
@@ -231,6 +246,8 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
         tier = runtime.settings.credits.default_tier
         if caller.subject_id is not None:
             account = await runtime.account(caller.subject_id)
+            if account is not None and account.parent_id is not None:  # a member: its team's tier
+                account = await runtime.account(account.parent_id)
             tier = account.tier if account is not None else tier
         price = price_of(body.model)
         usage = Usage(
@@ -251,9 +268,12 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
 
 
 def _filter(
-    type_: TransactionType | None, start: date | datetime | None, end: date | datetime | None
+    type_: TransactionType | None,
+    start: date | datetime | None,
+    end: date | datetime | None,
+    member: str | None = None,
 ) -> TxFilter:
-    return TxFilter.of(type_, start, end)
+    return TxFilter.of(type_, start, end, member)
 
 
 def _cap(account: Account) -> dict[str, Any]:

@@ -200,13 +200,13 @@ BEGIN
             p.monthly_cap - CASE WHEN p.month_start < v_month THEN 0 ELSE p.month_spend END - p.held,
             p.daily_cap - CASE WHEN p.day_start < v_day THEN 0 ELSE p.day_spend END - p.held,
             p.request_cap];
-        IF v_team THEN
-            v_limits := ARRAY['team_balance', 'team_monthly', 'team_daily', 'team_request',
-                              'monthly', 'daily', 'request'];
-            v_rooms := v_rooms || ARRAY[
+        IF v_team THEN  -- the member's own caps are named before its team's limits
+            v_limits := ARRAY['monthly', 'daily', 'request',
+                              'team_balance', 'team_monthly', 'team_daily', 'team_request'];
+            v_rooms := ARRAY[
                 m.monthly_cap - CASE WHEN m.month_start < v_month THEN 0 ELSE m.month_spend END - m.held,
                 m.daily_cap - CASE WHEN m.day_start < v_day THEN 0 ELSE m.day_spend END - m.held,
-                m.request_cap];
+                m.request_cap] || v_rooms;
         END IF;
         SELECT min(r) INTO v_room FROM unnest(v_rooms) AS x(r);
         v_amount := credits.fit(v_quote, v_min, v_room);
