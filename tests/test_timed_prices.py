@@ -51,10 +51,8 @@ def timed_models() -> list[str]:
     names = []
     for name, entry in litellm.model_cost.items():
         timed = "off_peak_pricing" in entry or any(
-            ("cost" in k
-            and k.endswith(_TIER_SUFFIXES))
-            or ("cost" in k
-            and any(f"{t}_above" in k for t in _TIER_SUFFIXES))
+            ("cost" in k and k.endswith(_TIER_SUFFIXES))
+            or ("cost" in k and any(f"{t}_above" in k for t in _TIER_SUFFIXES))
             for k in entry
         )
         if (
