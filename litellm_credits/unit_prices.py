@@ -127,12 +127,29 @@ class ImagePrices:
         return None
 
 
+def _length(stream: Any) -> float | None:
+    """Seconds by the header mutagen recognises (by content, or the upload's file name); bare
+    MPEG frames carry no magic bytes, so MP3 is tried last."""
+    import mutagen
+    from mutagen.mp3 import MP3
+
+    for read in (mutagen.File, MP3):  # type: ignore[attr-defined]
+        try:
+            stream.seek(0)
+            info = read(stream)
+            length = getattr(getattr(info, "info", None), "length", None)
+        except Exception:  # a malformed header: mutagen raises many kinds; it only means "unknown"
+            log.debug("litellm-credits: could not read an audio header", exc_info=True)
+            continue
+        if length:
+            return float(length)
+    return None
+
+
 def audio_seconds(file: Any) -> Decimal | None:
     """The duration in seconds that an uploaded audio file's header states (wav, mp3, flac,
-    ogg and others mutagen reads), rounded up to the millisecond; None when it cannot tell.
+    ogg and others mutagen reads), rounded up to the second; None when it cannot tell.
     The file's position is left where it was."""
-    import mutagen
-
     if isinstance(file, bytes | bytearray):
         stream: Any = io.BytesIO(file)
     elif isinstance(file, tuple) and len(file) >= 2 and isinstance(file[1], bytes | bytearray):
@@ -146,20 +163,16 @@ def audio_seconds(file: Any) -> Decimal | None:
     except (OSError, ValueError):
         return None
     try:
-        stream.seek(0)
-        info = mutagen.File(stream)  # type: ignore[attr-defined]
-        length = getattr(getattr(info, "info", None), "length", None)
-    except Exception:  # a malformed header: mutagen raises many kinds; it only means "unknown"
-        log.debug("litellm-credits: could not read an audio header", exc_info=True)
-        length = None
+        length = _length(stream)
     finally:
         try:
             stream.seek(position)
         except (OSError, ValueError):
             pass
-    if not isinstance(length, int | float) or not 0 < length < 10**7:
+    if length is None or not 0 < length < 10**7:
         return None
-    return (Decimal(repr(float(length))) * 1000).to_integral_value(rounding="ROUND_CEILING") / 1000
+    # rounded up to the second: the hold bounds what LiteLLM then measures itself (soundfile)
+    return Decimal(repr(length)).to_integral_value(rounding="ROUND_CEILING")
 
 
 __all__ = ["DEFAULT_SIZE", "QUALITIES", "ImagePrices", "audio_seconds", "normalize_size"]

@@ -12,6 +12,9 @@ The last user message is a list of directives, for example ``"usage=120,40 cache
     die=clean     stream, then drop the connection on a stream with no chunked encoding
                   (the client sees an ordinary end of stream, with no usage chunk)
     die=chunked   stream with chunked encoding, then drop the connection mid-chunk
+
+Images (``/images/generations``) come back as ``n`` tiny images, speech (``/audio/speech``) as a
+few bytes, a transcription (``/audio/transcriptions``, multipart) as a line of text.
 """
 
 from __future__ import annotations
@@ -49,7 +52,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("content-length") or 0)
-        body = json.loads(self.rfile.read(length) or b"{}")
+        raw = self.rfile.read(length)
+        if self.path.endswith("/audio/transcriptions"):  # multipart: the file, not JSON
+            self.server.requests.append({"path": self.path, "bytes": len(raw)})
+            self._json({"text": "hello from the audio"})
+            return
+        body = json.loads(raw or b"{}")
+        body["path"] = self.path
         self.server.requests.append(body)
         self.server.authorizations.append(self.headers.get("authorization", ""))
         d = _directives(body)
@@ -59,6 +68,18 @@ class _Handler(BaseHTTPRequestHandler):
             payload = json.dumps({"error": {"message": "upstream failure", "type": "server_error"}}).encode()
             self.send_response(int(d["error"]))
             self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        if self.path.endswith("/images/generations"):
+            n = int(body.get("n") or 1)
+            self._json({"created": int(time.time()), "data": [{"b64_json": "aGVsbG8="} for _ in range(n)]})
+            return
+        if self.path.endswith("/audio/speech"):
+            payload = b"ID3" + b"\x00" * 64
+            self.send_response(200)
+            self.send_header("content-type", "audio/mpeg")
             self.send_header("content-length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
