@@ -54,7 +54,8 @@ async def charge(
     power_level: str | None = None,
     request: Mapping[str, Any] | None = None,
 ) -> Charge:
-    """Charge a service used outside the proxy (search, speech, ...), idempotently.
+    """Charge a service used outside the proxy (search, speech, ...), idempotently; a team
+    member's charge is paid by its team (whose balance the answer carries).
 
     It is a hold of exactly the amount, settled at once: the same checks (balance, monthly
     cap, unlimited tiers) and the same records. The hold's id derives from the idempotency
@@ -79,9 +80,11 @@ async def charge(
     )
     if hold.replayed and not _same_request(hold, quotes, default_tier, fingerprint):
         raise IdempotencyConflict("idempotency key already used for a different charge")
-    settled = await ledger.settle(subject_id, hold_id, hold.amount, usage)
-    row = await ledger.pool.fetchrow(SQL_TX_BY_KEY, subject_id, f"hold:{hold_id}")
-    account = await ledger.require_account(subject_id)
+    # the hold, its ledger row and the balance are the paying account's: a member's team's
+    payer = hold.subject_id
+    settled = await ledger.settle(payer, hold_id, hold.amount, usage)
+    row = await ledger.pool.fetchrow(SQL_TX_BY_KEY, payer, f"hold:{hold_id}")
+    account = await ledger.require_account(payer)
     return Charge(
         hold_id=hold_id,
         cost=hold.amount,

@@ -52,6 +52,7 @@ class Estimate:
     output_params: tuple[str, ...] = ()
     # a clamped request keeps at least this many output tokens per choice; None: never clamped
     min_output_tokens: int | None = None
+    requested: int | None = None  # the output limit the request itself set, if any
 
     def amount(self, rate: Decimal) -> int:
         """The hold at ``rate`` credits per USD, in micro-credits."""
@@ -130,9 +131,12 @@ def estimate_tokens(
     min_output_tokens: int,
 ) -> Estimate:
     """A call billed by its tokens: chat (clamped when short), embeddings and others (prompt
-    only, never clamped)."""
+    only, never clamped). The request's ``n`` and output limits are checked first, whatever the
+    price (a free call with a bad ``max_tokens`` is refused like any other)."""
+    n = choices(data)
+    requested, params = requested_output(data)
     if price.free:
-        return Estimate(ZERO, prompt_tokens=prompt_tokens)
+        return Estimate(ZERO, prompt_tokens=prompt_tokens, requested=requested)
     if not price.priced_by_token:
         raise CostNotBounded(
             "this model is not priced by the token, so nothing bounds the call's cost before it runs; "
@@ -140,8 +144,6 @@ def estimate_tokens(
             param="model",
         )
     in_rate, out_rate = worst_rates(price, prompt_tokens)
-    n = choices(data)
-    requested, params = requested_output(data)
     if service != "chat":
         with localcontext(EXACT):
             usd = prompt_tokens * in_rate
@@ -160,6 +162,7 @@ def estimate_tokens(
         choices=n,
         output_params=params or (_DEFAULT_OUTPUT_PARAM.get(call_type, "max_tokens"),),
         min_output_tokens=floor_tokens if out_rate > 0 and floor_tokens < output else None,
+        requested=requested,
     )
 
 

@@ -46,7 +46,7 @@ from .errors import (
     ServiceUnavailable,
     TeamMismatch,
 )
-from .estimate import Estimate, count_prompt_tokens, estimate_tokens, estimate_units, requested_output
+from .estimate import Estimate, count_prompt_tokens, estimate_tokens, estimate_units
 from .identity import request_metadata, requested_power_level, subject_of, team_of, when_short_of
 from .ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS, Ledger
 from .money import parse_credits
@@ -272,12 +272,37 @@ class CreditsHandler(CustomLogger):
         ledger = await self.runtime.ledger()
         team = team_of(auth, cfg.subject)
         hold = await self._hold(ledger, subject, team, quotes, estimate, model_group, power_level, factor)
+        try:
+            self._go_out(
+                data, metadata, hold, estimate, own_key, subject, service, power_level, byok_fee, started
+            )
+        except BaseException:
+            # nothing may leave a hold behind that no call will end: release it at once
+            await ledger.void(hold.subject_id, hold.id, UsageRecord(model=model_group, cost=0))
+            raise
+        return data
+
+    def _go_out(
+        self,
+        data: dict,
+        metadata: dict,
+        hold: Hold,
+        estimate: Estimate | None,
+        own_key: tuple[Secret, bool] | None,
+        subject: str,
+        service: Service,
+        power_level: str,
+        byok_fee: Decimal | None,
+        started: float,
+    ) -> None:
+        """The request as it goes out after its hold: the account's OpenRouter key, the output
+        limit a clamped hold covers, and the signed claim for the later hooks."""
         if own_key is not None:
             # the account's own OpenRouter key: a provisioned one is capped at what the account
             # can pay, a brought one is the user's
             data["api_key"] = own_key[0].reveal()
-        rate = pricing.rate(hold.tier, power_level)
-        requested, _ = requested_output(data) if service == "chat" else (None, ())
+        rate = self.runtime.pricing.rate(hold.tier, power_level)  # type: ignore[arg-type]
+        factor = Decimal(1) if byok_fee is None else byok_fee
         max_tokens = None
         if hold.clamped and estimate is not None and estimate.output_params:
             max_tokens = estimate.covered_output_tokens(hold.amount, rate * factor)
@@ -285,6 +310,7 @@ class CreditsHandler(CustomLogger):
                 data[param] = max_tokens
         # the guard stops a stream at what the hold pays for, when the operator pays for it
         guarded = estimate is not None and hold.debits and byok_fee is None and hold.amount > 0
+        tier = data.get("service_tier")
         metadata[HOLD_KEY] = self.signer.sign(
             HoldClaim(
                 hold.id,
@@ -300,12 +326,11 @@ class CreditsHandler(CustomLogger):
                 prompt_usd=estimate.prompt_usd if estimate else Decimal(0),
                 output_usd=estimate.output_usd if estimate and guarded else Decimal(0),
                 max_tokens=max_tokens,
-                requested_max_tokens=requested,
-                service_tier=data.get("service_tier") if isinstance(data.get("service_tier"), str) else None,
+                requested_max_tokens=estimate.requested if estimate else None,
+                service_tier=tier if isinstance(tier, str) else None,
                 started=started,
             )
         )
-        return data
 
     async def _hold(
         self,

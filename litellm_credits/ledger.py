@@ -231,14 +231,22 @@ class Ledger:
                     # a redeemed percent coupon pays its bonus on the next allocation
                     await conn.execute(SQL_APPLY_BONUS, subject_id, amount, row["id"])
         except asyncpg.UniqueViolationError:
-            row = await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key)
-            if row is None or row["amount"] != amount or row["type"] != type:
-                raise IdempotencyConflict() from None
-            await self.changed(subject_id)  # the first attempt's announcement may have been lost
-            return _transaction(row)
+            return await self._replayed(subject_id, key, amount, type)
         if row is None:
+            # the key first: a credit made under it before (before the account joined a team,
+            # say) is answered as it was, and any other request under it is a conflict
+            if idempotency_key is not None and await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key):
+                return await self._replayed(subject_id, key, amount, type)
             raise await self._not_credited(subject_id)
         await self.changed(subject_id)
+        return _transaction(row)
+
+    async def _replayed(self, subject_id: str, key: str, amount: int, type: CreditType) -> Transaction:
+        """The credit made under ``key`` when this one asks the same, else a conflict."""
+        row = await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key)
+        if row is None or row["amount"] != amount or row["type"] != type:
+            raise IdempotencyConflict()
+        await self.changed(subject_id)  # the first attempt's announcement may have been lost
         return _transaction(row)
 
     async def _not_credited(self, subject_id: str) -> CreditsError:

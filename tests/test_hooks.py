@@ -406,3 +406,25 @@ async def test_priced_call_with_no_upfront_estimate_still_needs_credits(settings
         assert (await balance_of(h, subject))[1] == c("15")
     finally:
         await rt.close()
+
+
+async def test_a_bad_output_limit_on_a_free_model_leaves_no_hold(settings: Settings) -> None:
+    """Regression (found by the LLM fuzz suite): a free model's request skipped the checks of
+    ``n`` and ``max_tokens`` before its hold, then failed them after it: a 400 with the hold left
+    open until its TTL."""
+    cfg = {**CONFIG, "models": {**CONFIG["models"], "gift": {"free": True}}}  # type: ignore[dict-item]
+    rt = Runtime(settings.model_copy(update={"credits": CreditsConfig.model_validate(cfg)}))
+    h = CreditsHandler(rt, deployments=lambda group: [])
+    try:
+        subject = await new_account(h, "1")
+        for bad in ({"max_tokens": "many"}, {"n": 0}, {"max_completion_tokens": -1}):
+            with pytest.raises(ProxyException) as err:
+                await h.async_pre_call_hook(auth(subject), None, request(model="gift", **bad), "acompletion")
+            assert err.value.code == "400"
+        ledger: Ledger = await h.runtime.ledger()
+        assert (
+            await ledger.pool.fetchval("SELECT count(*) FROM credits.holds WHERE subject_id = $1", subject)
+            == 0
+        )
+    finally:
+        await rt.close()

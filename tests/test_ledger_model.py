@@ -3,13 +3,18 @@
 Every rule runs one operation on the ledger and the same operation on a plain model of the
 accounts. After every step the database must agree with the model and with itself:
 
-- balance = the sum of the account's ledger rows; held = the sum of its open debiting holds;
-  ``Ledger.discrepancies()`` is empty;
+- balance = the sum of the account's ledger rows; held = the sum of the open debiting holds it
+  pays for or, as a team's member, made; ``Ledger.discrepancies()`` is empty;
 - no hold has more than one ledger row, and every hold is in the state the model says;
 - available (balance - held) is below zero only by overruns the model recorded (a settlement
   above its hold, a late settlement of an expired hold);
 - balances, holds, month spend, caps and the number of ledger rows and usage events are the
   model's.
+
+Accounts may be members of a team (two levels): a member's holds are its team's, within the
+member's caps and the team's (monthly, daily, per request), and a hold may be clamped (a quote
+with a minimum takes what the tightest limit leaves). The refusal names the first limit the
+request does not fit, the member's own before its team's.
 
 Keyed operations are replayed (credits, refunds, bulk grants, charges, hold ids, coupon codes):
 the same key with the same request returns the first result and changes nothing; the same key
@@ -54,9 +59,11 @@ from hypothesis.stateful import (
 )
 
 from litellm_credits import charges, db, migrations
+from litellm_credits.accounts import Accounts
 from litellm_credits.coupons import Coupons
 from litellm_credits.errors import (
     AccountExists,
+    AccountIsMember,
     AccountNotFound,
     Conflict,
     CouponAlreadyRedeemed,
@@ -65,12 +72,18 @@ from litellm_credits.errors import (
     CouponNotApplicable,
     CouponNotFound,
     CreditsError,
+    DailyCapExceeded,
     IdempotencyConflict,
     InsufficientCredits,
     InvalidRequest,
+    MemberCapExceeded,
     MonthlyCapExceeded,
     NotFound,
     RefundTooLarge,
+    RequestCapExceeded,
+    TeamCapExceeded,
+    TeamHierarchy,
+    TeamInsufficientCredits,
 )
 from litellm_credits.ledger import CreditType, Ledger, Quote, UsageRecord
 from litellm_credits.ledger_sql import ACCOUNT_COLUMNS, SQL_HOLD, SQL_RESOLVE
@@ -130,9 +143,13 @@ class MAccount:
     tier: str
     cap: int | None
     balance: int = 0
-    held: int = 0
-    spend: int = 0  # this month's
+    held: int = 0  # held for requests it pays for, or (a member) made
+    spend: int = 0  # this month's: paid for, or (a member) spent of its team's credits
     overrun: int = 0  # charged beyond what was held, ever
+    parent: str | None = None  # the team it spends from
+    daily: int | None = None  # caps per UTC day and per request
+    request: int | None = None
+    day_spend: int = 0
     rows: int = 0  # ledger rows
     events: int = 0  # usage events
     keys: dict[str, CreditUse | RefundUse] = field(default_factory=dict)
@@ -143,22 +160,17 @@ class MAccount:
     def available(self) -> int:
         return self.balance - self.held
 
-    def room(self) -> int:
-        """The largest debiting hold that fits now: what is available and what the cap leaves."""
-        room = self.available
-        if self.cap is not None:
-            room = min(room, self.cap - self.spend - self.held)
-        return max(room, 0)
+    def cap_rooms(self) -> list[tuple[str, int | None]]:
+        """What each of its caps leaves a request (None: no such cap)."""
+        return [
+            ("monthly", None if self.cap is None else self.cap - self.spend - self.held),
+            ("daily", None if self.daily is None else self.daily - self.day_spend - self.held),
+            ("request", self.request),
+        ]
 
-    def fits(self, quote: Quote) -> bool:
-        """SQL_HOLD's rule: no check without a debit or an amount, else balance and cap."""
-        if not quote.debits or quote.amount == 0:
-            return True
-        within_cap = self.cap is None or self.spend + self.held + quote.amount <= self.cap
-        return self.available >= quote.amount and within_cap
-
-    def refusal(self, quote: Quote) -> type[CreditsError]:
-        return InsufficientCredits if self.available < quote.amount else MonthlyCapExceeded
+    def rooms(self) -> list[tuple[str, int | None]]:
+        """Every limit of an account paying for itself, in take_hold's order."""
+        return [("balance", self.available), *self.cap_rooms()]
 
 
 @dataclass(frozen=True)
@@ -166,12 +178,13 @@ class HoldRequest:
     base: int
     quoted: bool  # hold_quoted with every tier's price, or Ledger.hold with one quote
     debits: bool  # Ledger.hold's flag; hold_quoted takes each tier's from the config
+    clamp: bool = False  # (quoted) each quote may be clamped down to a third of it
 
 
 @dataclass
 class MHold:
     id: uuid.UUID
-    subject: str
+    subject: str  # the account that pays
     amount: int
     debits: bool
     request: HoldRequest | None  # None for a charge's hold
@@ -181,6 +194,7 @@ class MHold:
     has_row: bool = False  # its usage row in the ledger
     expiry: int | None = None  # when set: its expiry was moved into the past, in this order
     settlement: Settlement | None = None  # what settle() answered when it ended the hold
+    member: str | None = None  # the team member that made it (its team pays)
 
 
 @dataclass
@@ -293,7 +307,7 @@ class Harness:
 SQL_CHECK = f"""
 SELECT {ACCOUNT_COLUMNS},
        coalesce(t.total, 0) AS ledger_total, coalesce(t.n, 0) AS ledger_rows,
-       coalesce(h.open, 0) AS open_holds, coalesce(e.n, 0) AS events,
+       coalesce(h.open, 0) AS open_paid, coalesce(mh.open, 0) AS open_made, coalesce(e.n, 0) AS events,
        (SELECT coalesce(json_agg(json_build_array(
                    h.id, h.status, h.settled_amount,
                    (SELECT count(*) FROM credits.credit_transactions t
@@ -304,6 +318,8 @@ LEFT JOIN (SELECT subject_id, sum(amount) AS total, count(*) AS n
            FROM credits.credit_transactions GROUP BY 1) t USING (subject_id)
 LEFT JOIN (SELECT subject_id, sum(amount) AS open FROM credits.holds
            WHERE status = 'open' AND debits GROUP BY 1) h USING (subject_id)
+LEFT JOIN (SELECT member_id AS subject_id, sum(amount) AS open FROM credits.holds
+           WHERE status = 'open' AND debits AND member_id IS NOT NULL GROUP BY 1) mh USING (subject_id)
 LEFT JOIN (SELECT subject_id, count(*) AS n FROM credits.usage_events GROUP BY 1) e USING (subject_id)
 """
 # an expiry in the past, ordered as the model moved them (the sweeper resolves the oldest first);
@@ -315,6 +331,9 @@ WHERE subject_id = $1 AND id = $2
 """
 SQL_LAST_MONTH = """
 UPDATE credits.credit_accounts SET month_start = month_start - interval '1 month' WHERE subject_id = $1
+"""
+SQL_YESTERDAY = """
+UPDATE credits.credit_accounts SET day_start = day_start - 1 WHERE subject_id = $1
 """
 
 
@@ -384,8 +403,78 @@ class LedgerModel(RuleBasedStateMachine):
 
     def request_quotes(self, req: HoldRequest) -> tuple[dict[str, Quote], str]:
         if req.quoted:
-            return self.quotes(req.base), self.config.default_tier
+            quotes = self.quotes(req.base)
+            if req.clamp:
+                quotes = {t: Quote(q.amount, q.debits, q.amount // 3) for t, q in quotes.items()}
+            return quotes, self.config.default_tier
         return {"": Quote(req.base, req.debits)}, ""
+
+    # limits -------------------------------------------------------------------------------
+
+    def payer(self, account: str) -> MAccount:
+        """Who pays for the account's requests: its team, or itself."""
+        m = self.model[account]
+        return self.model[m.parent] if m.parent is not None else m
+
+    def limits(self, account: str) -> list[tuple[str, int | None]]:
+        """take_hold's limits in its order: a member's own caps, then its team's."""
+        m = self.model[account]
+        if m.parent is None:
+            return m.rooms()
+        return [*m.cap_rooms(), *((f"team_{n}", r) for n, r in self.model[m.parent].rooms())]
+
+    def least_room(self, account: str) -> int:
+        return min(r for _, r in self.limits(account) if r is not None)
+
+    def room(self, account: str) -> int:
+        """The largest debiting hold that fits now."""
+        return max(self.least_room(account), 0)
+
+    def takes(self, account: str, quote: Quote) -> int | None:
+        """What a hold of ``quote`` takes: all of it, what is left when it may be clamped to
+        that, or None (refused)."""
+        if not quote.debits or quote.amount == 0:
+            return quote.amount
+        room = self.least_room(account)
+        if room >= quote.amount:
+            return quote.amount
+        if quote.minimum is not None and quote.minimum < quote.amount and room >= quote.minimum:
+            return room
+        return None
+
+    def refusal(self, account: str, quote: Quote) -> type[CreditsError]:
+        """The error naming the first limit that leaves less than the request needs."""
+        clamps = quote.minimum is not None and quote.minimum < quote.amount
+        need = quote.minimum if clamps and quote.minimum is not None else quote.amount
+        name = next(n for n, r in self.limits(account) if r is not None and r < need)
+        if self.model[account].parent is None:
+            errors: dict[str, type[CreditsError]] = {
+                "balance": InsufficientCredits,
+                "monthly": MonthlyCapExceeded,
+                "daily": DailyCapExceeded,
+                "request": RequestCapExceeded,
+            }
+            return errors[name]
+        if name == "team_balance":
+            return TeamInsufficientCredits
+        return TeamCapExceeded if name.startswith("team_") else MemberCapExceeded
+
+    def spent(self, h: MHold, amount: int) -> None:
+        """A hold's charge counted where it counts: the payer's money and spend, and the
+        member's spend of its team's credits."""
+        for who in (h.subject, h.member):
+            if who is not None:
+                self.model[who].spend += amount
+                self.model[who].day_spend += amount
+        self.model[h.subject].balance -= amount
+
+    def released(self, h: MHold) -> None:
+        for who in (h.subject, h.member):
+            if who is not None:
+                self.model[who].held -= h.amount
+
+    def requester(self, h: MHold) -> MAccount:
+        return self.model[h.member or h.subject]
 
     # accounts -----------------------------------------------------------------------------
 
@@ -410,6 +499,57 @@ class LedgerModel(RuleBasedStateMachine):
         self.model[subject] = MAccount(subject, tier, cap)
         return subject
 
+    @precondition(lambda self: len(self.model) < MAX_ACCOUNTS)
+    @rule(
+        target=accounts,
+        team=accounts,
+        cap=st.one_of(st.none(), st.integers(0, 20 * MICRO)),
+        daily=st.one_of(st.none(), st.none(), st.integers(0, 10 * MICRO)),
+        request=st.one_of(st.none(), st.none(), st.integers(0, 5 * MICRO)),
+    )
+    def create_member(self, team: str, cap: int | None, daily: int | None, request: int | None) -> Any:
+        """A member of ``team``, with caps of its own; a member's member is refused."""
+        subject = self.fresh("mbr")
+        call = self.ledger().create_account(
+            subject, tier="free", monthly_cap=cap, parent_id=team, daily_cap=daily, request_cap=request
+        )
+        if self.model[team].parent is not None:
+            self.h.fails(TeamHierarchy, call)
+            return multiple()
+        account = self.h.run(call)
+        assert (account.parent_id, account.daily_cap, account.request_cap) == (team, daily, request)
+        self.model[subject] = MAccount(subject, "free", cap, parent=team, daily=daily, request=request)
+        return subject
+
+    @rule(account=accounts, team=st.one_of(st.none(), accounts))
+    def move(self, account: str, team: str | None) -> None:
+        """Into a team, or out of one (None); its open holds end where they began."""
+        call = Accounts(self.h.pool).update(account, parent_id=team)
+        has_members = any(m.parent == account for m in self.model.values())
+        if team == account:
+            self.h.fails(InvalidRequest, call)
+        elif team is not None and (has_members or self.model[team].parent is not None):
+            self.h.fails(TeamHierarchy, call)
+        else:
+            moved = self.h.run(call)
+            assert moved.parent_id == team
+            self.model[account].parent = team
+
+    @rule(
+        account=accounts,
+        daily=st.one_of(st.none(), st.integers(0, 10 * MICRO)),
+        request=st.one_of(st.none(), st.integers(0, 5 * MICRO)),
+    )
+    def set_caps(self, account: str, daily: int | None, request: int | None) -> None:
+        updated = self.h.run(Accounts(self.h.pool).update(account, daily_cap=daily, request_cap=request))
+        assert (updated.daily_cap, updated.request_cap) == (daily, request)
+        self.model[account].daily, self.model[account].request = daily, request
+
+    @rule(account=accounts)
+    def next_day(self, account: str) -> None:
+        self.h.run(self.h.admin.execute(SQL_YESTERDAY, account))
+        self.model[account].day_spend = 0
+
     @rule(
         account=accounts,
         cap=st.one_of(st.none(), st.integers(0, 20 * MICRO)),
@@ -430,10 +570,19 @@ class LedgerModel(RuleBasedStateMachine):
         got = self.h.run(self.ledger().require_account(account))
         assert (got.balance, got.held, got.available) == (m.balance, m.held, m.available)
         assert (got.month_spend, got.monthly_cap, got.tier) == (m.spend, m.cap, m.tier)
+        assert (got.parent_id, got.daily_cap, got.request_cap, got.day_spend) == (
+            m.parent,
+            m.daily,
+            m.request,
+            m.day_spend,
+        )
         assert got.resets_at.day == 1 and got.resets_at > datetime.now(timezone.utc)
 
     @rule(account=accounts)
     def next_month(self, account: str) -> None:
+        """A new month, as the database clock would bring it (the day turns with it)."""
+        self.h.run(self.h.admin.execute(SQL_YESTERDAY, account))
+        self.model[account].day_spend = 0
         self.h.run(self.h.admin.execute(SQL_LAST_MONTH, account))
         self.model[account].spend = 0
 
@@ -503,7 +652,12 @@ class LedgerModel(RuleBasedStateMachine):
     def credit(self, account: str, amount: int, type: CreditType, keyed: bool) -> None:
         m = self.model[account]
         key = self.fresh("key") if keyed else None
-        tx = self.h.run(self.ledger().credit(account, amount, type=type, idempotency_key=key))
+        call = self.ledger().credit(account, amount, type=type, idempotency_key=key)
+        if m.parent is not None and type != "adjustment":  # a member's credits are its team's
+            error = self.h.fails(AccountIsMember, call)
+            assert error.details["team_id"] == m.parent
+            return
+        tx = self.h.run(call)
         m.balance += amount
         m.rows += 1
         assert (tx.subject_id, tx.amount, tx.type, tx.balance_after) == (account, amount, type, m.balance)
@@ -571,6 +725,12 @@ class LedgerModel(RuleBasedStateMachine):
     def credit_many(self, grants: dict[str, int], type: CreditType, keyed: bool, ghost: bool) -> None:
         key = self.fresh("bulk") if keyed else None
         ledger = self.ledger()
+        members = sorted(a for a in grants if self.model[a].parent is not None)
+        if members:  # all or nothing: one member (whose credits are its team's) and nobody is
+            asked = {**grants, GHOST: 1} if ghost else grants
+            error = self.h.fails(AccountIsMember, ledger.credit_many(asked, type=type, idempotency_key=key))
+            assert error.details["members"] == members
+            return
         if ghost:  # all or nothing: one missing account and nobody is credited
             asked = {**grants, GHOST: 1}
             error = self.h.fails(AccountNotFound, ledger.credit_many(asked, type=type, idempotency_key=key))
@@ -627,34 +787,50 @@ class LedgerModel(RuleBasedStateMachine):
         quoted=st.booleans(),
         debits=st.sampled_from([True, True, True, False]),
         lost_reply=st.booleans(),
+        clamp=st.booleans(),
     )
     def hold(
-        self, account: str, amount: int, edge: int | None, quoted: bool, debits: bool, lost_reply: bool
+        self,
+        account: str,
+        amount: int,
+        edge: int | None,
+        quoted: bool,
+        debits: bool,
+        lost_reply: bool,
+        clamp: bool,
     ) -> Any:
         m = self.model[account]
+        payer = self.payer(account)  # a member's team: its tier prices the request
         if edge is not None:  # exactly what is left, or one micro-credit either side of it
-            target = max(0, m.room() + edge)
-            amount = self.base_for(m.tier, target) if quoted else target
-        req = HoldRequest(amount, quoted, debits)
+            target = max(0, self.room(account) + edge)
+            amount = self.base_for(payer.tier, target) if quoted else target
+        req = HoldRequest(amount, quoted, debits, clamp and quoted)
         quotes, default = self.request_quotes(req)
-        quote = self.quote_for(m.tier, quotes, default)
+        quote = self.quote_for(payer.tier, quotes, default)
         hold_id = uuid.uuid4()
         if lost_reply:
             self.h.lossy.lose_next_reply(SQL_HOLD)
         call = self._hold_call(account, req, hold_id)
-        if not m.fits(quote):
-            self.h.fails(m.refusal(quote), call)
+        takes = self.takes(account, quote)
+        if takes is None:
+            self.h.fails(self.refusal(account, quote), call)
             self.h.lossy.pending.clear()
             return multiple()
         taken = self.h.run(call)
         assert not self.h.lossy.pending
-        assert (taken.id, taken.subject_id, taken.tier) == (hold_id, account, m.tier)
-        assert (taken.amount, taken.debits) == (quote.amount, quote.debits)
+        assert (taken.id, taken.subject_id, taken.tier) == (hold_id, payer.subject, payer.tier)
+        assert (taken.amount, taken.debits) == (takes, quote.debits)
         # (after a lost reply the ledger's own retry finds the hold it made, and may call it replayed)
         assert lost_reply or not taken.replayed
+        if not taken.replayed:
+            assert taken.clamped == (takes < quote.amount)
+        member = account if m.parent is not None else None
+        h = MHold(hold_id, payer.subject, takes, quote.debits, req, taken, member=member)
         if quote.debits:
-            m.held += quote.amount
-        self.hold_model[hold_id] = MHold(hold_id, account, quote.amount, quote.debits, req, taken)
+            for who in (payer.subject, member):
+                if who is not None:
+                    self.model[who].held += takes
+        self.hold_model[hold_id] = h
         return hold_id
 
     def _hold_call(self, account: str, req: HoldRequest, hold_id: uuid.UUID) -> Coroutine[Any, Any, Hold]:
@@ -672,10 +848,10 @@ class LedgerModel(RuleBasedStateMachine):
         hold (the caller compares: charges hash their request, see charge())."""
         h = self.hold_model[hold]
         assert h.request is not None and h.first is not None
-        req = HoldRequest(h.request.base + bigger, h.request.quoted, h.request.debits)
-        again = self.h.run(self._hold_call(h.subject, req, hold))
+        req = HoldRequest(h.request.base + bigger, h.request.quoted, h.request.debits, h.request.clamp)
+        again = self.h.run(self._hold_call(h.member or h.subject, req, hold))
         assert again.replayed
-        assert (again.id, again.subject_id, again.tier) == (h.id, h.subject, h.first.tier)
+        assert (again.id, again.subject_id) == (h.id, h.subject)
         assert (again.amount, again.debits) == (h.amount, h.debits)
         if h.expiry is None:
             assert again.expires_at == h.first.expires_at
@@ -700,15 +876,14 @@ class LedgerModel(RuleBasedStateMachine):
             return
         late = h.status == "expired"  # released by the sweeper; the upstream served it after all
         if h.debits:
-            m.balance -= charge
-            m.spend += charge
+            self.spent(h, charge)
             if late:
                 m.overrun += charge
             else:
-                m.held -= h.amount
+                self.released(h)
                 m.overrun += max(0, charge - h.amount)
         if not late:  # a late settlement updates the expired hold's usage event in place
-            m.events += 1
+            self.requester(h).events += 1
         h.status, h.settled_amount = "settled", charge
         h.has_row = h.debits and charge > 0
         m.rows += h.has_row
@@ -750,7 +925,6 @@ class LedgerModel(RuleBasedStateMachine):
     @rule(hold=holds, lost_reply=st.sampled_from([False, False, False, True]))
     def void(self, hold: uuid.UUID, lost_reply: bool) -> None:
         h = self.hold_model[hold]
-        m = self.model[h.subject]
         if lost_reply:
             self.h.lossy.lose_next_reply(SQL_RESOLVE)
         voided = self.h.run(self.ledger().void(h.subject, h.id))
@@ -760,8 +934,8 @@ class LedgerModel(RuleBasedStateMachine):
             assert voided is (lost_reply and h.status == "voided")
             return
         if h.debits:
-            m.held -= h.amount
-        m.events += 1
+            self.released(h)
+        self.requester(h).events += 1
         h.status, h.settled_amount = "voided", 0
         assert voided is True, "void() answered 'already ended' for the hold it voided"
 
@@ -795,16 +969,15 @@ class LedgerModel(RuleBasedStateMachine):
         assert done == len(due)
         for h in due:
             m = self.model[h.subject]
-            m.events += 1
+            self.requester(h).events += 1
             if h.debits:
-                m.held -= h.amount
+                self.released(h)
             if policy == "void":
                 h.status, h.settled_amount = "expired", 0
                 continue
             h.status, h.settled_amount = "captured", h.amount  # charged its estimate
             if h.debits:
-                m.balance -= h.amount
-                m.spend += h.amount
+                self.spent(h, h.amount)
                 h.has_row = h.amount > 0
                 m.rows += h.has_row
         captured = [h.id for h in due if h.has_row]
@@ -842,25 +1015,26 @@ class LedgerModel(RuleBasedStateMachine):
         lost_reply=st.sampled_from([None, None, "hold", "settle"]),
     )
     def charge(self, account: str, amount: int, edge: int | None, lost_reply: str | None) -> None:
-        m = self.model[account]
+        m = self.payer(account)  # a member's charge is its team's
         if edge is not None:
-            amount = self.base_for(m.tier, max(0, m.room() + edge))
+            amount = self.base_for(m.tier, max(0, self.room(account) + edge))
         key = self.fresh("charge")
         quote = self.quote_for(m.tier, self.quotes(amount), self.config.default_tier)
         if lost_reply:
             self.h.lossy.lose_next_reply(SQL_HOLD if lost_reply == "hold" else SQL_RESOLVE)
         call = self._charge_call(account, amount, key, "web-search")
-        if not m.fits(quote):
-            self.h.fails(m.refusal(quote), call)
+        if self.takes(account, quote) is None:
+            self.h.fails(self.refusal(account, quote), call)
             self.h.lossy.pending.clear()
             return
         done = self.h.run(call)
         self.h.lossy.pending.clear()
         debit = quote.amount if quote.debits else 0
-        m.balance -= debit
-        m.spend += debit
-        m.events += 1
-        hold = MHold(done.hold_id, account, quote.amount, quote.debits, None, None, status="settled")
+        member = account if account != m.subject else None
+        hold = MHold(done.hold_id, m.subject, quote.amount, quote.debits, None, None, status="settled")
+        hold.member = member
+        self.spent(hold, debit)
+        self.requester(hold).events += 1
         hold.settled_amount, hold.has_row = quote.amount, debit > 0
         m.rows += hold.has_row
         self.hold_model[hold.id] = hold
@@ -872,7 +1046,7 @@ class LedgerModel(RuleBasedStateMachine):
             assert done.transaction is not None
             assert (done.transaction.amount, done.transaction.type) == (-debit, "usage")
             assert done.transaction.balance_after == m.balance
-            self.usage.append(MUsage(done.transaction.id, account, debit))
+            self.usage.append(MUsage(done.transaction.id, m.subject, debit))
         else:
             assert done.transaction is None
         self.charged.append(ChargeUse(account, key, amount, "web-search", done))
@@ -889,7 +1063,7 @@ class LedgerModel(RuleBasedStateMachine):
             assert again.replayed
             assert (again.hold_id, again.cost, again.charged) == (first.hold_id, first.cost, first.charged)
             assert again.transaction == first.transaction
-            assert again.balance == self.model[use.subject].balance
+            assert again.balance == self.payer(use.subject).balance
             return
         base, service_model = use.base, use.service_model
         if variant == "amount":
@@ -1011,6 +1185,9 @@ class LedgerModel(RuleBasedStateMachine):
         if c.expired:
             self.h.fails(CouponExpired, call)
             return
+        if m.parent is not None:  # its team redeems coupons
+            self.h.fails(AccountIsMember, call)
+            return
         if c.tiers and m.tier not in c.tiers:
             self.h.fails(CouponNotApplicable, call)
             return
@@ -1063,12 +1240,16 @@ class LedgerModel(RuleBasedStateMachine):
         for subject, m in self.model.items():
             r = rows[subject]
             assert r["balance"] == r["ledger_total"], f"{subject}: balance is not the sum of its ledger"
-            assert r["held"] == r["open_holds"], f"{subject}: held is not the sum of its open holds"
+            held = r["open_paid"] + r["open_made"]
+            assert r["held"] == held, f"{subject}: held is not the sum of its open holds"
             got = (r["balance"], r["held"], r["month_spend"], r["monthly_cap"], r["tier"])
             assert got == (m.balance, m.held, m.spend, m.cap, m.tier), subject
+            got_team = (r["parent_id"], r["daily_cap"], r["request_cap"], r["day_spend"])
+            assert got_team == (m.parent, m.daily, m.request, m.day_spend), subject
             assert (r["ledger_rows"], r["events"]) == (m.rows, m.events), subject
-            # every way below zero is an overrun the model recorded
-            assert r["balance"] - r["held"] + m.overrun >= 0, subject
+            # every way below zero is an overrun the model recorded (what it holds as a member is
+            # its team's money, not its own)
+            assert r["balance"] - r["open_paid"] + m.overrun >= 0, subject
             holds.update((h[0], [subject, *h[1:]]) for h in json.loads(r["holds"]))
         assert sorted(holds) == sorted(str(h) for h in self.hold_model)
         for hold_id, h in self.hold_model.items():

@@ -20,6 +20,7 @@ from litellm_credits.errors import (
     AccountDisabled,
     AccountIsMember,
     DailyCapExceeded,
+    IdempotencyConflict,
     InsufficientCredits,
     MemberCapExceeded,
     RequestCapExceeded,
@@ -362,3 +363,23 @@ async def test_twenty_members_at_once_through_the_proxy(proxy: Proxy, ledger: Le
     t = await ledger.require_account(team)
     assert t.held == 0 and t.balance >= 0
     assert not await ledger.discrepancies()
+
+
+async def test_a_key_used_before_is_answered_before_the_account_is_a_member(ledger: Ledger) -> None:
+    """Regression (found by the ledger's property test): a credit key replayed with another
+    request on a member was answered account_is_member, not idempotency_conflict; and a key used
+    while the account stood alone must still replay after it joined a team."""
+    team, (alice, _) = await team_with_members(ledger, "0")
+    adjustment = await ledger.credit(alice, c("1"), type="adjustment", idempotency_key="adj-1")
+    with pytest.raises(IdempotencyConflict):
+        await ledger.credit(alice, c("1"), type="allocation", idempotency_key="adj-1")
+    assert await ledger.credit(alice, c("1"), type="adjustment", idempotency_key="adj-1") == adjustment
+    solo = "solo-" + secrets.token_hex(4)
+    await ledger.create_account(solo, tier="free")
+    first = await ledger.credit(solo, c("2"), idempotency_key="grant-1")
+    await ledger.pool.execute(
+        "UPDATE credits.credit_accounts SET parent_id = $2 WHERE subject_id = $1", solo, team
+    )
+    assert await ledger.credit(solo, c("2"), idempotency_key="grant-1") == first
+    with pytest.raises(AccountIsMember):
+        await ledger.credit(solo, c("2"), idempotency_key="grant-2")
