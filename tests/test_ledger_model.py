@@ -220,6 +220,7 @@ class ChargeUse:
     base: int
     service_model: str
     first: Charge
+    payer: str  # who paid: the account, or its team then (it may have moved since)
 
 
 @dataclass
@@ -1049,7 +1050,7 @@ class LedgerModel(RuleBasedStateMachine):
             self.usage.append(MUsage(done.transaction.id, m.subject, debit))
         else:
             assert done.transaction is None
-        self.charged.append(ChargeUse(account, key, amount, "web-search", done))
+        self.charged.append(ChargeUse(account, key, amount, "web-search", done, m.subject))
 
     @precondition(lambda self: bool(self.charged))
     @rule(pick=PICK, variant=st.sampled_from(["same", "same", "amount", "model"]))
@@ -1063,7 +1064,7 @@ class LedgerModel(RuleBasedStateMachine):
             assert again.replayed
             assert (again.hold_id, again.cost, again.charged) == (first.hold_id, first.cost, first.charged)
             assert again.transaction == first.transaction
-            assert again.balance == self.payer(use.subject).balance
+            assert again.balance == self.model[use.payer].balance  # the account that paid it
             return
         base, service_model = use.base, use.service_model
         if variant == "amount":

@@ -18,11 +18,22 @@ from .conftest import ROOT, free_port, stop_proxy
 README = ROOT / "README.md"
 
 
-def readme_example() -> str:
+def readme_example(name: str = "usage") -> str:
     text = README.read_text()
-    match = re.search(r"<!-- readme-example -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README has no usage example"
+    match = re.search(rf"<!-- readme-example: {name} -->\s*```python\n(.*?)```", text, re.S)
+    assert match, f"README has no {name} example"
     return match.group(1)
+
+
+def run_example(served: tuple[str, str], name: str) -> list[str]:
+    """The README's example ``name``, run as written against ``litellm-credits serve``: its lines."""
+    url, master_key = served
+    env = {**os.environ, "PROXY_URL": url, "LITELLM_MASTER_KEY": master_key}
+    result = subprocess.run(
+        [sys.executable, "-c", readme_example(name)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +72,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
 
 
 def test_readme_usage_example_runs(served: tuple[str, str]) -> None:
-    url, master_key = served
-    env = {**os.environ, "PROXY_URL": url, "LITELLM_MASTER_KEY": master_key}
-    result = subprocess.run(
-        [sys.executable, "-c", readme_example()], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
+    lines = run_example(served, "usage")
     assert lines[0] == "Hello from the demo model."
     charged, balance = re.fullmatch(r"charged (-\S+) balance (\S+)", lines[-1]).groups()  # type: ignore[union-attr]
     # the demo model's mock usage (10 prompt, 20 completion tokens) at gpt-4o-mini's price, 1000 credits/USD
@@ -92,3 +97,24 @@ def test_quickstart_commands_are_the_makefile_targets() -> None:
     assert re.findall(r"^make (\w+)", quickstart, re.M) == ["serve", "test"]
     assert "serve: install" in makefile and "test: install" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_when_short_example_runs(served: tuple[str, str]) -> None:
+    clamped, refused = run_example(served, "when_short")
+    tokens = int(re.fullmatch(r"clamped to (\d+) output tokens", clamped).group(1))  # type: ignore[union-attr]
+    # 0.5 credits at gpt-4o-mini's 0.6 USD per million output tokens, less the prompt: about 830
+    assert 800 < tokens < 834
+    assert refused == f"402 insufficient_credits covers {tokens}"
+
+
+def test_readme_stream_guard_example_runs(served: tuple[str, str]) -> None:
+    [line] = run_example(served, "stream_guard")
+    words = int(re.fullmatch(r"finish_reason length after (\d+) words", line).group(1))  # type: ignore[union-attr]
+    assert 5 <= words <= 20  # 20 tokens' worth of a story the model would have gone on with
+
+
+def test_readme_team_pools_example_runs(served: tuple[str, str]) -> None:
+    refused, members, balance = run_example(served, "team_pools")
+    assert refused == "refused 402 member_cap_exceeded daily"
+    assert members == "members ['dana']"
+    assert 19.9 < float(balance.removeprefix("team balance ")) <= 20  # (settled in the background)

@@ -123,6 +123,9 @@ BEGIN
     WHERE a.subject_id = p_subject
       AND a.parent_id IS NULL
       AND a.status = 'active'
+      -- a hold this account made as a team's member (it left the team since) is that hold: the
+      -- locked path below answers with it (a probe of a partial index: only members' holds)
+      AND NOT EXISTS (SELECT 1 FROM credits.holds x WHERE x.member_id = p_subject AND x.id = p_hold)
       AND q.tier = CASE WHEN a.tier = ANY (p_tiers) THEN a.tier ELSE p_default_tier END
       AND (NOT q.debits OR q.amount = 0 OR (
                a.balance - a.held >= q.amount
