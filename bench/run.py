@@ -203,9 +203,10 @@ async def main(args: argparse.Namespace) -> None:
 
         release_phases = []
         for label, op in (
-            ("plain", lambda: hook_and_release(random.choice(subjects), 100)),
-            (f"{LEAN_SHARE:.0%} nearly empty (clamped)", mixed),
-            ("team members", lambda: hook_and_release(random.choice(members), 100)),
+            (f"{SUBJECTS} accounts", lambda: hook_and_release(random.choice(subjects), 100)),
+            (f"{SUBJECTS} accounts, {LEAN_SHARE:.0%} nearly empty (clamped)", mixed),
+            ("1 account", lambda: hook_and_release("bench-hot", 100)),
+            (f"{SUBJECTS} members of 1 team", lambda: hook_and_release(random.choice(hot_members), 100)),
         ):
             phase = await h.measure(
                 f"[8] pre-call hook then release, {label}, {clients} callers",
@@ -251,14 +252,14 @@ async def main(args: argparse.Namespace) -> None:
         )
         for p, unit in rows:
             print(f"| {p.label[4:]} | {p.rate:,.1f} {unit} | {p.pct(0.5):.2f} | {p.pct(0.99):.2f} |")
-        # the bar: the new paths within 10 % of the plain one
-        plain_hook = release_phases[0]
+        # the new paths beside the plain ones they replace: a clamped hold beside a whole one, the
+        # members of one team beside one account (the same contention: every hold on one row)
         for new, base in (
             (clamped, spread),
-            (team_spread, spread),
             (team_hot, hot),
-            (release_phases[1], plain_hook),
-            (release_phases[2], plain_hook),
+            (release_phases[1], release_phases[0]),
+            (release_phases[3], release_phases[2]),
+            (team_spread, spread),
         ):
             print(
                 f"ratio, {new.label[4:]} ÷ {base.label[4:]}: rate {new.rate / base.rate:.3f}, "

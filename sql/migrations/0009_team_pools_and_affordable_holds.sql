@@ -30,7 +30,7 @@ BEGIN
     -- the lock orders this against a concurrent move of the team itself (each statement here
     -- sees what committed before it, so one of two racing moves always sees the other)
     SELECT parent_id INTO grandparent FROM credits.credit_accounts
-    WHERE subject_id = NEW.parent_id FOR UPDATE;
+    WHERE subject_id = NEW.parent_id FOR NO KEY UPDATE;
     IF grandparent IS NOT NULL THEN
         RAISE EXCEPTION 'credits: % is itself a member of %; teams have two levels', NEW.parent_id,
             grandparent USING ERRCODE = 'CR002';
@@ -99,6 +99,7 @@ DECLARE
     m         credits.credit_accounts;  -- the account the request is for
     p         credits.credit_accounts;  -- the account that pays: m, or its team
     v_team    boolean;
+    v_caps    bigint;  -- what a member's own caps leave it (NULL: no cap)
     v_i       integer;
     v_tier    text;
     v_quote   bigint;
@@ -108,8 +109,7 @@ DECLARE
     v_room    bigint;
     v_limit   text;
     v_expires timestamptz;
-    v_limits  text[];
-    v_rooms   bigint[];
+    v_found   record;
 BEGIN
     -- The common case in one conditional update: an account paying for itself, the whole
     -- quote fitting every limit.
@@ -123,9 +123,6 @@ BEGIN
     WHERE a.subject_id = p_subject
       AND a.parent_id IS NULL
       AND a.status = 'active'
-      -- a hold this account made as a team's member (it left the team since) is that hold: the
-      -- locked path below answers with it (a probe of a partial index: only members' holds)
-      AND NOT EXISTS (SELECT 1 FROM credits.holds x WHERE x.member_id = p_subject AND x.id = p_hold)
       AND q.tier = CASE WHEN a.tier = ANY (p_tiers) THEN a.tier ELSE p_default_tier END
       AND (NOT q.debits OR q.amount = 0 OR (
                a.balance - a.held >= q.amount
@@ -134,6 +131,9 @@ BEGIN
            AND (a.daily_cap IS NULL OR a.daily_cap
                 - CASE WHEN a.day_start < v_day THEN 0 ELSE a.day_spend END - a.held >= q.amount)
            AND (a.request_cap IS NULL OR a.request_cap >= q.amount)))
+      -- a hold this account made as a team's member (it left the team since) is that hold: the
+      -- locked path below answers with it (a probe of a partial index: only members' holds)
+      AND NOT EXISTS (SELECT 1 FROM credits.holds x WHERE x.member_id = p_subject AND x.id = p_hold)
     RETURNING a.tier, q.amount, q.debits INTO v_tier, v_amount, v_debits;
     IF FOUND THEN
         INSERT INTO credits.holds AS h
@@ -154,69 +154,136 @@ BEGIN
         WHERE a.subject_id = p_subject;
     END IF;
 
-    -- Everything else with the rows locked, the member's before its team's (the order every
-    -- statement that changes both follows, so none can deadlock on them).
-    SELECT * INTO m FROM credits.credit_accounts a WHERE a.subject_id = p_subject FOR UPDATE;
+    -- Everything else with the account locked; a member's row before its team's (the order
+    -- every statement that changes both follows, so none can deadlock on them). NO KEY UPDATE,
+    -- the lock an UPDATE takes: rows that refer to the account (holds, ledger rows) can still be
+    -- written meanwhile. The same
+    -- statement looks for a hold with this id: made by the account alone, as a member of its
+    -- team, or of a team it left since.
+    SELECT a AS acct, x.subject_id AS payer, x.amount, x.debits, x.expires_at, x.request_hash
+    INTO v_found
+    FROM credits.credit_accounts a
+    LEFT JOIN LATERAL (
+        SELECT y.subject_id, y.amount, y.debits, y.expires_at, y.request_hash
+        FROM credits.holds y
+        WHERE y.id = p_hold
+          AND (y.subject_id IN (coalesce(a.parent_id, p_subject), p_subject) OR y.member_id = p_subject)
+        LIMIT 1
+    ) x ON true
+    WHERE a.subject_id = p_subject
+    FOR NO KEY UPDATE OF a;
     IF NOT FOUND THEN
         RETURN QUERY SELECT 'no_account', NULL::text, NULL::text, NULL::bigint, NULL::boolean,
                             NULL::timestamptz, NULL::bytea, NULL::bigint, NULL::bigint;
         RETURN;
     END IF;
+    m := v_found.acct;
     v_team := m.parent_id IS NOT NULL;
+    IF v_found.payer IS NOT NULL THEN  -- that hold, as it is
+        RETURN QUERY SELECT 'replayed', v_found.payer, t.tier, v_found.amount, v_found.debits,
+                            v_found.expires_at, v_found.request_hash, NULL::bigint, v_found.amount
+                     FROM credits.credit_accounts t WHERE t.subject_id = v_found.payer;
+        RETURN;
+    END IF;
+    IF m.status <> 'active' THEN
+        RETURN QUERY SELECT 'disabled', NULL::text, m.tier, NULL::bigint, NULL::boolean,
+                            NULL::timestamptz, NULL::bytea, NULL::bigint, NULL::bigint;
+        RETURN;
+    END IF;
+
     IF v_team THEN
-        SELECT * INTO p FROM credits.credit_accounts a WHERE a.subject_id = m.parent_id FOR UPDATE;
+        -- a member: its own caps (its row is locked: they cannot change under us) ...
+        v_caps := LEAST(
+            m.monthly_cap - CASE WHEN m.month_start < v_month THEN 0 ELSE m.month_spend END - m.held,
+            m.daily_cap - CASE WHEN m.day_start < v_day THEN 0 ELSE m.day_spend END - m.held,
+            m.request_cap);
+        -- ... then, in the common case, one conditional update of its team's row, as above
+        UPDATE credits.credit_accounts a SET
+            held        = a.held + CASE WHEN q.debits THEN q.amount ELSE 0 END,
+            month_spend = CASE WHEN a.month_start < v_month THEN 0 ELSE a.month_spend END,
+            month_start = greatest(a.month_start, v_month),
+            day_spend   = CASE WHEN a.day_start < v_day THEN 0 ELSE a.day_spend END,
+            day_start   = greatest(a.day_start, v_day)
+        FROM unnest(p_tiers, p_amounts, p_debits) AS q(tier, amount, debits)
+        WHERE a.subject_id = m.parent_id
+          AND a.status = 'active'
+          AND q.tier = CASE WHEN a.tier = ANY (p_tiers) THEN a.tier ELSE p_default_tier END
+          AND (NOT q.debits OR q.amount = 0 OR (
+                   a.balance - a.held >= q.amount
+               AND (a.monthly_cap IS NULL OR a.monthly_cap
+                    - CASE WHEN a.month_start < v_month THEN 0 ELSE a.month_spend END - a.held >= q.amount)
+               AND (a.daily_cap IS NULL OR a.daily_cap
+                    - CASE WHEN a.day_start < v_day THEN 0 ELSE a.day_spend END - a.held >= q.amount)
+               AND (a.request_cap IS NULL OR a.request_cap >= q.amount)
+               AND (v_caps IS NULL OR v_caps >= q.amount)))
+        RETURNING a.tier, q.amount, q.debits INTO v_tier, v_amount, v_debits;
+        IF FOUND THEN
+            IF v_debits THEN
+                UPDATE credits.credit_accounts a SET
+                    held        = a.held + v_amount,
+                    month_spend = CASE WHEN a.month_start < v_month THEN 0 ELSE a.month_spend END,
+                    month_start = greatest(a.month_start, v_month),
+                    day_spend   = CASE WHEN a.day_start < v_day THEN 0 ELSE a.day_spend END,
+                    day_start   = greatest(a.day_start, v_day)
+                WHERE a.subject_id = p_subject;
+            END IF;
+            INSERT INTO credits.holds AS h
+                (id, subject_id, member_id, amount, debits, expires_at, model, power_level, request_hash)
+            VALUES (p_hold, m.parent_id, p_subject, v_amount, v_debits,
+                    now() + p_ttl * interval '1 second', p_model, p_power_level, p_request_hash)
+            RETURNING h.expires_at INTO v_expires;
+            RETURN QUERY SELECT 'held', m.parent_id, v_tier, v_amount, v_debits, v_expires,
+                                p_request_hash, NULL::bigint, v_amount;
+            RETURN;
+        END IF;
+        SELECT * INTO p FROM credits.credit_accounts a WHERE a.subject_id = m.parent_id FOR NO KEY UPDATE;
+        IF p.status <> 'active' THEN
+            RETURN QUERY SELECT 'team_disabled', p.subject_id, p.tier, NULL::bigint, NULL::boolean,
+                                NULL::timestamptz, NULL::bytea, NULL::bigint, NULL::bigint;
+            RETURN;
+        END IF;
     ELSE
         p := m;
     END IF;
 
-    RETURN QUERY
-        SELECT 'replayed', h.subject_id, p.tier, h.amount, h.debits, h.expires_at, h.request_hash,
-               NULL::bigint, h.amount
-        FROM credits.holds h
-        WHERE h.id = p_hold
-          AND (h.subject_id IN (p.subject_id, p_subject) OR h.member_id = p_subject)
-        LIMIT 1;
-    IF FOUND THEN
-        RETURN;
-    END IF;
-
-    IF m.status <> 'active' OR p.status <> 'active' THEN
-        RETURN QUERY SELECT CASE WHEN m.status <> 'active' THEN 'disabled' ELSE 'team_disabled' END,
-                            p.subject_id, p.tier, NULL::bigint, NULL::boolean, NULL::timestamptz,
-                            NULL::bytea, NULL::bigint, NULL::bigint;
-        RETURN;
-    END IF;
-
+    -- What does not fit whole: clamped to the least any limit leaves, or refused.
     v_tier := CASE WHEN p.tier = ANY (p_tiers) THEN p.tier ELSE p_default_tier END;
     v_i := array_position(p_tiers, v_tier);
     v_quote := p_amounts[v_i];
     v_min := p_minimums[v_i];
     v_debits := p_debits[v_i];
-
     IF NOT v_debits OR v_quote = 0 THEN
         v_amount := v_quote;
     ELSE
-        -- what each limit leaves; the request may hold up to the least of them
-        v_limits := ARRAY['balance', 'monthly', 'daily', 'request'];
-        v_rooms := ARRAY[
+        v_room := LEAST(
             p.balance - p.held,
             p.monthly_cap - CASE WHEN p.month_start < v_month THEN 0 ELSE p.month_spend END - p.held,
             p.daily_cap - CASE WHEN p.day_start < v_day THEN 0 ELSE p.day_spend END - p.held,
-            p.request_cap];
-        IF v_team THEN  -- the member's own caps are named before its team's limits
-            v_limits := ARRAY['monthly', 'daily', 'request',
-                              'team_balance', 'team_monthly', 'team_daily', 'team_request'];
-            v_rooms := ARRAY[
-                m.monthly_cap - CASE WHEN m.month_start < v_month THEN 0 ELSE m.month_spend END - m.held,
-                m.daily_cap - CASE WHEN m.day_start < v_day THEN 0 ELSE m.day_spend END - m.held,
-                m.request_cap] || v_rooms;
-        END IF;
-        SELECT min(r) INTO v_room FROM unnest(v_rooms) AS x(r);
+            p.request_cap,
+            v_caps);
         v_amount := credits.fit(v_quote, v_min, v_room);
         IF v_amount IS NULL THEN
-            -- named: the first limit in the order above that leaves less than the request needs
-            SELECT l INTO v_limit FROM unnest(v_limits, v_rooms) WITH ORDINALITY AS x(l, r, i)
-            WHERE r < coalesce(v_min, v_quote) ORDER BY i LIMIT 1;
+            -- named: the first limit that leaves less than the request needs, the member's own
+            -- caps before its team's (or the account's own, outside a team)
+            SELECT l INTO v_limit
+            FROM unnest(
+                ARRAY['monthly', 'daily', 'request',
+                      'team_balance', 'team_monthly', 'team_daily', 'team_request'],
+                ARRAY[
+                    CASE WHEN v_team THEN m.monthly_cap
+                        - CASE WHEN m.month_start < v_month THEN 0 ELSE m.month_spend END - m.held END,
+                    CASE WHEN v_team THEN m.daily_cap
+                        - CASE WHEN m.day_start < v_day THEN 0 ELSE m.day_spend END - m.held END,
+                    CASE WHEN v_team THEN m.request_cap END,
+                    p.balance - p.held,
+                    p.monthly_cap - CASE WHEN p.month_start < v_month THEN 0 ELSE p.month_spend END - p.held,
+                    p.daily_cap - CASE WHEN p.day_start < v_day THEN 0 ELSE p.day_spend END - p.held,
+                    p.request_cap]) WITH ORDINALITY AS x(l, r, i)
+            WHERE r < coalesce(v_min, v_quote)
+            ORDER BY i LIMIT 1;
+            IF NOT v_team THEN  -- the account's own limits are named without "team_"
+                v_limit := replace(v_limit, 'team_', '');
+            END IF;
             RETURN QUERY SELECT v_limit, p.subject_id, p.tier, NULL::bigint, v_debits,
                                 NULL::timestamptz, NULL::bytea, v_room, v_quote;
             RETURN;
@@ -255,24 +322,29 @@ DECLARE
     v_month   date := date_trunc('month', now() AT TIME ZONE 'UTC')::date;
     v_day     date := (now() AT TIME ZONE 'UTC')::date;
     h         credits.holds;
+    v_was     text;    -- the hold's status before: open, or expired (a late settlement)
     v_charge  bigint;
     v_spent   bigint;  -- what the accounts' spend counters gain
     v_release bigint;  -- what their held amount gives back
     v_balance bigint;
     v_tx      bigint;
 BEGIN
-    SELECT * INTO h FROM credits.holds x WHERE x.subject_id = p_subject AND x.id = p_hold FOR UPDATE;
     -- an open hold ends once; a hold the sweeper released (expired) may still be settled by the
     -- usage that arrives late, since the upstream did serve it
-    IF NOT FOUND OR NOT (h.status = 'open' OR (p_status = 'settled' AND h.status = 'expired')) THEN
+    UPDATE credits.holds x SET
+        status = p_status, resolved_at = now(), settled_amount = coalesce(p_charge, x.amount)
+    FROM (SELECT y.status FROM credits.holds y WHERE y.subject_id = p_subject AND y.id = p_hold
+          FOR NO KEY UPDATE) prior
+    WHERE x.subject_id = p_subject AND x.id = p_hold
+      AND (prior.status = 'open' OR (p_status = 'settled' AND prior.status = 'expired'))
+    RETURNING prior.status, x.amount, x.debits, x.member_id, x.power_level
+    INTO v_was, h.amount, h.debits, h.member_id, h.power_level;
+    IF NOT FOUND THEN
         RETURN;
     END IF;
     v_charge := coalesce(p_charge, h.amount);
     v_spent := CASE WHEN h.debits THEN v_charge ELSE 0 END;
-    v_release := CASE WHEN h.debits AND h.status = 'open' THEN h.amount ELSE 0 END;
-
-    UPDATE credits.holds x SET status = p_status, resolved_at = now(), settled_amount = v_charge
-    WHERE x.subject_id = p_subject AND x.id = p_hold;
+    v_release := CASE WHEN h.debits AND v_was = 'open' THEN h.amount ELSE 0 END;
 
     IF h.member_id IS NOT NULL THEN  -- the member's row first (see take_hold)
         UPDATE credits.credit_accounts a SET
