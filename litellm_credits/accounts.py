@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from .errors import AccountNotFound, InvalidRequest, TeamHierarchy
+from .errors import AccountNotFound, InvalidRequest, NotFound, TeamHierarchy
 from .ledger_sql import ACCOUNT_COLUMNS, TEAM_LEVELS
 from .records import Account
 
@@ -36,6 +36,7 @@ UPDATE credits.credit_accounts a SET
     daily_cap    = CASE WHEN $10 THEN $11 ELSE a.daily_cap END,
     request_cap  = CASE WHEN $12 THEN $13 ELSE a.request_cap END
 WHERE a.subject_id = $1
+  AND ($14::text IS NULL OR a.parent_id = $14)  -- a team changing its own member's caps
 RETURNING {ACCOUNT_COLUMNS}
 """
 # a move changes parent_id alone, so the two-level trigger (migration 0009) runs only then
@@ -91,21 +92,33 @@ class Accounts:
         daily_cap: int | None = _UNSET,
         request_cap: int | None = _UNSET,
         parent_id: str | None = _UNSET,
+        member_of: str | None = None,
     ) -> Account:
         """Change only the fields given (a cap of None removes it; ``parent_id`` moves the
-        account into that team, or out of any with None), all at once or none."""
+        account into that team, or out of any with None), all at once or none; ``member_of``:
+        only while the account is a member of that team (else ``NotFound``)."""
         if status is not _UNSET and status not in ("active", "disabled"):
             raise InvalidRequest("status must be active or disabled", param="status")
         fields = (tier, monthly_cap, status, display_name, daily_cap, request_cap)
         args: list[Any] = []
         for value in fields:
             args += [value is not _UNSET, None if value is _UNSET else value]
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(SQL_UPDATE, subject_id, *args)
-            if row is None:
-                raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
-            if parent_id is not _UNSET:
-                row = await self._move(conn, subject_id, parent_id) or row
+        for attempt in range(3):
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    row = await conn.fetchrow(SQL_UPDATE, subject_id, *args, member_of)
+                    if row is None and member_of is not None:
+                        raise NotFound(f"{subject_id!r} is not a member of this team", param="member_id")
+                    if row is None:
+                        raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+                    if parent_id is not _UNSET:
+                        row = await self._move(conn, subject_id, parent_id) or row
+                break
+            except asyncpg.DeadlockDetectedError:
+                # two accounts moved into each other at once: one of them, tried again, is told
+                # that teams have two levels
+                if attempt == 2:
+                    raise
         if self.on_change is not None:
             await self.on_change(subject_id)
         return Account(**dict(row))

@@ -44,6 +44,8 @@ class HoldClaim:
     requested_max_tokens: int | None = None
     service_tier: str | None = None  # the service tier the request asked for
     started: float = 0.0  # when the hold was taken (UTC epoch seconds): the moment prices apply
+    # a transcription's audio seconds as held: charged when the response reports no duration
+    audio_seconds: Decimal | None = None
 
     @property
     def requester(self) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import CostNotBounded, InvalidRequest
 from .money import MICRO
-from .pricing import EXACT, ModelPrice, Pricing, worst_rates
+from .pricing import EXACT, ModelPrice, Pricing, audio_second_rate, worst_rates
 from .records import Service
 
 ZERO = Decimal(0)
@@ -53,6 +53,7 @@ class Estimate:
     # a clamped request keeps at least this many output tokens per choice; None: never clamped
     min_output_tokens: int | None = None
     requested: int | None = None  # the output limit the request itself set, if any
+    seconds: Decimal | None = None  # a transcription's audio, as held
 
     def amount(self, rate: Decimal) -> int:
         """The hold at ``rate`` credits per USD, in micro-credits."""
@@ -120,6 +121,16 @@ def count_prompt_tokens(data: Mapping[str, Any], model: str, service: Service, c
         return len(json.dumps(data.get("messages") or data.get("input") or "", default=str))
 
 
+def _thinking_budget(data: Mapping[str, Any]) -> int:
+    """The thinking budget a request sets (``{"thinking": {"type": "enabled", "budget_tokens": N}}``),
+    or 0."""
+    thinking = data.get("thinking")
+    if not isinstance(thinking, Mapping) or thinking.get("type") != "enabled":
+        return 0
+    budget = thinking.get("budget_tokens")
+    return budget if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0 else 0
+
+
 def estimate_tokens(
     data: Mapping[str, Any],
     price: ModelPrice,
@@ -152,7 +163,8 @@ def estimate_tokens(
     with localcontext(EXACT):
         prompt_usd = prompt_tokens * in_rate
         usd = prompt_usd + output * n * out_rate
-    floor_tokens = min(min_output_tokens, output)
+    # Anthropic's extended thinking needs max_tokens above its budget: a clamped request keeps it
+    floor_tokens = min(max(min_output_tokens, _thinking_budget(data) + 1), output)
     return Estimate(
         usd,
         prompt_tokens=prompt_tokens,
@@ -185,16 +197,15 @@ def estimate_units(
         elif service == "audio_speech" and price.input_cost_per_character is not None:
             usd = len(str(data.get("input") or "")) * price.input_cost_per_character
         elif service == "audio_transcription" and audio_seconds is not None:
-            per_second = [r for r in (price.input_cost_per_second, price.output_cost_per_second) if r]
-            if per_second:
-                usd = audio_seconds * max(per_second)
+            if price.input_cost_per_second or price.output_cost_per_second:
+                usd = audio_seconds * audio_second_rate(price)
     if usd is None:
         raise CostNotBounded(
             f"nothing in this model's price bounds a {service.replace('_', ' ')} call's cost before it "
             "runs; the operator may allow such calls with unbounded_hold",
             param="model",
         )
-    return Estimate(usd)
+    return Estimate(usd, seconds=audio_seconds if service == "audio_transcription" else None)
 
 
 __all__ = [

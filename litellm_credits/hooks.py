@@ -4,7 +4,7 @@ pre-call   refuse a model the proxy does not route (404), estimate what the requ
            (``estimate.py``), hold it (402 when not even a clamped hold fits; a clamped hold lowers
            the request's output limit to what it covers), pass a signed claim to the later
            hooks in ``data["metadata"]``; a refusal is logged once, in one line (``refusals.py``);
-stream     end a stream cleanly at its hold (``stream_guard.py``);
+stream     end a chat or text completion stream cleanly at its hold (``stream_guard.py``);
 success    price the actual usage and settle the hold, exactly once (``settlement.py``);
 failure    void the hold.
 
@@ -31,7 +31,6 @@ from .crypto import EncryptionNotConfigured, Secret
 from .deployments import (
     DeploymentLookup,
     RouteCheck,
-    deployment_prices,
     is_openrouter,
     proxy_deployments,
     proxy_routes,
@@ -46,18 +45,17 @@ from .errors import (
     ServiceUnavailable,
     TeamMismatch,
 )
-from .estimate import Estimate, count_prompt_tokens, estimate_tokens, estimate_units
+from .estimate import Estimate
 from .identity import request_metadata, requested_power_level, subject_of, team_of, when_short_of
 from .ledger import INVALID_INPUT_ERRORS, UNAVAILABLE_ERRORS, Ledger
-from .money import parse_credits
-from .pricing import ModelPrice, max_price
+from .pricing import ModelPrice
+from .quoting import Quoter
 from .records import Hold, Quote, Service, UsageRecord
 from .refusals import quiet_litellm_logs, refuse
 from .runtime import Runtime
 from .settlement import RETRYABLE, Settler, usage_from_response
 from .stream_guard import Delivered, StreamGuard
 from .tier_limits import TierLimits
-from .unit_prices import audio_seconds
 
 log = logging.getLogger("litellm_credits.hooks")
 
@@ -81,7 +79,6 @@ _SERVICES: dict[str, Service] = {
     "transcription": "audio_transcription",
     "atranscription": "audio_transcription",
 }
-_UNIT_PRICED: frozenset[Service] = frozenset({"image", "audio_speech", "audio_transcription"})
 
 # holds whose stream the guard ended (it settles them), remembered this many at most
 MAX_CUT_STREAMS = 10_000
@@ -105,6 +102,7 @@ class CreditsHandler(CustomLogger):
         self.deployments = deployments
         self.routes = routes
         self.signer = signer or HoldSigner()
+        self.quoter = Quoter(runtime, deployments)
         self.settler = Settler(runtime, self.group_price)
         self._provider_models: object = None
         self.limits = TierLimits(runtime)
@@ -121,88 +119,7 @@ class CreditsHandler(CustomLogger):
 
     def group_price(self, model_group: str, deployments: list[dict[str, Any]] | None = None) -> ModelPrice:
         """The worst price among the deployments a model group may route to."""
-        pricing = self.runtime.pricing
-        if deployments is None:
-            deployments = self.deployments(model_group)
-        if not deployments:
-            return pricing.price(model_group)
-        return max_price(
-            pricing.price(model_group, (d.get("litellm_params") or {}).get("model"), deployment_prices(d))
-            for d in deployments
-        )
-
-    def _estimate(
-        self,
-        data: dict,
-        call_type: str,
-        service: Service,
-        model_group: str,
-        deployments: list[dict[str, Any]],
-        started: datetime,
-    ) -> Estimate:
-        """What the request may cost at the highest rate it may be billed at (its service tier or
-        the standard one, either side of an off-peak window that is about to open or close)."""
-        group = self.group_price(model_group, deployments)
-        tier = data.get("service_tier") if isinstance(data.get("service_tier"), str) else None
-        price = max_price(group.variants(tier, started))
-        cfg = self.runtime.settings.credits
-        if service in _UNIT_PRICED:
-            image = self._image_price(data, model_group, deployments) if service == "image" else None
-            seconds = None
-            if service == "audio_transcription":
-                seconds = audio_seconds(data.get("file")) or Decimal(cfg.max_audio_seconds)
-            return estimate_units(data, price, service=service, image_price=image, audio_seconds=seconds)
-        import litellm
-
-        prompt = count_prompt_tokens(data, model_group, service, litellm.token_counter)
-        return estimate_tokens(
-            data,
-            price,
-            call_type=call_type,
-            service=service,
-            prompt_tokens=prompt,
-            default_output_tokens=cfg.default_max_output_tokens,
-            min_output_tokens=cfg.min_output_tokens,
-        )
-
-    def _image_price(
-        self, data: Mapping[str, Any], model_group: str, deployments: list[dict[str, Any]]
-    ) -> Decimal | None:
-        """The dearest deployment's price of one image of the requested size and quality."""
-        images = self.runtime.pricing.image_prices
-        found = []
-        for d in deployments or [{"litellm_params": {"model": model_group}}]:
-            params = d.get("litellm_params") or {}
-            model = str(params.get("model") or model_group)
-            provider = params.get("custom_llm_provider") or (model.split("/", 1)[0] if "/" in model else None)
-            found.append(
-                images.price(
-                    model,
-                    provider,
-                    size=data.get("size"),
-                    quality=data.get("quality"),
-                    deployment=deployment_prices(d),
-                )
-            )
-        prices = [p for p in found if p is not None]
-        return max(prices) if prices and len(prices) == len(found) else None
-
-    def _quotes(
-        self, estimate: Estimate | None, power_level: str, factor: Decimal, when_short: str | None
-    ) -> dict[str, Quote]:
-        """What the request holds on each tier (the account's is picked in the statement)."""
-        cfg = self.runtime.settings.credits
-        pricing = self.runtime.pricing
-        quotes = {}
-        for name, tier in cfg.tiers.items():
-            debits = not tier.unlimited
-            if estimate is None:  # nothing bounds it: the operator's fixed hold
-                quotes[name] = Quote(parse_credits(cfg.unbounded_hold), debits)
-                continue
-            rate = pricing.rate(name, power_level) * factor  # type: ignore[arg-type]
-            clamp = (when_short or tier.when_short) == "clamp"
-            quotes[name] = Quote(estimate.amount(rate), debits, estimate.minimum(rate) if clamp else None)
-        return quotes
+        return self.quoter.group_price(model_group, deployments)
 
     # hooks -------------------------------------------------------------------------------
 
@@ -259,7 +176,7 @@ class CreditsHandler(CustomLogger):
         estimate: Estimate | None
         try:
             moment = datetime.fromtimestamp(started, timezone.utc)
-            estimate = self._estimate(data, call_type, service, model_group, deployments, moment)
+            estimate = self.quoter.estimate(data, call_type, service, model_group, deployments, moment)
         except CostNotBounded:
             if cfg.unbounded_hold is None:
                 raise
@@ -268,7 +185,7 @@ class CreditsHandler(CustomLogger):
         # a key the user brought pays the provider itself: only the configured fee is charged
         byok_fee = cfg.openrouter_byok_fee if own_key is not None and own_key[1] else None
         factor = Decimal(1) if byok_fee is None else byok_fee
-        quotes = self._quotes(estimate, power_level, factor, when_short_of(auth))
+        quotes = self.quoter.quotes(estimate, power_level, factor, when_short_of(auth))
         ledger = await self.runtime.ledger()
         team = team_of(auth, cfg.subject)
         hold = await self._hold(ledger, subject, team, quotes, estimate, model_group, power_level, factor)
@@ -329,6 +246,7 @@ class CreditsHandler(CustomLogger):
                 requested_max_tokens=estimate.requested if estimate else None,
                 service_tier=tier if isinstance(tier, str) else None,
                 started=started,
+                audio_seconds=estimate.seconds if estimate else None,
             )
         )
 

@@ -430,6 +430,7 @@ class Ledger:
         request from another request under the same key. A refusal raises the 402/403/404 that
         names the limit (``limits.refusal``).
         """
+        minted = hold_id is None  # a random id of our own: no hold can have it yet
         hold_id = hold_id or uuid.uuid4()
         tiers = list(quotes)
         amounts = [q.amount for q in quotes.values()]
@@ -439,11 +440,16 @@ class Ledger:
         ]
         debits = [q.debits for q in quotes.values()]
 
+        attempts = 0
+
         async def take() -> asyncpg.Record:
+            nonlocal attempts
+            attempts += 1
+            fresh = minted and attempts == 1  # a retry may follow a commit whose reply was lost
             try:
                 return await self.pool.fetchrow(
                     SQL_HOLD, subject_id, hold_id, tiers, amounts, minimums, debits, default_tier,
-                    int(ttl_seconds), model, power_level, request_hash,
+                    int(ttl_seconds), model, power_level, request_hash, fresh,
                 )  # fmt: skip
             except asyncpg.UniqueViolationError:
                 # the same id taken at the same moment by another attempt, which committed first
@@ -515,7 +521,8 @@ class Ledger:
             # tried again after a failure: the first attempt may have committed with its reply
             # lost; a hold that ended exactly as asked is that attempt's settlement
             return await self._resolved(subject_id, hold_id, charge, hold_status) if attempts > 1 else None
-        await self.changed(subject_id, wait=False)
+        # the member whose request it was changed too (what it holds and spent of its team's)
+        await self.changed(*filter(None, (subject_id, row["member_id"])), wait=False)
         return Settlement(row["balance"], row["charge"] if row["debits"] else 0, row["transaction_id"])
 
     async def _resolved(
@@ -525,7 +532,7 @@ class Ledger:
         expected = row["amount"] if row is not None and charge is None else charge
         if row is None or row["status"] != hold_status or row["settled_amount"] != expected:
             return None
-        await self.changed(subject_id, wait=False)
+        await self.changed(*filter(None, (subject_id, row["member_id"])), wait=False)
         return Settlement(
             row["balance"], row["settled_amount"] if row["debits"] else 0, row["transaction_id"]
         )

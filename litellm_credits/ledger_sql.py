@@ -110,8 +110,9 @@ FROM credits.credit_transactions WHERE subject_id = $1 AND idempotency_key = $2
 # (the least a clamped hold may take; NULL: refuse what does not fit), $6 debits (parallel
 # arrays), $7 the tier for unknown ones. $1 subject, $2 hold id (its idempotency key: a hold that
 # exists is returned as it is, before any balance, cap or status is looked at), $8 ttl seconds,
-# $9 model, $10 power level, $11 request hash (or NULL).
-SQL_HOLD = "SELECT * FROM credits.take_hold($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+# $9 model, $10 power level, $11 request hash (or NULL), $12 whether the caller just minted the id
+# (a random one, first attempt: not looked for).
+SQL_HOLD = "SELECT * FROM credits.take_hold($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 
 # Ends an open hold (or settles an expired one late): credits.resolve_hold. $3 is the charge
 # (NULL = the hold's own amount, i.e. capture; 0 = void). $1 payer, $2 hold id, $4 hold status,
@@ -124,7 +125,7 @@ SQL_RESOLVE = (
 # How a hold ended, and the settlement it made: what a resolution retried after a lost reply
 # answers, when the hold ended exactly as it asked ($1 subject, $2 hold id)
 SQL_RESOLVED = """
-SELECT h.status, h.amount, h.settled_amount, h.debits, t.id AS transaction_id,
+SELECT h.status, h.amount, h.settled_amount, h.debits, h.member_id, t.id AS transaction_id,
        coalesce(t.balance_after, a.balance) AS balance
 FROM credits.holds h
 JOIN credits.credit_accounts a ON a.subject_id = h.subject_id

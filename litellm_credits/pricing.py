@@ -29,7 +29,7 @@ from typing import Any
 from .errors import InvalidRequest, ModelNotPriced
 from .money import micro_ceil, to_decimal
 from .settings import CreditsConfig, ModelPriceConfig, PowerLevel
-from .timed_prices import EDGE, SERVICE_TIER_SUFFIXES, OffPeak, tier_suffix
+from .timed_prices import SERVICE_TIER_SUFFIXES, OffPeak, tier_suffix
 from .unit_prices import ImagePrices
 
 ZERO = Decimal(0)
@@ -153,14 +153,11 @@ class ModelPrice:
         return price
 
     def variants(self, service_tier: str | None, moment: datetime) -> list[ModelPrice]:
-        """Every flat price a call starting about ``moment`` may be billed at: its requested
-        service tier or the standard one (a provider may serve either), on both sides of an
-        off-peak window that opens or closes within a minute."""
+        """Every flat price a call that starts at ``moment`` may be billed at: its requested
+        service tier, or the standard one (a provider may serve either). The moment is the one
+        the settlement prices at too, so it falls on one side of any off-peak window."""
         tiers = {None, service_tier} if tier_suffix(service_tier) else {None}
-        moments = [moment]
-        if self.off_peak is not None and self.off_peak.near_edge(moment):
-            moments += [moment - EDGE, moment + EDGE]
-        return [self.at(t, m) for t in tiers for m in moments]
+        return [self.at(t, moment) for t in tiers]
 
     def for_prompt(self, prompt_tokens: int) -> ModelPrice:
         """The rates that apply to a request with this many prompt tokens (long-prompt tiers)."""
@@ -262,6 +259,22 @@ def _usd_cost(price: ModelPrice, usage: Usage) -> Decimal:
     return cost
 
 
+def audio_second_rate(price: ModelPrice) -> Decimal:
+    """What a second of transcribed audio costs: ``output_cost_per_second`` where the price has
+    one, else ``input_cost_per_second`` (LiteLLM's ``openai.cost_per_second``)."""
+    if price.output_cost_per_second:
+        return price.output_cost_per_second
+    return price.input_cost_per_second or ZERO
+
+
+def transcription_usage(price: ModelPrice, seconds: Decimal) -> Usage:
+    """A transcription of ``seconds`` of audio, counted where ``price`` charges it: as output
+    seconds when it has a rate for those, else as input seconds (never both, as LiteLLM)."""
+    if price.output_cost_per_second:
+        return Usage(output_seconds=seconds)
+    return Usage(input_seconds=seconds)
+
+
 def worst_rates(price: ModelPrice, prompt_tokens: int) -> tuple[Decimal, Decimal]:
     """The highest USD rate a prompt token and an output token of a request with this many
     prompt tokens may be billed at (cached, cache-write, reasoning and long-prompt rates all
@@ -324,8 +337,8 @@ def max_price(prices: Iterable[ModelPrice]) -> ModelPrice:
     return ModelPrice(
         **values,
         above=tuple((t, tuple(sorted(r.items()))) for t, r in sorted(tiers.items())),
-        # every deployment's tier rates at their highest; off-peak rates are the lower ones, so
-        # the group's worst case is its standard rates
+        # every deployment's tier rates at their highest, and its standard rates (a group's price
+        # at a moment is the highest of its deployments' prices then: Quoter.request_price)
         service_tiers=tuple((k, tuple(sorted(r.items()))) for k, r in sorted(service.items())),
         max_output_tokens=max(caps) if caps else None,
         free=all(p.free for p in prices),
@@ -476,7 +489,9 @@ __all__ = [
     "ModelPrice",
     "Pricing",
     "Usage",
+    "audio_second_rate",
     "max_price",
+    "transcription_usage",
     "usd_cost",
     "worst_case",
     "worst_rates",

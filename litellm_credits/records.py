@@ -39,10 +39,6 @@ class Account:
     def available(self) -> int:
         return self.balance - self.held
 
-    @property
-    def is_member(self) -> bool:
-        return self.parent_id is not None
-
     def to_cache(self) -> str:
         """A compact JSON form for the cache (exact: amounts stay integers)."""
         values = [v.isoformat() if isinstance(v, datetime) else v for v in astuple(self)]

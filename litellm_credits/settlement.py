@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -22,7 +23,7 @@ from .claims import HoldClaim
 from .deployments import deployment_prices
 from .errors import CreditsError, ServiceUnavailable
 from .ledger import UNAVAILABLE_ERRORS
-from .pricing import ModelPrice, Usage, usd_cost
+from .pricing import ModelPrice, Usage, transcription_usage, usd_cost
 from .ratelimit import Rate
 from .records import Service, UsageRecord
 from .runtime import Runtime
@@ -162,6 +163,12 @@ class Settler:
             )
         else:
             usage = usage_from_response(response, kwargs, claim.service)
+        if claim.service == "audio_transcription":
+            # LiteLLM's measured duration; when it has none (a format its soundfile cannot read),
+            # the audio header's, as held, rather than nothing; at the rate LiteLLM charges it
+            seconds = usage.input_seconds or claim.audio_seconds or Decimal(0)
+            heard = transcription_usage(price, seconds)
+            usage = replace(usage, input_seconds=heard.input_seconds, output_seconds=heard.output_seconds)
         usd = usd_cost(price, usage)
         if claim.service == "image":
             usd = self._image_cost(price, usage, kwargs, response, model or model_group, provider, params)

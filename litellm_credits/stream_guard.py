@@ -57,6 +57,17 @@ def chunk_text(chunk: Any) -> str:
     return "".join(parts)
 
 
+async def _close(stream: Any) -> None:
+    """Close an upstream stream we stopped reading; LiteLLM closes it again later, harmlessly."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except Exception:  # a stream that fails to close is not the client's problem
+        log.debug("litellm-credits: closing a cut stream failed", exc_info=True)
+
+
 @dataclass
 class Delivered:
     """What a guarded stream delivered: output tokens (counted or reported), the provider's own
@@ -125,8 +136,11 @@ class StreamGuard:
                     self.claim.hold_id,
                     delivered.completion_tokens,
                 )
-                for final in self.endings(chunk):
-                    yield final
+                try:
+                    for final in self.endings(chunk):
+                        yield final
+                finally:
+                    await _close(stream)  # the provider stops writing (and billing) now
                 return
             delivered.completion_tokens = total
             self._tail = (self._tail + text)[-TAIL_CHARACTERS:]

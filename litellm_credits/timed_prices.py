@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, timezone, tzinfo
+from datetime import datetime, time, timezone, tzinfo
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -41,8 +41,6 @@ OFF_PEAK_KEYS = (
     "cache_creation_input_token_cost",
     "output_cost_per_reasoning_token",
 )
-# a request this close to a window's edge may be billed on either side of it
-EDGE = timedelta(seconds=60)
 
 _WEEKDAYS = {
     "mon": 1, "monday": 1, "tue": 2, "tues": 2, "tuesday": 2, "wed": 3, "wednesday": 3,
@@ -183,15 +181,8 @@ class OffPeak:
             (days is None or weekday in days) and _in_window(now, hours) for days, hours in self.weekly
         )
 
-    def near_edge(self, moment: datetime) -> bool:
-        """Whether a window opens or closes within ``EDGE`` of ``moment``."""
-        return self.covers(moment - EDGE) != self.covers(moment) or self.covers(moment + EDGE) != self.covers(
-            moment
-        )
-
 
 __all__ = [
-    "EDGE",
     "OFF_PEAK_KEYS",
     "SERVICE_TIER_SUFFIXES",
     "OffPeak",

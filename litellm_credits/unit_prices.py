@@ -129,20 +129,30 @@ class ImagePrices:
 
 def _length(stream: Any) -> float | None:
     """Seconds by the header mutagen recognises (by content, or the upload's file name); bare
-    MPEG frames carry no magic bytes, so MP3 is tried last."""
+    MPEG frames carry no magic bytes, so MP3 is tried last.
+
+    A header is the client's word: a crafted one may state a second for an hour of audio. So the
+    length is at least what the file's size lasts at the bitrate its stream header states (a WAV
+    whose data chunk understates its data, an MP3 whose Xing frame count does): the larger of
+    the two. (A file that states both a short length and a high bitrate can still understate it;
+    the settlement then charges what LiteLLM measures, an overrun.)"""
     import mutagen
     from mutagen.mp3 import MP3
 
+    stream.seek(0, io.SEEK_END)
+    size = stream.tell()
     for read in (mutagen.File, MP3):  # type: ignore[attr-defined]
         try:
             stream.seek(0)
-            info = read(stream)
-            length = getattr(getattr(info, "info", None), "length", None)
+            info = getattr(read(stream), "info", None)
+            length = getattr(info, "length", None)
+            bitrate = getattr(info, "bitrate", None)
         except Exception:  # a malformed header: mutagen raises many kinds; it only means "unknown"
             log.debug("litellm-credits: could not read an audio header", exc_info=True)
             continue
-        if length:
-            return float(length)
+        if isinstance(length, int | float) and length > 0:
+            lasts = size * 8 / bitrate if isinstance(bitrate, int | float) and bitrate > 0 else 0.0
+            return max(float(length), lasts)
     return None
 
 

@@ -87,6 +87,15 @@ def test_clamping_needs_room_for_the_minimum() -> None:
     assert chat_estimate(100, max_tokens=100).min_output_tokens is None
 
 
+def test_a_clamped_request_keeps_room_above_its_thinking_budget() -> None:
+    """Found in review: Anthropic refuses max_tokens at or below thinking.budget_tokens, so a
+    clamp below the budget turned into the upstream's 400."""
+    thinking = {"type": "enabled", "budget_tokens": 2000}
+    assert chat_estimate(100, max_tokens=8000, thinking=thinking).min_output_tokens == 2001
+    assert chat_estimate(100, max_tokens=2001, thinking=thinking).min_output_tokens is None
+    assert chat_estimate(100, max_tokens=8000, thinking={"type": "disabled"}).min_output_tokens == 256
+
+
 @pytest.mark.parametrize("amount", [0, 99, 100, 101, 2_599, 2_600, 12_345_678, 10**12])
 def test_covered_output_tokens_are_exact(amount: int) -> None:
     """A hold of ``amount`` micro-credits covers the prompt and N tokens, and never N + 1."""

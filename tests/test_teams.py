@@ -310,6 +310,8 @@ async def test_the_teams_admin_sees_and_caps_its_members(proxy: Proxy, ledger: L
         r = lead.patch(f"/api/v1/credits/team/members/{team}", json={"monthly_cap": "1"})
         assert r.status_code == 404  # not its member
     with httpx.Client(base_url=proxy.url, headers={"Authorization": f"Bearer {alice_key}"}) as member:
+        seen = member.get("/api/v1/credits/balance").json()
+        assert (seen["held"], seen["month_spend"]) == ("0.000000", "0.770000")  # 100 in, 200 out
         mine = member.get("/api/v1/credits/usage/stats").json()
         assert (mine["requests"], mine["prompt_tokens"]) == (1, 100)
         balance = member.get("/api/v1/credits/balance").json()
@@ -383,3 +385,20 @@ async def test_a_key_used_before_is_answered_before_the_account_is_a_member(ledg
     assert await ledger.credit(solo, c("2"), idempotency_key="grant-1") == first
     with pytest.raises(AccountIsMember):
         await ledger.credit(solo, c("2"), idempotency_key="grant-2")
+
+
+async def test_a_members_cached_account_sees_its_hold_end(runtime: Runtime) -> None:
+    """Found in review: a settlement announced only the team's change, so a member's cached
+    account (its balance route) kept showing the hold and the old spend."""
+    ledger = await runtime.ledger()
+    team, (alice, _) = await team_with_members(ledger, "10")
+    before = await runtime.account(alice)  # cached now
+    assert before is not None and before.held == 0
+    held = await hold(ledger, alice, "2")
+    await runtime.cache.drain()  # holds and settlements invalidate in the background
+    during = await runtime.account(alice)
+    assert during is not None and during.held == c("2")
+    await ledger.settle(team, held.id, c("0.5"), UsageRecord(model="m"))
+    await runtime.cache.drain()
+    after = await runtime.account(alice)
+    assert after is not None and (after.held, after.month_spend) == (0, c("0.5"))

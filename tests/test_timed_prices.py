@@ -169,7 +169,6 @@ def test_window_edges() -> None:
     at = lambda h, m, s=0: datetime(2026, 12, 2, h, m, s, tzinfo=timezone.utc)  # noqa: E731
     assert peak.covers(at(16, 30)) and peak.covers(at(0, 29, 59)) and not peak.covers(at(0, 30))
     assert peak.covers(at(4, 0)) and not peak.covers(at(6, 0)) and not peak.covers(at(12, 0))
-    assert peak.near_edge(at(16, 29, 30)) and peak.near_edge(at(6, 0, 30)) and not peak.near_edge(at(12, 0))
     # weekdays are read on the block's calendar, hours in UTC
     shanghai = OffPeak.from_mapping(
         {"weekday_timezone": "Asia/Shanghai", "windows": [{"hours_utc": "17:00-18:00", "weekdays": ["sat"]}]}
@@ -190,22 +189,23 @@ def test_billable_service_tier() -> None:
     assert tier_suffix("fast") == "priority" and tier_suffix("auto") is None
 
 
-def test_the_hold_takes_the_higher_rate_near_a_window() -> None:
+def test_the_hold_takes_the_rate_of_its_start_and_any_tier_it_may_be_served() -> None:
+    """The hold and the settlement price at the same moment (the request's start), so the hold
+    takes that moment's rate; a request that asks for a service tier may be served at it or at
+    the standard one, and is held at the higher."""
     p = Pricing(CreditsConfig())
     price = p.price("deepseek-flash", "deepseek/deepseek-flash")
     inside = datetime(2026, 12, 2, 0, 30, tzinfo=timezone.utc)  # in the 00:00-01:00 window
-    edge = datetime(2026, 12, 2, 0, 59, 30, tzinfo=timezone.utc)  # half a minute before it closes
+    outside = datetime(2026, 12, 2, 2, 30, tzinfo=timezone.utc)
     assert (
         max_price(price.variants(None, inside)).input_cost_per_token
         == price.at(None, inside).input_cost_per_token
     )
-    assert max_price(price.variants(None, edge)).input_cost_per_token == price.input_cost_per_token
-    # a tier the request asks for, or the standard one it may be served at instead
+    assert max_price(price.variants(None, outside)).input_cost_per_token == price.input_cost_per_token
     gpt = p.price("gpt-5", "openai/gpt-5")
-    flex = max_price(gpt.variants("flex", inside))
-    assert flex.input_cost_per_token == max(
-        gpt.input_cost_per_token or 0, gpt.at("flex").input_cost_per_token or 0
-    )
+    flex, priority = max_price(gpt.variants("flex", inside)), max_price(gpt.variants("priority", inside))
+    assert flex.input_cost_per_token == gpt.input_cost_per_token  # flex is cheaper: standard bounds it
+    assert priority.input_cost_per_token == gpt.at("priority").input_cost_per_token
 
 
 # --- through the hook, with the clock at a request's start ----------------------------------------

@@ -5,6 +5,7 @@ operator's fixed amount)."""
 from __future__ import annotations
 
 import io
+import struct
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
@@ -43,12 +44,29 @@ def audio(seconds: float, fmt: str, subtype: str, rate: int = 8000) -> bytes:
 )
 def test_audio_duration_from_the_header(fmt: str, subtype: str) -> None:
     data = audio(12.3, fmt, subtype)
-    assert audio_seconds(data) == 13  # 12.3 s, held as 13
+    # 12.3 s, held as 13 (14 for Ogg Vorbis, whose nominal bitrate is above what it used)
+    seconds = audio_seconds(data)
+    assert seconds is not None and 13 <= seconds <= 14
     stream = io.BytesIO(data)
     stream.seek(5)
-    assert audio_seconds(stream) == 13
+    assert audio_seconds(stream) == seconds
     assert stream.tell() == 5  # the upload is left as it was found
-    assert audio_seconds(("a.bin", data, "audio/x")) == 13
+    assert audio_seconds(("a.bin", data, "audio/x")) == seconds
+
+
+def test_a_header_that_understates_its_audio_is_not_believed() -> None:
+    """Found in review: a WAV whose data chunk claims one second for a minute of audio was held
+    for one second (the provider bills the minute). Its size at its stated bitrate bounds it."""
+    rate = 8000
+    header = (
+        b"RIFF"
+        + struct.pack("<I", 36 + rate * 2)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", rate * 2)  # one second, it says
+    )
+    assert audio_seconds(header + b"\x00\x00" * rate * 60) == 61
 
 
 @pytest.mark.parametrize("junk", [b"", b"not audio" * 100, b"RIFF\x00\x00", None, "a/path.wav", 12])
@@ -186,3 +204,38 @@ async def test_a_transcription_without_a_readable_duration_holds_the_maximum(han
             auth("max-audio"), None, {"model": "whisper-house", "file": io.BytesIO(b"x")}, "atranscription"
         )
     assert err.value.type == "insufficient_credits"
+
+
+async def test_a_transcription_with_no_measured_duration_is_charged_its_header(
+    handler: CreditsHandler,
+) -> None:
+    """Found in review: when LiteLLM reports no duration (a format its soundfile cannot read),
+    the settlement charged 0 seconds: the audio's header's, as held, are charged instead; and a
+    model priced per second of output only is charged that rate, as LiteLLM charges it."""
+    from datetime import datetime, timezone
+
+    ledger: Ledger = await handler.runtime.ledger()
+    await ledger.create_account("no-duration", tier="free", exist_ok=True)
+    await ledger.credit("no-duration", c("100"))
+    data = await handler.async_pre_call_hook(
+        auth("no-duration"),
+        None,
+        {"model": "whisper-house", "file": io.BytesIO(audio(9.2, "WAV", "PCM_16"))},
+        "atranscription",
+    )
+    kwargs = {
+        "litellm_params": {"metadata": data["metadata"], "model_info": {}},
+        "standard_logging_object": {"model_group": "whisper-house"},
+        "model": "whisper-house",
+    }
+    now = datetime.now(timezone.utc)
+    await handler.async_log_success_event(kwargs, {"text": "hi"}, now, now)
+    account = await ledger.require_account("no-duration")
+    assert (account.balance, account.held) == (c("100") - c("1"), 0)  # 10 s × 0.0001 USD × 1000
+    from litellm_credits.pricing import ModelPrice, audio_second_rate, transcription_usage, usd_cost
+
+    soniox = ModelPrice(output_cost_per_second=D("0.0002"))
+    assert audio_second_rate(soniox) == D("0.0002")
+    assert usd_cost(soniox, transcription_usage(soniox, D(10))) == D("0.002")
+    both = ModelPrice(input_cost_per_second=D("0.0001"), output_cost_per_second=D("0.0003"))
+    assert usd_cost(both, transcription_usage(both, D(10))) == D("0.003")  # one rate, not both

@@ -13,7 +13,7 @@ from fastapi import APIRouter
 
 from .. import charges
 from ..money import format_credits
-from ..pricing import Usage, usd_cost
+from ..pricing import Usage, transcription_usage, usd_cost
 from ..records import Quote, UsageRecord
 from ..runtime import Runtime
 from . import schemas
@@ -73,15 +73,18 @@ def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup
         """Price the usage of a service at the account's tier, then charge it; 402 when it does not fit."""
         pricing = runtime.pricing
         power_level = pricing.power_level(body.power_level)
+        price = price_of(body.model)
+        heard = transcription_usage(price, Decimal(body.seconds))  # at the rate LiteLLM uses
         usd = usd_cost(
-            price_of(body.model),
+            price,
             Usage(
                 prompt_tokens=body.prompt_tokens,
                 completion_tokens=body.completion_tokens,
                 cached_tokens=body.cached_tokens,
                 reasoning_tokens=body.reasoning_tokens,
                 characters=body.characters,
-                input_seconds=Decimal(body.seconds),
+                input_seconds=heard.input_seconds,
+                output_seconds=heard.output_seconds,
                 images=body.images,
             ),
         )

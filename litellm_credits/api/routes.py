@@ -318,6 +318,12 @@ async def _identity(request: Request, auth: Annotated[Any, Depends(user_api_key_
     role = getattr(auth, "user_role", None)
     is_admin = role == LitellmUserRoles.PROXY_ADMIN or str(role) == "proxy_admin"
     subject = auth.user_id if auth.user_id not in (None, "default_user_id") else None
+    if subject is None and not is_admin:
+        # a LiteLLM team key (no user) is its team's account where teams pay
+        route = request.scope.get("route")
+        runtime = route.runtime if isinstance(route, CreditsRoute) else None
+        if runtime is not None and runtime.settings.credits.subject in ("team", "team_member"):
+            subject = getattr(auth, "team_id", None) or None
     credits_role = (getattr(auth, "metadata", None) or {}).get("credits_role")
     caller = Caller(subject_id=subject, is_admin=is_admin, is_service=is_admin or credits_role == "service")
     route = request.scope.get("route")

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 
 from ..accounts import Accounts
-from ..errors import NotFound
 from ..runtime import Runtime
 from . import schemas
 from .routes import CallerDep, Limit, Offset, UserIdQuery, target
@@ -46,11 +45,9 @@ def add_team_routes(router: APIRouter, runtime: Runtime) -> None:
         """Set a member's monthly, daily and per-request caps (null removes one; only the fields
         sent change). They apply to its next request."""
         team = target(caller, user_id)
-        member = await runtime.account(member_id)
-        if member is None or member.parent_id != team:
-            raise NotFound(f"{member_id!r} is not a member of this team", param="member_id")
         changes = {f: getattr(body, f) for f in body.model_fields_set}
-        return (await (await accounts()).update(member_id, **changes)).to_json()
+        # one statement: only while it is this team's member (a concurrent move cannot slip in)
+        return (await (await accounts()).update(member_id, member_of=team, **changes)).to_json()
 
 
 __all__ = ["add_team_routes"]

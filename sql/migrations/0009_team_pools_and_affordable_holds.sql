@@ -7,17 +7,24 @@
 -- Two levels only: a team is never a member, a member never has members (a trigger, below).
 --
 -- The hold and the settlement become functions (credits.take_hold, credits.resolve_hold): one
--- statement each from the client, as before, with their rules in one readable place.
+-- statement each from the client, as before, with their rules in one readable place. They, and
+-- the trigger below, rely on READ COMMITTED (PostgreSQL's default): each statement sees what
+-- committed before it, and a conditional UPDATE re-checks the newest version of a row it waited
+-- for. Do not run them under REPEATABLE READ or SERIALIZABLE.
 
+-- (Constraints on existing tables are added NOT VALID: they hold for every new row, and adding
+-- them does not scan a large table under its lock; the new columns are NULL in every old row.)
 ALTER TABLE credits.credit_accounts
-    ADD COLUMN parent_id   text REFERENCES credits.credit_accounts (subject_id),
+    ADD COLUMN parent_id   text,
     ADD COLUMN daily_cap   bigint CHECK (daily_cap IS NULL OR daily_cap >= 0),
     ADD COLUMN request_cap bigint CHECK (request_cap IS NULL OR request_cap >= 0),
     -- what the account paid (a team: its members' requests too) or, for a member, spent of its
     -- team's credits, on the UTC day day_start; rolled forward lazily like month_spend
     ADD COLUMN day_spend   bigint NOT NULL DEFAULT 0 CHECK (day_spend >= 0),
     ADD COLUMN day_start   date   NOT NULL DEFAULT (now() AT TIME ZONE 'UTC')::date,
-    ADD CONSTRAINT credit_accounts_not_own_parent CHECK (parent_id <> subject_id);
+    ADD CONSTRAINT credit_accounts_parent FOREIGN KEY (parent_id)
+        REFERENCES credits.credit_accounts (subject_id) NOT VALID,
+    ADD CONSTRAINT credit_accounts_not_own_parent CHECK (parent_id <> subject_id) NOT VALID;
 CREATE INDEX credit_accounts_members ON credits.credit_accounts (parent_id, subject_id)
     WHERE parent_id IS NOT NULL;
 
@@ -47,10 +54,13 @@ CREATE TRIGGER credit_accounts_team_levels
     FOR EACH ROW WHEN (NEW.parent_id IS NOT NULL) EXECUTE FUNCTION credits.check_team_levels();
 
 -- who made a team's request (NULL when the account paid for its own)
-ALTER TABLE credits.holds ADD COLUMN member_id text REFERENCES credits.credit_accounts (subject_id);
+ALTER TABLE credits.holds ADD COLUMN member_id text,
+    ADD CONSTRAINT holds_member FOREIGN KEY (member_id)
+        REFERENCES credits.credit_accounts (subject_id) NOT VALID;
 CREATE INDEX holds_by_member ON credits.holds (member_id, id) WHERE member_id IS NOT NULL;
-ALTER TABLE credits.credit_transactions
-    ADD COLUMN member_id text REFERENCES credits.credit_accounts (subject_id);
+ALTER TABLE credits.credit_transactions ADD COLUMN member_id text,
+    ADD CONSTRAINT credit_transactions_member FOREIGN KEY (member_id)
+        REFERENCES credits.credit_accounts (subject_id) NOT VALID;
 CREATE INDEX credit_transactions_by_member ON credits.credit_transactions (subject_id, member_id, created_at)
     WHERE member_id IS NOT NULL;
 -- usage is recorded under the account that made the request; payer_id names its team
@@ -77,6 +87,9 @@ $$;
 -- clamped hold may take; NULL: refuse what does not fit), p_debits; p_default_tier for a tier
 -- not quoted.
 --
+-- p_fresh: the caller has just minted the id (a random UUID, first attempt): no hold can have it,
+-- so it is not looked for (a retry, or an id derived from a key, is never fresh).
+--
 -- Returns one row. outcome 'held' or 'replayed' (a hold with this id exists: returned as it is,
 -- before any balance, cap or status is looked at, so a retry is never refused for the credits
 -- its first attempt took), with payer_id, tier, amount (what was held: less than quoted when
@@ -87,7 +100,7 @@ $$;
 CREATE FUNCTION credits.take_hold(
     p_subject text, p_hold uuid, p_tiers text[], p_amounts bigint[], p_minimums bigint[],
     p_debits boolean[], p_default_tier text, p_ttl integer, p_model text, p_power_level text,
-    p_request_hash bytea
+    p_request_hash bytea, p_fresh boolean
 ) RETURNS TABLE (
     outcome text, payer_id text, tier text, amount bigint, debits boolean,
     expires_at timestamptz, request_hash bytea, room bigint, quoted bigint
@@ -133,7 +146,7 @@ BEGIN
            AND (a.request_cap IS NULL OR a.request_cap >= q.amount)))
       -- a hold this account made as a team's member (it left the team since) is that hold: the
       -- locked path below answers with it (a probe of a partial index: only members' holds)
-      AND NOT EXISTS (SELECT 1 FROM credits.holds x WHERE x.member_id = p_subject AND x.id = p_hold)
+      AND (p_fresh OR NOT EXISTS (SELECT 1 FROM credits.holds x WHERE x.member_id = p_subject AND x.id = p_hold))
     RETURNING a.tier, q.amount, q.debits INTO v_tier, v_amount, v_debits;
     IF FOUND THEN
         INSERT INTO credits.holds AS h
@@ -157,17 +170,17 @@ BEGIN
     -- Everything else with the account locked; a member's row before its team's (the order
     -- every statement that changes both follows, so none can deadlock on them). NO KEY UPDATE,
     -- the lock an UPDATE takes: rows that refer to the account (holds, ledger rows) can still be
-    -- written meanwhile. The same
-    -- statement looks for a hold with this id: made by the account alone, as a member of its
-    -- team, or of a team it left since.
+    -- written meanwhile. The same statement looks for a hold with this id that the account made:
+    -- on its own, or as a member of a team (its team now, or one it left since).
     SELECT a AS acct, x.subject_id AS payer, x.amount, x.debits, x.expires_at, x.request_hash
     INTO v_found
     FROM credits.credit_accounts a
     LEFT JOIN LATERAL (
         SELECT y.subject_id, y.amount, y.debits, y.expires_at, y.request_hash
         FROM credits.holds y
-        WHERE y.id = p_hold
-          AND (y.subject_id IN (coalesce(a.parent_id, p_subject), p_subject) OR y.member_id = p_subject)
+        WHERE NOT p_fresh
+          AND y.id = p_hold
+          AND ((y.subject_id = p_subject AND y.member_id IS NULL) OR y.member_id = p_subject)
         LIMIT 1
     ) x ON true
     WHERE a.subject_id = p_subject
@@ -311,12 +324,13 @@ $$;
 -- (NULL: the hold's own amount, a capture; 0: a void). The money moves on the hold's account
 -- (p_subject: the payer); a member's own row gives back what it held and counts what it spent.
 -- The usage event is the requester's (the member's, or the payer's own), with payer_id for a
--- team's. Returns nothing when the hold had already ended (or does not exist).
+-- team's. Returns the payer's balance, the charge, whether it debits, the ledger row and the member
+-- (whose cached figures changed too); nothing when the hold had already ended (or does not exist).
 CREATE FUNCTION credits.resolve_hold(
     p_subject text, p_hold uuid, p_charge bigint, p_status text, p_usage_status text,
     p_service text, p_model text, p_provider text, p_prompt bigint, p_completion bigint,
     p_cached bigint, p_reasoning bigint, p_cost bigint, p_latency integer, p_metadata jsonb
-) RETURNS TABLE (balance bigint, charge bigint, debits boolean, transaction_id bigint)
+) RETURNS TABLE (balance bigint, charge bigint, debits boolean, transaction_id bigint, member_id text)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_month   date := date_trunc('month', now() AT TIME ZONE 'UTC')::date;
@@ -387,7 +401,7 @@ BEGIN
         cached_tokens = EXCLUDED.cached_tokens, reasoning_tokens = EXCLUDED.reasoning_tokens,
         cost = EXCLUDED.cost, charged = EXCLUDED.charged, latency_ms = EXCLUDED.latency_ms,
         transaction_id = EXCLUDED.transaction_id, metadata = e.metadata || EXCLUDED.metadata;
-    RETURN QUERY SELECT v_balance, v_charge, h.debits, v_tx;
+    RETURN QUERY SELECT v_balance, v_charge, h.debits, v_tx, h.member_id;
 END
 $$;
 
