@@ -28,6 +28,16 @@ ALTER TABLE credits.credit_accounts
 CREATE INDEX credit_accounts_members ON credits.credit_accounts (parent_id, subject_id)
     WHERE parent_id IS NOT NULL;
 
+-- updated_at is when an account's balance or settings last changed, not its holds: the trigger
+-- no longer runs on every hold and settlement's update of held and spend (a function call each,
+-- and a team member's request makes two).
+DROP TRIGGER credit_accounts_updated_at ON credits.credit_accounts;
+CREATE TRIGGER credit_accounts_updated_at
+    BEFORE UPDATE OF balance, tier, monthly_cap, daily_cap, request_cap, status, display_name,
+        parent_id, metadata
+    ON credits.credit_accounts
+    FOR EACH ROW EXECUTE FUNCTION credits.touch_updated_at();
+
 -- SQLSTATE CR002: a team hierarchy deeper than two levels (mapped by code in Python).
 CREATE FUNCTION credits.check_team_levels() RETURNS trigger
 LANGUAGE plpgsql AS $$
