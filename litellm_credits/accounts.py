@@ -10,7 +10,8 @@ from typing import Any
 import asyncpg
 
 from .errors import AccountNotFound, InvalidRequest, NotFound, TeamHierarchy
-from .ledger_sql import ACCOUNT_COLUMNS, TEAM_LEVELS
+from .ledger import joining_error
+from .ledger_sql import ACCOUNT_COLUMNS
 from .records import Account
 
 _UNSET: Any = object()
@@ -138,14 +139,8 @@ class Accounts:
                 )
         try:
             return await conn.fetchrow(SQL_MOVE, subject_id, parent_id)
-        except asyncpg.ForeignKeyViolationError:
-            raise AccountNotFound(f"no credit account {parent_id!r} to join", param="parent_id") from None
         except asyncpg.PostgresError as exc:
-            if exc.sqlstate == TEAM_LEVELS:
-                raise TeamHierarchy(
-                    f"{parent_id!r} is a member of a team itself; teams have two levels", param="parent_id"
-                ) from None
-            raise
+            raise joining_error(exc, parent_id) or exc from None
 
     async def members(self, parent_id: str, *, limit: int = 50, offset: int = 0) -> tuple[list[Account], int]:
         """A team's members, by id."""

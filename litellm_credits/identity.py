@@ -17,18 +17,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import InvalidRequest, PermissionDenied
+from .litellm_objects import field
 
 POWER_LEVEL_HEADER = "x-power-level"
 # a key's own when_short, in its metadata (LiteLLM virtual keys) or as issued (plugin keys)
 WHEN_SHORT_KEY = "credits_when_short"
-
-
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
 
 
 def request_metadata(data: dict) -> dict:
@@ -53,25 +46,25 @@ def account_id(value: Any, param: str) -> str:
 
 def subject_of(auth: Any, data: Mapping[str, Any], mode: str) -> str | None:
     """The account a request is for; None for unmetered admin traffic."""
-    role = str(_get(auth, "user_role") or "")
-    is_admin = role.endswith("proxy_admin") and _get(auth, "user_id") in (None, "default_user_id")
+    role = str(field(auth, "user_role") or "")
+    is_admin = role.endswith("proxy_admin") and field(auth, "user_id") in (None, "default_user_id")
     if is_admin:
         # the master key acting for a customer (a trusted backend) names them in `user`
         user = data.get("user")
         return account_id(user, "user") if user else None
-    if mode == "end_user" and (_get(auth, "metadata") or {}).get("credits_role") not in (
+    if mode == "end_user" and (field(auth, "metadata") or {}).get("credits_role") not in (
         "service",
         "admin",
     ):
         # the end user is whatever the caller says it is: only a trusted backend may say it
         raise PermissionDenied("billing by end user needs a service key (key metadata credits_role: service)")
     subject = {
-        "user": _get(auth, "user_id"),
-        "team": _get(auth, "team_id"),
+        "user": field(auth, "user_id"),
+        "team": field(auth, "team_id"),
         # a key's user, spending from the key's team; a team's own key, the team
-        "team_member": _get(auth, "user_id") or _get(auth, "team_id"),
-        "end_user": _get(auth, "end_user_id") or data.get("user"),
-        "key": _get(auth, "token") or _get(auth, "api_key"),
+        "team_member": field(auth, "user_id") or field(auth, "team_id"),
+        "end_user": field(auth, "end_user_id") or data.get("user"),
+        "key": field(auth, "token") or field(auth, "api_key"),
     }[mode]
     if not subject:
         raise PermissionDenied(f"this key has no {mode.replace('_', ' ')} to charge credits to")
@@ -82,13 +75,13 @@ def team_of(auth: Any, mode: str) -> str | None:
     """The team a key's user spends from (``subject: team_member``, a key with both)."""
     if mode != "team_member":
         return None
-    team, user = _get(auth, "team_id"), _get(auth, "user_id")
+    team, user = field(auth, "team_id"), field(auth, "user_id")
     return account_id(team, "team_id") if team and user else None
 
 
 def when_short_of(auth: Any) -> str | None:
     """A key's own choice of what a request that does not fit does, if it made one."""
-    value = (_get(auth, "metadata") or {}).get(WHEN_SHORT_KEY)
+    value = (field(auth, "metadata") or {}).get(WHEN_SHORT_KEY)
     return value if value in ("refuse", "clamp") else None
 
 

@@ -95,6 +95,18 @@ _TRANSIENT = (
 ChangeHook = Callable[[Sequence[str], bool], Awaitable[None]]
 
 
+def joining_error(exc: asyncpg.PostgresError, parent_id: str | None) -> CreditsError | None:
+    """What joining ``parent_id``'s team answers when the database refused it: no such account,
+    or a team that is itself a member (SQLSTATE CR002, teams have two levels); None otherwise."""
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        return AccountNotFound(f"no credit account {parent_id!r} to join", param="parent_id")
+    if exc.sqlstate == TEAM_LEVELS:
+        return TeamHierarchy(
+            f"{parent_id!r} is a member of a team itself; teams have two levels", param="parent_id"
+        )
+    return None
+
+
 def _account(row: asyncpg.Record) -> Account:
     return Account(**dict(row))
 
@@ -181,14 +193,8 @@ class Ledger:
                 daily_cap,
                 request_cap,
             )
-        except asyncpg.ForeignKeyViolationError:
-            raise AccountNotFound(f"no team account {parent_id!r} to join", param="parent_id") from None
         except asyncpg.PostgresError as exc:
-            if exc.sqlstate == TEAM_LEVELS:
-                raise TeamHierarchy(
-                    f"{parent_id!r} is a member of a team itself; teams have two levels", param="parent_id"
-                ) from None
-            raise
+            raise joining_error(exc, parent_id) or exc from None
         if row is not None:
             if conn is None:  # inside a caller's transaction, the caller announces it
                 await self.changed(subject_id)

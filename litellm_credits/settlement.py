@@ -23,6 +23,7 @@ from .claims import HoldClaim
 from .deployments import deployment_prices
 from .errors import CreditsError, ServiceUnavailable
 from .ledger import UNAVAILABLE_ERRORS
+from .litellm_objects import field
 from .pricing import ModelPrice, Usage, transcription_usage, usd_cost
 from .ratelimit import Rate
 from .records import Service, UsageRecord
@@ -36,36 +37,28 @@ RETRYABLE: tuple[type[BaseException], ...] = (ServiceUnavailable, *UNAVAILABLE_E
 GroupPrice = Callable[[str], ModelPrice]
 
 
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
 def usage_from_response(response: Any, kwargs: Mapping[str, Any], service: Service) -> Usage:
     """Token and unit counts of a finished call, as the provider (or LiteLLM) reported them."""
-    usage = _get(response, "usage")
-    prompt_details = _get(usage, "prompt_tokens_details")
-    completion_details = _get(usage, "completion_tokens_details")
+    usage = field(response, "usage")
+    prompt_details = field(usage, "prompt_tokens_details")
+    completion_details = field(usage, "completion_tokens_details")
     images = 0
     characters = 0
     seconds = Decimal(0)
     if service == "image":
-        images = len(_get(response, "data") or [])
+        images = len(field(response, "data") or [])
     elif service == "audio_speech":
         characters = len(str(kwargs.get("input") or ""))
     elif service == "audio_transcription":
-        hidden = _get(response, "_hidden_params") or {}
-        duration = _get(hidden, "audio_transcription_duration") or _get(response, "duration")
+        hidden = field(response, "_hidden_params") or {}
+        duration = field(hidden, "audio_transcription_duration") or field(response, "duration")
         seconds = Decimal(str(duration)) if duration else Decimal(0)
     return Usage(
-        prompt_tokens=int(_get(usage, "prompt_tokens") or 0),
-        completion_tokens=int(_get(usage, "completion_tokens") or 0),
-        cached_tokens=int(_get(prompt_details, "cached_tokens") or 0),
-        cache_creation_tokens=int(_get(usage, "cache_creation_input_tokens") or 0),
-        reasoning_tokens=int(_get(completion_details, "reasoning_tokens") or 0),
+        prompt_tokens=int(field(usage, "prompt_tokens") or 0),
+        completion_tokens=int(field(usage, "completion_tokens") or 0),
+        cached_tokens=int(field(prompt_details, "cached_tokens") or 0),
+        cache_creation_tokens=int(field(usage, "cache_creation_input_tokens") or 0),
+        reasoning_tokens=int(field(completion_details, "reasoning_tokens") or 0),
         images=images,
         input_seconds=seconds,
         characters=characters,
@@ -75,12 +68,12 @@ def usage_from_response(response: Any, kwargs: Mapping[str, Any], service: Servi
 def served_tier(response: Any) -> Any:
     """The service tier the provider says it served: on the response, its usage, or (Gemini) as
     a traffic type."""
-    for source in (response, _get(response, "usage")):
-        tier = _get(source, "service_tier")
+    for source in (response, field(response, "usage")):
+        tier = field(source, "service_tier")
         if isinstance(tier, str):
             return tier
-    hidden = _get(response, "_hidden_params") or {}
-    traffic = str(_get(_get(hidden, "provider_specific_fields") or {}, "traffic_type") or "").upper()
+    hidden = field(response, "_hidden_params") or {}
+    traffic = str(field(field(hidden, "provider_specific_fields") or {}, "traffic_type") or "").upper()
     if not traffic:
         return None
     if traffic == "ON_DEMAND_PRIORITY":
@@ -241,8 +234,8 @@ class Settler:
         unit = self.runtime.pricing.image_prices.price(
             model,
             provider,
-            size=_get(response, "size") or options.get("size"),
-            quality=_get(response, "quality") or options.get("quality"),
+            size=field(response, "size") or options.get("size"),
+            quality=field(response, "quality") or options.get("quality"),
             deployment=deployment_prices({"model_info": params.get("model_info"), "litellm_params": params}),
         )
         return usd_cost(price, usage) if unit is None else unit * usage.images

@@ -22,6 +22,7 @@ from typing import Any
 
 from .claims import HoldClaim
 from .estimate import Estimate
+from .litellm_objects import field as read
 
 log = logging.getLogger("litellm_credits.stream_guard")
 
@@ -30,28 +31,24 @@ TokenCounter = Callable[..., int]
 TAIL_CHARACTERS = 64
 
 
-def _get(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-
-
 def chunk_text(chunk: Any) -> str:
     """The output text of a chat completion chunk: every choice's content, reasoning and tool
     call arguments."""
     parts: list[str] = []
-    for choice in _get(chunk, "choices") or ():
-        delta = _get(choice, "delta") or _get(choice, "text")
+    for choice in read(chunk, "choices") or ():
+        delta = read(choice, "delta") or read(choice, "text")
         if isinstance(delta, str):  # a text completion chunk
             parts.append(delta)
             continue
         for name in ("content", "reasoning_content"):
-            value = _get(delta, name)
+            value = read(delta, name)
             if isinstance(value, str):
                 parts.append(value)
-        for call in _get(delta, "tool_calls") or ():
-            arguments = _get(_get(call, "function"), "arguments")
+        for call in read(delta, "tool_calls") or ():
+            arguments = read(read(call, "function"), "arguments")
             if isinstance(arguments, str):
                 parts.append(arguments)
-        arguments = _get(_get(delta, "function_call"), "arguments")
+        arguments = read(read(delta, "function_call"), "arguments")
         if isinstance(arguments, str):
             parts.append(arguments)
     return "".join(parts)
@@ -116,15 +113,15 @@ class StreamGuard:
         """The chunks of ``stream``, ended cleanly at the hold."""
         delivered = self.delivered
         async for chunk in stream:
-            for choice in _get(chunk, "choices") or ():
-                index = _get(choice, "index")
+            for choice in read(chunk, "choices") or ():
+                index = read(choice, "index")
                 delivered.choices.add(index if isinstance(index, int) else 0)
             text = chunk_text(chunk)
-            usage = _get(chunk, "usage")
-            reported = _get(usage, "completion_tokens") if usage is not None else None
+            usage = read(chunk, "usage")
+            reported = read(usage, "completion_tokens") if usage is not None else None
             if isinstance(reported, int) and reported > 0:
                 # the provider's count of everything so far: it replaces ours
-                prompt = _get(usage, "prompt_tokens")
+                prompt = read(usage, "prompt_tokens")
                 delivered.prompt_tokens = prompt if isinstance(prompt, int) else delivered.prompt_tokens
                 total = reported
             else:
@@ -151,9 +148,9 @@ class StreamGuard:
         every choice, then the usage chunk when the client asked for usage."""
         from litellm.types.utils import Delta, ModelResponseStream, StreamingChoices, Usage
 
-        ident = str(_get(last, "id") or f"chatcmpl-{self.claim.hold_id.hex}")
-        created = int(_get(last, "created") or time.time())
-        model = str(_get(last, "model") or self.model)
+        ident = str(read(last, "id") or f"chatcmpl-{self.claim.hold_id.hex}")
+        created = int(read(last, "created") or time.time())
+        model = str(read(last, "model") or self.model)
         indexes = sorted(self.delivered.choices) or [0]
         finish = ModelResponseStream(
             id=ident,
