@@ -322,18 +322,8 @@ def max_price(prices: Iterable[ModelPrice]) -> ModelPrice:
         if present:
             values[key] = max(present)
     caps = [p.max_output_tokens for p in prices if p.max_output_tokens is not None]
-    tiers: dict[int, dict[str, Decimal]] = {}
-    for p in prices:
-        for threshold, rates in p.above:
-            merged = tiers.setdefault(threshold, {})
-            for key, rate in rates:
-                merged[key] = max(rate, merged.get(key, rate))
-    service: dict[str, dict[str, Decimal]] = {}
-    for p in prices:
-        for suffix, rates in p.service_tiers:
-            merged = service.setdefault(suffix, {})
-            for key, rate in rates:
-                merged[key] = max(rate, merged.get(key, rate))
+    tiers = _highest_rates(p.above for p in prices)
+    service = _highest_rates(p.service_tiers for p in prices)
     return ModelPrice(
         **values,
         above=tuple((t, tuple(sorted(r.items()))) for t, r in sorted(tiers.items())),
@@ -344,6 +334,20 @@ def max_price(prices: Iterable[ModelPrice]) -> ModelPrice:
         free=all(p.free for p in prices),
         source="+".join(sorted({p.source for p in prices})),
     )
+
+
+def _highest_rates(
+    groups: Iterable[tuple[tuple[Any, tuple[tuple[str, Decimal], ...]], ...]],
+) -> dict[Any, dict[str, Decimal]]:
+    """Per key (a tier's threshold, a service tier's suffix), each rate at its highest over
+    ``groups``."""
+    merged: dict[Any, dict[str, Decimal]] = {}
+    for group in groups:
+        for key, rates in group:
+            into = merged.setdefault(key, {})
+            for name, rate in rates:
+                into[name] = max(rate, into.get(name, rate))
+    return merged
 
 
 def _service_tier_rates(data: Mapping[str, Any]) -> tuple[tuple[str, tuple[tuple[str, Decimal], ...]], ...]:
