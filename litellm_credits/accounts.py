@@ -9,9 +9,8 @@ from typing import Any
 
 import asyncpg
 
-from .errors import AccountNotFound, InvalidRequest, NotFound, TeamHierarchy
-from .ledger import joining_error
-from .ledger_sql import ACCOUNT_COLUMNS
+from .errors import AccountNotFound, CreditsError, InvalidRequest, NotFound, TeamHierarchy
+from .ledger_sql import ACCOUNT_COLUMNS, TEAM_LEVELS
 from .records import Account
 
 _UNSET: Any = object()
@@ -59,6 +58,18 @@ SQL_HAS_MEMBERS = "SELECT EXISTS (SELECT 1 FROM credits.credit_accounts WHERE pa
 def like_escape(text: str) -> str:
     """``text`` matched literally inside an ILIKE pattern."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def joining_error(exc: asyncpg.PostgresError, parent_id: str | None) -> CreditsError | None:
+    """What joining ``parent_id``'s team answers when the database refused it: no such account,
+    or a team that is itself a member (SQLSTATE CR002, teams have two levels); None otherwise."""
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        return AccountNotFound(f"no credit account {parent_id!r} to join", param="parent_id")
+    if exc.sqlstate == TEAM_LEVELS:
+        return TeamHierarchy(
+            f"{parent_id!r} is a member of a team itself; teams have two levels", param="parent_id"
+        )
+    return None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import asyncpg
 
+from .accounts import joining_error
 from .errors import (
     AccountExists,
     AccountIsMember,
@@ -31,10 +32,8 @@ from .errors import (
     IdempotencyConflict,
     InvalidRequest,
     NotFound,
-    PaymentRequired,
     RefundTooLarge,
     ServiceUnavailable,
-    TeamHierarchy,
 )
 from .ledger_sql import (
     SQL_APPLY_BONUS,
@@ -55,9 +54,8 @@ from .ledger_sql import (
     SQL_SET_CAP,
     SQL_TX_BY_KEY,
     SQL_TX_REQUEST,
-    TEAM_LEVELS,
 )
-from .limits import refusal
+from .limits import refused
 from .money import format_credits
 from .records import Account, Hold, Quote, Settlement, Transaction, UsageRecord
 
@@ -93,18 +91,6 @@ _TRANSIENT = (
 
 # told (subject ids, whether to wait for other instances) after accounts changed
 ChangeHook = Callable[[Sequence[str], bool], Awaitable[None]]
-
-
-def joining_error(exc: asyncpg.PostgresError, parent_id: str | None) -> CreditsError | None:
-    """What joining ``parent_id``'s team answers when the database refused it: no such account,
-    or a team that is itself a member (SQLSTATE CR002, teams have two levels); None otherwise."""
-    if isinstance(exc, asyncpg.ForeignKeyViolationError):
-        return AccountNotFound(f"no credit account {parent_id!r} to join", param="parent_id")
-    if exc.sqlstate == TEAM_LEVELS:
-        return TeamHierarchy(
-            f"{parent_id!r} is a member of a team itself; teams have two levels", param="parent_id"
-        )
-    return None
 
 
 def _account(row: asyncpg.Record) -> Account:
@@ -484,10 +470,7 @@ class Ledger:
         required = row["quoted"]
         if required is None:
             required = quotes.get(row["tier"] or default_tier, quotes[default_tier]).amount
-        error = refusal(row["outcome"], account, team, required=required, room=row["room"])
-        if isinstance(error, PaymentRequired):
-            error.room, error.tier = row["room"], row["tier"]
-        raise error
+        raise refused(row, account, team, required=required)
 
     async def _resolve(
         self,

@@ -16,6 +16,8 @@ this module turns that name into the 402 a client reads, with the figures behind
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import (
@@ -36,6 +38,22 @@ from .records import Account
 
 # the cap's name in ``details.limit``, by the outcome's suffix
 LIMIT_NAMES = {"monthly": "monthly", "daily": "daily", "request": "per_request"}
+
+
+def refused(
+    row: Mapping[str, Any], account: Account | None, team: Account | None, *, required: int
+) -> CreditsError:
+    """The error for ``take_hold``'s refusal ``row``, on ``account``'s and ``team``'s limits as the
+    statement saw them (its ``seen``: a read after it may already see another hold released)."""
+    if row["seen"] is not None and account is not None:
+        seen = row["seen"]  # jsonb, decoded by the pool's codec (db.py)
+        account = dataclasses.replace(account, **seen["account"])
+        if team is not None and team.subject_id == row["payer_id"]:
+            team = dataclasses.replace(team, **seen["payer"])
+    error = refusal(row["outcome"], account, team, required=required, room=row["room"])
+    if isinstance(error, PaymentRequired):
+        error.room, error.tier = row["room"], row["tier"]
+    return error
 
 
 def _left(cap: int | None, spent: int, held: int) -> int:

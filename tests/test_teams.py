@@ -7,6 +7,7 @@ routes, and twenty members spending at once through the real proxy.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections import Counter
 from types import SimpleNamespace
@@ -113,6 +114,41 @@ async def test_the_402_names_the_limit(ledger: Ledger) -> None:
     with pytest.raises(TeamCapExceeded) as cap_err:
         await hold(ledger, bob, "1")
     assert cap_err.value.details["limit"] == "monthly"
+
+
+async def test_a_402_reports_the_figures_it_was_refused_on(ledger: Ledger, monkeypatch: Any) -> None:
+    """Another request's hold may end between the refusal and any later read: the 402 reports
+    the limits as the hold statement saw them, under its lock."""
+    team, (alice, _) = await team_with_members(ledger, "10", daily_cap=c("4"))
+    first = await hold(ledger, alice, "3")
+    solo = "solo-" + secrets.token_hex(5)
+    await ledger.create_account(solo, tier="free")
+    await ledger.credit(solo, c("10"))
+    other = await hold(ledger, solo, "9")
+    read = ledger.get_account
+
+    async def released_meanwhile(subject_id: str) -> Any:
+        account = await read(subject_id)
+        return dataclasses.replace(account, held=0) if account is not None else None
+
+    monkeypatch.setattr(ledger, "get_account", released_meanwhile)
+    with pytest.raises(InsufficientCredits) as err:
+        await hold(ledger, solo, "2")
+    assert (err.value.details["held"], err.value.details["available"]) == ("9.000000", "1.000000")
+    assert "1.000000 available" in str(err.value)
+    with pytest.raises(MemberCapExceeded) as cap:
+        await hold(ledger, alice, "2")  # 3 held: the daily cap of 4 leaves 1
+    assert err.value.room == c("1") and cap.value.room == c("1")
+    assert cap.value.details["cap_held"] == "3.000000"
+    pool, (carol, dave) = await team_with_members(ledger, "10")
+    await hold(ledger, carol, "8")
+    with pytest.raises(TeamInsufficientCredits) as team_err:
+        await hold(ledger, dave, "3")
+    assert (team_err.value.details["team_id"], team_err.value.details["available"]) == (pool, "2.000000")
+    monkeypatch.undo()
+    await ledger.void(team, first.id)
+    await ledger.void(solo, other.id)
+    assert (await ledger.require_account(solo)).held == 0
 
 
 async def test_a_members_hold_is_clamped_to_its_tightest_limit(ledger: Ledger) -> None:

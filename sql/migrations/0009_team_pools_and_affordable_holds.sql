@@ -92,6 +92,18 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     END
 $$;
 
+-- An account's limits as a refused hold saw them, under its lock: what the 402 reports (a read
+-- after the statement could already see another request's hold released).
+CREATE FUNCTION credits.limits_seen(a credits.credit_accounts, p_month date, p_day date) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT jsonb_build_object(
+        'balance', a.balance, 'held', a.held, 'monthly_cap', a.monthly_cap,
+        'month_spend', CASE WHEN a.month_start < p_month THEN 0 ELSE a.month_spend END,
+        'daily_cap', a.daily_cap,
+        'day_spend', CASE WHEN a.day_start < p_day THEN 0 ELSE a.day_spend END,
+        'request_cap', a.request_cap)
+$$;
+
 -- Takes a hold. The amount depends on the paying account's tier (its markup, or no debit on an
 -- unlimited tier), so the caller quotes every tier: p_tiers, p_amounts, p_minimums (the least a
 -- clamped hold may take; NULL: refuse what does not fit), p_debits; p_default_tier for a tier
@@ -106,14 +118,15 @@ $$;
 -- clamped), debits, expires_at, request_hash. Otherwise the refusal: 'no_account', 'disabled',
 -- 'team_disabled', or the first limit the request does not fit ('balance', 'monthly', 'daily',
 -- 'request', and 'team_' ones for a member's team), with room (the least any limit leaves: what
--- the request could have held) and quoted.
+-- the request could have held), quoted, and seen: the request's account and the account that
+-- pays, as the refusal saw them (credits.limits_seen).
 CREATE FUNCTION credits.take_hold(
     p_subject text, p_hold uuid, p_tiers text[], p_amounts bigint[], p_minimums bigint[],
     p_debits boolean[], p_default_tier text, p_ttl integer, p_model text, p_power_level text,
     p_request_hash bytea, p_fresh boolean
 ) RETURNS TABLE (
     outcome text, payer_id text, tier text, amount bigint, debits boolean,
-    expires_at timestamptz, request_hash bytea, room bigint, quoted bigint
+    expires_at timestamptz, request_hash bytea, room bigint, quoted bigint, seen jsonb
 )
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -167,7 +180,7 @@ BEGIN
         RETURNING h.expires_at INTO v_expires;
         IF FOUND THEN
             RETURN QUERY SELECT 'held', p_subject, v_tier, v_amount, v_debits, v_expires,
-                                p_request_hash, NULL::bigint, v_amount;
+                                p_request_hash, NULL::bigint, v_amount, NULL::jsonb;
             RETURN;
         END IF;
         -- the id was taken before (a retry after a lost reply, or a twin attempt that committed
@@ -197,20 +210,21 @@ BEGIN
     FOR NO KEY UPDATE OF a;
     IF NOT FOUND THEN
         RETURN QUERY SELECT 'no_account', NULL::text, NULL::text, NULL::bigint, NULL::boolean,
-                            NULL::timestamptz, NULL::bytea, NULL::bigint, NULL::bigint;
+                            NULL::timestamptz, NULL::bytea, NULL::bigint, NULL::bigint, NULL::jsonb;
         RETURN;
     END IF;
     m := v_found.acct;
     v_team := m.parent_id IS NOT NULL;
     IF v_found.payer IS NOT NULL THEN  -- that hold, as it is
         RETURN QUERY SELECT 'replayed', v_found.payer, t.tier, v_found.amount, v_found.debits,
-                            v_found.expires_at, v_found.request_hash, NULL::bigint, v_found.amount
+                            v_found.expires_at, v_found.request_hash, NULL::bigint, v_found.amount,
+                            NULL::jsonb
                      FROM credits.credit_accounts t WHERE t.subject_id = v_found.payer;
         RETURN;
     END IF;
     IF m.status <> 'active' THEN
         RETURN QUERY SELECT 'disabled', NULL::text, m.tier, NULL::bigint, NULL::boolean,
-                            NULL::timestamptz, NULL::bytea, NULL::bigint, NULL::bigint;
+                            NULL::timestamptz, NULL::bytea, NULL::bigint, NULL::bigint, NULL::jsonb;
         RETURN;
     END IF;
 
@@ -256,13 +270,13 @@ BEGIN
                     now() + p_ttl * interval '1 second', p_model, p_power_level, p_request_hash)
             RETURNING h.expires_at INTO v_expires;
             RETURN QUERY SELECT 'held', m.parent_id, v_tier, v_amount, v_debits, v_expires,
-                                p_request_hash, NULL::bigint, v_amount;
+                                p_request_hash, NULL::bigint, v_amount, NULL::jsonb;
             RETURN;
         END IF;
         SELECT * INTO p FROM credits.credit_accounts a WHERE a.subject_id = m.parent_id FOR NO KEY UPDATE;
         IF p.status <> 'active' THEN
             RETURN QUERY SELECT 'team_disabled', p.subject_id, p.tier, NULL::bigint, NULL::boolean,
-                                NULL::timestamptz, NULL::bytea, NULL::bigint, NULL::bigint;
+                                NULL::timestamptz, NULL::bytea, NULL::bigint, NULL::bigint, NULL::jsonb;
             RETURN;
         END IF;
     ELSE
@@ -308,7 +322,9 @@ BEGIN
                 v_limit := replace(v_limit, 'team_', '');
             END IF;
             RETURN QUERY SELECT v_limit, p.subject_id, p.tier, NULL::bigint, v_debits,
-                                NULL::timestamptz, NULL::bytea, v_room, v_quote;
+                                NULL::timestamptz, NULL::bytea, v_room, v_quote,
+                                jsonb_build_object('account', credits.limits_seen(m, v_month, v_day),
+                                                   'payer', credits.limits_seen(p, v_month, v_day));
             RETURN;
         END IF;
     END IF;
@@ -326,7 +342,7 @@ BEGIN
             now() + p_ttl * interval '1 second', p_model, p_power_level, p_request_hash)
     RETURNING h.expires_at INTO v_expires;
     RETURN QUERY SELECT 'held', p.subject_id, p.tier, v_amount, v_debits, v_expires, p_request_hash,
-                        NULL::bigint, v_quote;
+                        NULL::bigint, v_quote, NULL::jsonb;
 END
 $$;
 
