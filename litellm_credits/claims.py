@@ -12,7 +12,7 @@ import hmac
 import json
 import secrets
 import uuid
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
@@ -59,6 +59,9 @@ class HoldClaim:
 _DECIMALS = frozenset(f.name for f in fields(HoldClaim) if f.type in ("Decimal", "Decimal | None"))
 
 
+_FIELDS = tuple(f.name for f in fields(HoldClaim))
+
+
 def _encode(value: Any) -> Any:
     if isinstance(value, uuid.UUID | Decimal):
         return str(value)
@@ -72,7 +75,8 @@ class HoldSigner:
         self._key = key or secrets.token_bytes(32)
 
     def sign(self, claim: HoldClaim) -> str:
-        body = json.dumps([_encode(v) for v in astuple(claim)], separators=(",", ":")).encode()
+        # field by field, not astuple (which deep-copies every value: a third of this call's time)
+        body = json.dumps([_encode(getattr(claim, name)) for name in _FIELDS], separators=(",", ":")).encode()
         mac = hmac.new(self._key, body, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(body).decode() + "." + base64.urlsafe_b64encode(mac).decode()
 
@@ -87,7 +91,7 @@ class HoldSigner:
             return None
         if not hmac.compare_digest(mac, hmac.new(self._key, body, hashlib.sha256).digest()):
             return None
-        values = dict(zip((f.name for f in fields(HoldClaim)), json.loads(body), strict=True))
+        values = dict(zip(_FIELDS, json.loads(body), strict=True))
         values["hold_id"] = uuid.UUID(values["hold_id"])
         for name in _DECIMALS:
             if values[name] is not None:

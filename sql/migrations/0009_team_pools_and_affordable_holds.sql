@@ -146,48 +146,56 @@ DECLARE
     v_limit   text;
     v_expires timestamptz;
     v_found   record;
+    v_member  boolean := false;  -- a hold with this id made by this account as a team's member
 BEGIN
+    -- No statement below tests p_fresh itself: a parameter that folds away in a custom plan
+    -- keeps PostgreSQL planning every call afresh (0.1 ms a hold); plpgsql's IF decides instead.
+    IF NOT p_fresh THEN
+        -- a hold this account made as a team's member (it left the team since) is that hold:
+        -- the locked path below answers with it (a probe of a partial index: members' holds)
+        v_member := EXISTS (SELECT 1 FROM credits.holds x WHERE x.member_id = p_subject AND x.id = p_hold);
+    END IF;
+
     -- The common case in one conditional update: an account paying for itself, the whole
     -- quote fitting every limit.
-    UPDATE credits.credit_accounts a SET
-        held        = a.held + CASE WHEN q.debits THEN q.amount ELSE 0 END,
-        month_spend = CASE WHEN a.month_start < v_month THEN 0 ELSE a.month_spend END,
-        month_start = greatest(a.month_start, v_month),
-        day_spend   = CASE WHEN a.day_start < v_day THEN 0 ELSE a.day_spend END,
-        day_start   = greatest(a.day_start, v_day)
-    FROM unnest(p_tiers, p_amounts, p_debits) AS q(tier, amount, debits)
-    WHERE a.subject_id = p_subject
-      AND a.parent_id IS NULL
-      AND a.status = 'active'
-      AND q.tier = CASE WHEN a.tier = ANY (p_tiers) THEN a.tier ELSE p_default_tier END
-      AND (NOT q.debits OR q.amount = 0 OR (
-               a.balance - a.held >= q.amount
-           AND (a.monthly_cap IS NULL OR a.monthly_cap
-                - CASE WHEN a.month_start < v_month THEN 0 ELSE a.month_spend END - a.held >= q.amount)
-           AND (a.daily_cap IS NULL OR a.daily_cap
-                - CASE WHEN a.day_start < v_day THEN 0 ELSE a.day_spend END - a.held >= q.amount)
-           AND (a.request_cap IS NULL OR a.request_cap >= q.amount)))
-      -- a hold this account made as a team's member (it left the team since) is that hold: the
-      -- locked path below answers with it (a probe of a partial index: only members' holds)
-      AND (p_fresh OR NOT EXISTS (SELECT 1 FROM credits.holds x WHERE x.member_id = p_subject AND x.id = p_hold))
-    RETURNING a.tier, q.amount, q.debits INTO v_tier, v_amount, v_debits;
-    IF FOUND THEN
-        INSERT INTO credits.holds AS h
-            (id, subject_id, amount, debits, expires_at, model, power_level, request_hash)
-        VALUES (p_hold, p_subject, v_amount, v_debits, now() + p_ttl * interval '1 second', p_model,
-                p_power_level, p_request_hash)
-        ON CONFLICT (subject_id, id) DO NOTHING
-        RETURNING h.expires_at INTO v_expires;
+    IF NOT v_member THEN
+        UPDATE credits.credit_accounts a SET
+            held        = a.held + CASE WHEN q.debits THEN q.amount ELSE 0 END,
+            month_spend = CASE WHEN a.month_start < v_month THEN 0 ELSE a.month_spend END,
+            month_start = greatest(a.month_start, v_month),
+            day_spend   = CASE WHEN a.day_start < v_day THEN 0 ELSE a.day_spend END,
+            day_start   = greatest(a.day_start, v_day)
+        FROM unnest(p_tiers, p_amounts, p_debits) AS q(tier, amount, debits)
+        WHERE a.subject_id = p_subject
+          AND a.parent_id IS NULL
+          AND a.status = 'active'
+          AND q.tier = CASE WHEN a.tier = ANY (p_tiers) THEN a.tier ELSE p_default_tier END
+          AND (NOT q.debits OR q.amount = 0 OR (
+                   a.balance - a.held >= q.amount
+               AND (a.monthly_cap IS NULL OR a.monthly_cap
+                    - CASE WHEN a.month_start < v_month THEN 0 ELSE a.month_spend END - a.held >= q.amount)
+               AND (a.daily_cap IS NULL OR a.daily_cap
+                    - CASE WHEN a.day_start < v_day THEN 0 ELSE a.day_spend END - a.held >= q.amount)
+               AND (a.request_cap IS NULL OR a.request_cap >= q.amount)))
+        RETURNING a.tier, q.amount, q.debits INTO v_tier, v_amount, v_debits;
         IF FOUND THEN
-            RETURN QUERY SELECT 'held', p_subject, v_tier, v_amount, v_debits, v_expires,
-                                p_request_hash, NULL::bigint, v_amount, NULL::jsonb;
-            RETURN;
+            INSERT INTO credits.holds AS h
+                (id, subject_id, amount, debits, expires_at, model, power_level, request_hash)
+            VALUES (p_hold, p_subject, v_amount, v_debits, now() + p_ttl * interval '1 second', p_model,
+                    p_power_level, p_request_hash)
+            ON CONFLICT (subject_id, id) DO NOTHING
+            RETURNING h.expires_at INTO v_expires;
+            IF FOUND THEN
+                RETURN QUERY SELECT 'held', p_subject, v_tier, v_amount, v_debits, v_expires,
+                                    p_request_hash, NULL::bigint, v_amount, NULL::jsonb;
+                RETURN;
+            END IF;
+            -- the id was taken before (a retry after a lost reply, or a twin attempt that committed
+            -- first): give back what this attempt held, and answer with that hold below
+            UPDATE credits.credit_accounts a
+            SET held = a.held - CASE WHEN v_debits THEN v_amount ELSE 0 END
+            WHERE a.subject_id = p_subject;
         END IF;
-        -- the id was taken before (a retry after a lost reply, or a twin attempt that committed
-        -- first): give back what this attempt held, and answer with that hold below
-        UPDATE credits.credit_accounts a
-        SET held = a.held - CASE WHEN v_debits THEN v_amount ELSE 0 END
-        WHERE a.subject_id = p_subject;
     END IF;
 
     -- Everything else with the account locked; a member's row before its team's (the order
@@ -195,19 +203,27 @@ BEGIN
     -- the lock an UPDATE takes: rows that refer to the account (holds, ledger rows) can still be
     -- written meanwhile. The same statement looks for a hold with this id that the account made:
     -- on its own, or as a member of a team (its team now, or one it left since).
-    SELECT a AS acct, x.subject_id AS payer, x.amount, x.debits, x.expires_at, x.request_hash
-    INTO v_found
-    FROM credits.credit_accounts a
-    LEFT JOIN LATERAL (
-        SELECT y.subject_id, y.amount, y.debits, y.expires_at, y.request_hash
-        FROM credits.holds y
-        WHERE NOT p_fresh
-          AND y.id = p_hold
-          AND ((y.subject_id = p_subject AND y.member_id IS NULL) OR y.member_id = p_subject)
-        LIMIT 1
-    ) x ON true
-    WHERE a.subject_id = p_subject
-    FOR NO KEY UPDATE OF a;
+    IF p_fresh THEN
+        SELECT a AS acct, NULL::text AS payer, NULL::bigint AS amount, NULL::boolean AS debits,
+               NULL::timestamptz AS expires_at, NULL::bytea AS request_hash
+        INTO v_found
+        FROM credits.credit_accounts a
+        WHERE a.subject_id = p_subject
+        FOR NO KEY UPDATE OF a;
+    ELSE
+        SELECT a AS acct, x.subject_id AS payer, x.amount, x.debits, x.expires_at, x.request_hash
+        INTO v_found
+        FROM credits.credit_accounts a
+        LEFT JOIN LATERAL (
+            SELECT y.subject_id, y.amount, y.debits, y.expires_at, y.request_hash
+            FROM credits.holds y
+            WHERE y.id = p_hold
+              AND ((y.subject_id = p_subject AND y.member_id IS NULL) OR y.member_id = p_subject)
+            LIMIT 1
+        ) x ON true
+        WHERE a.subject_id = p_subject
+        FOR NO KEY UPDATE OF a;
+    END IF;
     IF NOT FOUND THEN
         RETURN QUERY SELECT 'no_account', NULL::text, NULL::text, NULL::bigint, NULL::boolean,
                             NULL::timestamptz, NULL::bytea, NULL::bigint, NULL::bigint, NULL::jsonb;
