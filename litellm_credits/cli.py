@@ -3,9 +3,11 @@
 litellm-credits migrate [--check]
 litellm-credits accounts create USER [--tier T] [--monthly-cap N]
 litellm-credits allocate USER AMOUNT [--reason TEXT] [--idempotency-key K]
+                [--category paid|promotional] [--priority N] [--expires-at 2027-01-01T00:00:00Z]
 litellm-credits balance USER
-litellm-credits verify          # balance = sum(ledger) and held = open holds, for every account
-litellm-credits sweep           # resolve expired holds now
+litellm-credits grants USER [--status live|used|expired]
+litellm-credits verify          # balance = sum(ledger) = live grants - overrun; held = open holds
+litellm-credits sweep           # resolve expired holds and expire grants now
 litellm-credits dsn             # the database in use (starts the embedded one if needed)
 litellm-credits serve [--config litellm_config.yaml] [--port 4000]
 
@@ -24,13 +26,16 @@ import secrets
 import shutil
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import auth, crypto, db, migrations
 from .errors import CreditsError
+from .grants import Grants
 from .ledger import Ledger
-from .money import AmountError, parse_credits
+from .money import AmountError, format_credits, parse_credits
+from .records import GrantTerms
 from .runtime import Runtime
 from .settings import Settings
 
@@ -51,10 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("amount")
     a.add_argument("--reason")
     a.add_argument("--idempotency-key")
+    a.add_argument("--category", choices=["paid", "promotional"], help="default: paid")
+    a.add_argument("--priority", type=int, help="0-1000, lower burns first (default 0)")
+    a.add_argument("--expires-at", type=_aware_time, help="ISO 8601 with a UTC offset; default: never")
+    g = sub.add_parser("grants", help="an account's credit grants, newest first")
+    g.add_argument("user_id")
+    g.add_argument("--status", choices=["live", "used", "expired"])
     b = sub.add_parser("balance", help="show an account")
     b.add_argument("user_id")
     sub.add_parser("verify", help="check every balance against the ledger")
-    sub.add_parser("sweep", help="resolve expired holds now")
+    sub.add_parser("sweep", help="resolve expired holds and expire grants now")
     sub.add_parser("dsn", help="print the database DSN in use")
     sub.add_parser("stop-db", help="stop the embedded PostgreSQL (it outlives the proxy)")
     orp = sub.add_parser("openrouter", help="OpenRouter keys of accounts").add_subparsers(
@@ -70,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=4000)
     s.add_argument("--num-workers", type=int, default=1)
     return p
+
+
+def _aware_time(text: str) -> datetime:
+    at = datetime.fromisoformat(text)
+    if at.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset (add Z or +00:00)")
+    return at
 
 
 def _print(obj: Any) -> None:
@@ -135,8 +153,14 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                 parse_credits(args.amount),
                 description=args.reason,
                 idempotency_key=args.idempotency_key,
+                terms=GrantTerms(args.category, args.priority, args.expires_at),
             )
             _print(tx.to_json())
+        elif args.command == "grants":
+            await ledger.require_account(args.user_id)
+            grants = Grants(pool)
+            items, _ = await grants.list(args.user_id, status=args.status, limit=1000)
+            _print({**await grants.summary(args.user_id), "grants": [g.to_json() for g in items]})
         elif args.command == "balance":
             _print((await ledger.require_account(args.user_id)).to_json())
         elif args.command == "verify":
@@ -169,6 +193,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         elif args.command == "sweep":
             n = await ledger.expire(policy=cfg.holds.expiry_policy, batch=cfg.holds.sweep_batch)
             print(f"resolved {n} expired holds ({cfg.holds.expiry_policy})")
+            swept = await Grants(pool, ledger.changed).expire_due(batch=cfg.holds.sweep_batch)
+            print(f"expired {format_credits(swept.expired)} credits of grants on {swept.accounts} accounts")
         return 0
     finally:
         await runtime.close()

@@ -4,6 +4,9 @@
 - A **percent** coupon grants a bonus of that percentage of the account's *next allocation*
   (rounded down to the micro-credit), paid as a ``coupon`` row beside that allocation.
 
+Either is a promotional grant (migration 0010), expiring ``credit_valid_days`` after it is granted
+when the coupon says so.
+
 The database enforces the limits, so concurrent redemptions cannot both pass: once per account
 is the primary key of ``coupon_redemptions``; ``max_uses`` is a conditional ``UPDATE`` of the
 coupon row, whose row lock serialises the last use.
@@ -32,10 +35,14 @@ from .errors import (
 from .ledger_sql import SQL_CREDIT
 from .money import format_credits, parse_credits
 
-COUPON_COLUMNS = "code, type, value, max_uses, uses, expires_at, tiers, active, created_at"
+COUPON_COLUMNS = (
+    "code, type, value, max_uses, uses, expires_at, tiers, active, created_at, credit_valid_days,"
+    " credit_priority"
+)
 SQL_CREATE = f"""
-INSERT INTO credits.coupon_codes (code, type, value, max_uses, expires_at, tiers)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO credits.coupon_codes (code, type, value, max_uses, expires_at, tiers, credit_valid_days,
+                                  credit_priority)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (code) DO NOTHING
 RETURNING {COUPON_COLUMNS}
 """
@@ -48,9 +55,12 @@ LIMIT $2 OFFSET $3
 SQL_COUNT = "SELECT count(*) FROM credits.coupon_codes WHERE ($1::boolean IS NULL OR active = $1)"
 SQL_DEACTIVATE = f"UPDATE credits.coupon_codes SET active = false WHERE code = $1 RETURNING {COUPON_COLUMNS}"
 SQL_ACCOUNT_TIER = "SELECT tier, parent_id FROM credits.credit_accounts WHERE subject_id = $1 FOR UPDATE"
-SQL_COUPON = (
-    f"SELECT {COUPON_COLUMNS}, expires_at <= now() AS expired FROM credits.coupon_codes WHERE code = $1"
-)
+# (when the credits it grants now expire: the database clock, like every expiry)
+SQL_COUPON = f"""
+SELECT {COUPON_COLUMNS}, expires_at <= now() AS expired,
+       now() + credit_valid_days * interval '1 day' AS credit_expires_at
+FROM credits.coupon_codes WHERE code = $1
+"""
 SQL_CLAIM = """
 INSERT INTO credits.coupon_redemptions (subject_id, code, type, value, applied_at)
 VALUES ($1, $2, $3, $4, CASE WHEN $3 = 'fixed' THEN now() END)
@@ -87,6 +97,8 @@ def coupon_json(row: asyncpg.Record) -> dict[str, Any]:
         "tiers": list(row["tiers"]) if row["tiers"] else None,
         "active": row["active"],
         "created_at": row["created_at"].isoformat(),
+        "credit_valid_days": row["credit_valid_days"],
+        "credit_priority": row["credit_priority"],
     }
 
 
@@ -115,9 +127,21 @@ class Coupons:
         max_uses: int | None = None,
         expires_at: datetime | None = None,
         tiers: Sequence[str] | None = None,
+        credit_valid_days: int | None = None,
+        credit_priority: int | None = None,
     ) -> dict[str, Any]:
+        """A coupon; the credits it grants are promotional, expiring ``credit_valid_days`` after
+        the redemption (None: never) and burnt at ``credit_priority`` (None: 0)."""
         row = await self.pool.fetchrow(
-            SQL_CREATE, normalize(code), type, value, max_uses, expires_at, list(tiers) if tiers else None
+            SQL_CREATE,
+            normalize(code),
+            type,
+            value,
+            max_uses,
+            expires_at,
+            list(tiers) if tiers else None,
+            credit_valid_days,
+            credit_priority,
         )
         if row is None:
             raise CouponExists(f"coupon {normalize(code)} already exists", param="code")
@@ -186,6 +210,9 @@ class Coupons:
                 f"coupon {code}",
                 {"coupon": code},
                 None,
+                "promotional",
+                coupon["credit_priority"],
+                coupon["credit_expires_at"],
             )
             await conn.execute(SQL_LINK, subject_id, code, tx["id"])
             return Redemption(code, "fixed", coupon["value"], amount, tx["balance_after"], tx["id"])

@@ -81,7 +81,7 @@ GROUP BY 1 ORDER BY sum(charged) DESC, 1
 }
 
 Dimension = Literal["model", "power_level", "service", "member"]
-TransactionType = Literal["allocation", "bonus", "refund", "usage", "coupon", "adjustment"]
+TransactionType = Literal["allocation", "bonus", "refund", "usage", "coupon", "adjustment", "expiry", "topup"]
 
 
 # Python's datetime spans years 1 to 9999 (PostgreSQL's timestamps far more): a period keeps a

@@ -13,8 +13,6 @@ the request), once; a voided or captured hold cannot.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -23,6 +21,7 @@ from typing import Any, Literal, TypeVar
 import asyncpg
 
 from .accounts import joining_error
+from .bulk_credits import credit_many
 from .errors import (
     AccountExists,
     AccountIsMember,
@@ -37,8 +36,6 @@ from .errors import (
 )
 from .ledger_sql import (
     SQL_APPLY_BONUS,
-    SQL_BULK_CLAIM,
-    SQL_BULK_REQUEST,
     SQL_CREATE_ACCOUNT,
     SQL_CREDIT,
     SQL_DISCREPANCIES,
@@ -47,7 +44,6 @@ from .ledger_sql import (
     SQL_HOLD,
     SQL_HOLD_AGAIN,
     SQL_LOCK_ACCOUNT,
-    SQL_PARENT,
     SQL_REFUNDABLE,
     SQL_RESOLVE,
     SQL_RESOLVED,
@@ -57,12 +53,12 @@ from .ledger_sql import (
 )
 from .limits import refused
 from .money import format_credits
-from .records import Account, Hold, Quote, Settlement, Transaction, UsageRecord
+from .records import DEFAULT_TERMS, Account, GrantTerms, Hold, Quote, Settlement, Transaction, UsageRecord
 
 log = logging.getLogger("litellm_credits.ledger")
 T = TypeVar("T")
 
-CreditType = Literal["allocation", "bonus", "refund", "coupon", "adjustment"]
+CreditType = Literal["allocation", "bonus", "refund", "coupon", "adjustment", "topup"]
 
 # The database is unreachable, overloaded or restarting, and callers answer 503 rather than 500.
 # A statement may be tried again only if doing it twice is harmless: the commit may have happened
@@ -207,8 +203,10 @@ class Ledger:
         idempotency_key: str | None = None,
         description: str | None = None,
         metadata: dict[str, Any] | None = None,
+        terms: GrantTerms = DEFAULT_TERMS,
     ) -> Transaction:
-        """Add ``amount`` micro-credits; a repeated idempotency key returns the first result."""
+        """Add ``amount`` micro-credits as a grant on ``terms`` (a negative adjustment burns grants);
+        a repeated idempotency key returns the first result."""
         if amount <= 0 and type != "adjustment":
             raise InvalidRequest("amount must be positive", param="amount")
         if amount == 0:
@@ -217,27 +215,42 @@ class Ledger:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
-                    SQL_CREDIT, subject_id, amount, type, key, description, metadata or {}, None
+                    SQL_CREDIT,
+                    subject_id,
+                    amount,
+                    type,
+                    key,
+                    description,
+                    metadata or {},
+                    None,
+                    *terms.args(),
                 )
                 if row is not None and type == "allocation":
                     # a redeemed percent coupon pays its bonus on the next allocation
                     await conn.execute(SQL_APPLY_BONUS, subject_id, amount, row["id"])
         except asyncpg.UniqueViolationError:
-            return await self._replayed(subject_id, key, amount, type)
+            return await self._replayed(subject_id, key, amount, type, terms)
         if row is None:
             # the key first: a credit made under it before (before the account joined a team,
             # say) is answered as it was, and any other request under it is a conflict
             if idempotency_key is not None and await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key):
-                return await self._replayed(subject_id, key, amount, type)
+                return await self._replayed(subject_id, key, amount, type, terms)
             raise await self._not_credited(subject_id)
         await self.changed(subject_id)
         return _transaction(row)
 
-    async def _replayed(self, subject_id: str, key: str, amount: int, type: CreditType) -> Transaction:
+    async def _replayed(
+        self, subject_id: str, key: str, amount: int, type: CreditType, terms: GrantTerms
+    ) -> Transaction:
         """The credit made under ``key`` when this one asks the same, else a conflict."""
-        row = await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key)
-        if row is None or row["amount"] != amount or row["type"] != type:
+        asked = await self.pool.fetchrow(SQL_TX_REQUEST, subject_id, key)
+        if (
+            asked is None
+            or (asked["amount"], asked["type"]) != (amount, type)
+            or GrantTerms.recorded(asked) != terms
+        ):
             raise IdempotencyConflict()
+        row = await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key)
         await self.changed(subject_id)  # the first attempt's announcement may have been lost
         return _transaction(row)
 
@@ -311,7 +324,7 @@ class Ledger:
                 refundable=format_credits(refundable),
             )
         return await conn.fetchrow(
-            SQL_CREDIT, subject_id, amount, "refund", key, description, {}, transaction_id
+            SQL_CREDIT, subject_id, amount, "refund", key, description, {}, transaction_id, None, None, None
         )
 
     async def credit_many(
@@ -321,60 +334,19 @@ class Ledger:
         type: CreditType = "allocation",
         description: str | None = None,
         idempotency_key: str | None = None,
+        terms: GrantTerms = DEFAULT_TERMS,
     ) -> list[Transaction]:
-        """Credit several accounts in one transaction: all of them, or (on any error) none.
-
-        Accounts are locked in sorted order, so concurrent bulk grants cannot deadlock. With an
-        idempotency key, a replay returns the first run's transactions, and the key used for any
-        other request (other amounts, accounts or type) is ``IdempotencyConflict``.
-        """
-        if not grants or any(a <= 0 for a in grants.values()):
-            raise InvalidRequest("every amount must be positive", param="items")
-        keys = {s: f"{idempotency_key or 'bulk:' + str(uuid.uuid4())}:{s}" for s in grants}
-        subjects = sorted(grants)
-        async with self.pool.acquire() as conn, conn.transaction():
-            if idempotency_key is not None:
-                request = hashlib.sha256(json.dumps([type, sorted(grants.items())]).encode()).hexdigest()
-                if await conn.fetchval(SQL_BULK_CLAIM, idempotency_key, request, subjects) is None:
-                    first = await conn.fetchrow(SQL_BULK_REQUEST, idempotency_key)
-                    if first is None or first["request_hash"] != request:
-                        raise IdempotencyConflict()
-                    return [_transaction(await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s])) for s in subjects]
-                # a key used before bulk grants were recorded (migration 0008) has only its rows
-                done = [await conn.fetchrow(SQL_TX_REQUEST, s, keys[s]) for s in subjects]
-                if any(done):
-                    if not all(done) or any(
-                        r["amount"] != grants[s] or r["type"] != type
-                        for s, r in zip(subjects, done, strict=True)
-                    ):
-                        raise IdempotencyConflict()
-                    return [_transaction(await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s])) for s in subjects]
-            rows, missing = [], []
-            for subject in subjects:
-                row = await conn.fetchrow(
-                    SQL_CREDIT, subject, grants[subject], type, keys[subject], description, {}, None
-                )
-                if row is None:
-                    missing.append(subject)
-                    continue
-                rows.append(row)
-                if type == "allocation":
-                    await conn.execute(SQL_APPLY_BONUS, subject, grants[subject], row["id"])
-            if missing:
-                members = [s for s in missing if await conn.fetchval(SQL_PARENT, s) is not None]
-                if members:
-                    raise AccountIsMember(
-                        f"{len(members)} of {len(grants)} accounts are team members, whose credits "
-                        "are their teams'; nothing was credited",
-                        param="items",
-                        members=members,
-                    )
-                raise AccountNotFound(
-                    f"{len(missing)} of {len(grants)} accounts do not exist; nothing was credited",
-                    param="items",
-                    missing=missing,
-                )
-        await self.changed(*subjects)
+        """Credit several accounts in one transaction: all of them, or (on any error) none
+        (:func:`~litellm_credits.bulk_credits.credit_many`)."""
+        rows = await credit_many(
+            self.pool,
+            grants,
+            type=type,
+            description=description,
+            idempotency_key=idempotency_key,
+            terms=terms,
+        )
+        await self.changed(*sorted(grants))
         return [_transaction(r) for r in rows]
 
     # holds -------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ RETURNING {ACCOUNT_COLUMNS}
 """
 
 # A member's credits are its team's: only refunds (of what it spent before it joined) and
-# adjustments reach its own balance; no row is written for anything else.
+# adjustments reach its own balance; no row is written for anything else. $8-$10 are the terms of
+# the grant the credit opens (category, priority, expiry; NULL: its type's defaults): the trigger
+# credits.apply_to_grants (migration 0010) opens it, or burns grants for a negative adjustment.
 SQL_CREDIT = """
 WITH a AS (
     UPDATE credits.credit_accounts SET balance = balance + $2
@@ -40,8 +42,9 @@ WITH a AS (
     RETURNING balance
 )
 INSERT INTO credits.credit_transactions
-    (subject_id, amount, balance_after, type, idempotency_key, description, metadata, refund_of)
-SELECT $1, $2, a.balance, $3, $4, $5, $6, $7 FROM a
+    (subject_id, amount, balance_after, type, idempotency_key, description, metadata, refund_of,
+     grant_category, grant_priority, grant_expires_at)
+SELECT $1, $2, a.balance, $3, $4, $5, $6, $7, $8, $9, $10 FROM a
 RETURNING id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
 """
 # After an allocation of $2 (transaction $3): the oldest pending percent coupon of account $1
@@ -56,18 +59,22 @@ WITH r AS (
 ), b AS (
     -- div() is the exact integer quotient; "/" would round a long quotient to 6 places before
     -- floor() saw it (a bonus one micro-credit too large on allocations of millions)
-    SELECT r.code, div($2 * r.value, 100)::bigint AS bonus FROM r
+    SELECT r.code, div($2 * r.value, 100)::bigint AS bonus, c.credit_priority,
+           now() + c.credit_valid_days * interval '1 day' AS expires_at
+    FROM r JOIN credits.coupon_codes c ON c.code = r.code
 ), a AS (
     UPDATE credits.credit_accounts SET balance = balance + b.bonus
     FROM b
     WHERE subject_id = $1 AND b.bonus > 0
-    RETURNING balance, b.bonus, b.code
+    RETURNING balance, b.bonus, b.code, b.credit_priority, b.expires_at
 ), t AS (
     INSERT INTO credits.credit_transactions
-        (subject_id, amount, balance_after, type, idempotency_key, description, metadata)
+        (subject_id, amount, balance_after, type, idempotency_key, description, metadata,
+         grant_category, grant_priority, grant_expires_at)
     SELECT $1, a.bonus, a.balance, 'coupon', 'coupon-bonus:' || a.code,
            'coupon ' || a.code || ': bonus on an allocation',
-           jsonb_build_object('coupon', a.code, 'allocation_id', $3::bigint)
+           jsonb_build_object('coupon', a.code, 'allocation_id', $3::bigint),
+           'promotional', a.credit_priority, a.expires_at
     FROM a
     RETURNING id
 )
@@ -95,7 +102,8 @@ SQL_BULK_REQUEST = "SELECT request_hash, subjects FROM credits.bulk_grants WHERE
 
 # what the request behind an idempotency key asked for (compared on a replay)
 SQL_TX_REQUEST = """
-SELECT type, amount, refund_of, metadata FROM credits.credit_transactions
+SELECT type, amount, refund_of, metadata, grant_category, grant_priority, grant_expires_at
+FROM credits.credit_transactions
 WHERE subject_id = $1 AND idempotency_key = $2
 """
 

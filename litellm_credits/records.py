@@ -74,6 +74,27 @@ class Account:
 
 
 @dataclass(frozen=True)
+class GrantTerms:
+    """The terms of the grant a credit opens (migration 0010); None takes the credit type's
+    default: paid (promotional for coupons and bonuses), priority 0, no expiry."""
+
+    category: Literal["paid", "promotional"] | None = None
+    priority: int | None = None  # 0-1000; lower burns first
+    expires_at: datetime | None = None
+
+    def args(self) -> tuple[str | None, int | None, datetime | None]:
+        return self.category, self.priority, self.expires_at
+
+    @classmethod
+    def recorded(cls, row: Any) -> GrantTerms:
+        """The terms a credit asked for, as its ledger row recorded them."""
+        return cls(row["grant_category"], row["grant_priority"], row["grant_expires_at"])
+
+
+DEFAULT_TERMS = GrantTerms()
+
+
+@dataclass(frozen=True)
 class Transaction:
     id: int
     subject_id: str

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from . import auth, db, migrations
 from .cache import Cache, Codec
 from .crypto import Secret, SecretBox
+from .grants import Grants
 from .ledger import Ledger
+from .money import format_credits
 from .openrouter import ModelCatalog, OpenRouterClient
 from .openrouter_accounts import OpenRouterAccounts
 from .pricing import Pricing
@@ -203,6 +205,13 @@ class Runtime:
                 if n:
                     log.warning(
                         "litellm-credits: resolved %d expired holds by policy %r", n, cfg.expiry_policy
+                    )
+                swept = await Grants(ledger.pool, ledger.changed).expire_due(batch=cfg.sweep_batch)
+                if swept.expired:
+                    log.info(
+                        "litellm-credits: expired %s credits of grants on %d accounts",
+                        format_credits(swept.expired),
+                        swept.accounts,
                     )
             except asyncio.CancelledError:
                 raise

@@ -85,9 +85,10 @@ from litellm_credits.errors import (
     TeamHierarchy,
     TeamInsufficientCredits,
 )
+from litellm_credits.grants import Grants
 from litellm_credits.ledger import CreditType, Ledger, Quote, UsageRecord
 from litellm_credits.ledger_sql import ACCOUNT_COLUMNS, SQL_HOLD, SQL_RESOLVE
-from litellm_credits.records import Charge, Hold, Settlement, Transaction
+from litellm_credits.records import DEFAULT_TERMS, Charge, GrantTerms, Hold, Settlement, Transaction
 from litellm_credits.settings import CreditsConfig
 
 from .conftest import CREDITS_TEST_CONFIG, AccountFactory
@@ -128,6 +129,7 @@ class CreditUse:
     amount: int
     type: CreditType
     tx: Transaction
+    terms: GrantTerms = DEFAULT_TERMS
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,25 @@ class RefundUse:
     transaction_id: int
     amount: int | None  # as asked: None refunds what was left
     tx: Transaction
+
+
+@dataclass
+class MGrant:
+    """A credit grant (migration 0010): usage burns the live ones in order."""
+
+    seq: int  # its place among the account's grants (their ids' order)
+    category: str
+    priority: int
+    rank: int | None  # it expires this many days after its credit; None: never
+    remaining: int
+    past: bool = False  # its expiry was moved into the past
+    status: str = "live"
+
+    def expiry_key(self) -> tuple[int, int]:
+        """Its expires_at's order: moved into the past, then in the future, then never."""
+        if self.rank is None:
+            return (2, 0)
+        return (0 if self.past else 1, self.rank)
 
 
 @dataclass
@@ -155,10 +176,98 @@ class MAccount:
     keys: dict[str, CreditUse | RefundUse] = field(default_factory=dict)
     percent: list[tuple[str, int]] = field(default_factory=list)  # pending (code, micro-percent)
     redeemed: dict[str, int | None] = field(default_factory=dict)  # code -> transaction id
+    grants: list[MGrant] = field(default_factory=list)
+    owed: int = 0  # usage no grant covered (the account's overrun column)
+    # what each usage row took from each grant (None: as owed), net of its refunds so far
+    shares: dict[int, dict[int | None, int]] = field(default_factory=dict)
 
     @property
     def available(self) -> int:
         return self.balance - self.held
+
+    def grant(self, amount: int, category: str, priority: int | None = None, rank: int | None = None) -> None:
+        """A credit opens a grant, which pays off what is owed first."""
+        pay = min(self.owed, amount)
+        self.owed -= pay
+        status = "live" if amount > pay else "used"
+        self.grants.append(
+            MGrant(len(self.grants), category, priority or 0, rank, amount - pay, status=status)
+        )
+
+    def burn(self, need: int, tx: int) -> None:
+        """A debit burns live grants: past their expiry (kept for holds) first, then by priority,
+        expiry and age; what they do not cover is owed."""
+        shares = self.shares.setdefault(tx, {})
+        live = [g for g in self.grants if g.status == "live"]
+        for g in sorted(live, key=lambda g: (not g.past, g.priority, g.expiry_key(), g.seq)):
+            if need == 0:
+                break
+            take = min(g.remaining, need)
+            g.remaining -= take
+            need -= take
+            g.status = "used" if g.remaining == 0 else "live"
+            shares[g.seq] = shares.get(g.seq, 0) + take
+        if need:
+            self.owed += need
+            shares[None] = shares.get(None, 0) + need
+
+    def refund(self, amount: int, tx: int) -> int:
+        """A refund gives back to the grants its charge burnt, the last burnt first (the owed
+        share before any); returns what it wrote off at once (grants that expired since)."""
+        shares = self.shares.get(tx, {})
+        written = 0
+
+        def order(item: tuple[int | None, int]) -> tuple[int, tuple[int, int, tuple[int, int], int]]:
+            seq = item[0]
+            if seq is None:
+                return (1, (0, 0, (0, 0), 0))
+            g = self.grants[seq]
+            return (0, (0, g.priority, g.expiry_key(), g.seq))
+
+        for seq, share in sorted(shares.items(), key=order, reverse=True):
+            if amount == 0:
+                break
+            if share <= 0:
+                continue
+            give = min(share, amount)
+            amount -= give
+            shares[seq] = share - give
+            if seq is None:
+                pay = min(self.owed, give)
+                self.owed -= pay
+                if give > pay:
+                    self.grants.append(MGrant(len(self.grants), "paid", 0, None, give - pay))
+            elif self.grants[seq].status != "expired" and not self.grants[seq].past:
+                self.grants[seq].remaining += give
+                self.grants[seq].status = "live"
+            else:
+                written += give
+                self.balance -= give
+                self.rows += 1
+        if amount > 0:  # (a charge from before grants: never in this model)
+            self.grants.append(MGrant(len(self.grants), "paid", 0, None, amount))
+        return written
+
+    def expire(self) -> int:
+        """What is left of grants past their expiry expires, but what its own open holds need
+        beyond the credit that stays; returns how much."""
+        due = sorted(
+            (g for g in self.grants if g.status == "live" and g.past),
+            key=lambda g: (g.priority, g.expiry_key(), g.seq),
+        )
+        total_due = sum(g.remaining for g in due)
+        keep = min(total_due, max(0, self.held - (self.balance - total_due))) if self.parent is None else 0
+        expired = 0
+        for g in due:
+            kept = min(g.remaining, keep)
+            keep -= kept
+            if g.remaining > kept:
+                expired += g.remaining - kept
+                self.rows += 1
+            g.remaining = kept
+            g.status = "live" if kept else "expired"
+        self.balance -= expired
+        return expired
 
     def cap_rooms(self) -> list[tuple[str, int | None]]:
         """What each of its caps leaves a request (None: no such cap)."""
@@ -323,6 +432,30 @@ LEFT JOIN (SELECT member_id AS subject_id, sum(amount) AS open FROM credits.hold
            WHERE status = 'open' AND debits AND member_id IS NOT NULL GROUP BY 1) mh USING (subject_id)
 LEFT JOIN (SELECT subject_id, count(*) AS n FROM credits.usage_events GROUP BY 1) e USING (subject_id)
 """
+# ... and its grants, in order, and what the live ones have left
+SQL_CHECK = SQL_CHECK.replace(
+    "AS holds\n",
+    """AS holds,
+       a.overrun,
+       (SELECT coalesce(sum(g.remaining), 0) FROM credits.grants g
+        WHERE g.subject_id = a.subject_id AND g.status = 'live') AS grants_left,
+       (SELECT coalesce(json_agg(json_build_array(g.remaining, g.status) ORDER BY g.id), '[]')
+        FROM credits.grants g WHERE g.subject_id = a.subject_id) AS grants
+""",
+)
+# a grant's expiry moved into the past (its start before it), keeping the order of expiries
+SQL_GRANT_PAST = """
+WITH g AS (
+    SELECT id FROM credits.grants WHERE subject_id = $1 ORDER BY id OFFSET $2 LIMIT 1
+), moved AS (
+    UPDATE credits.grants x SET effective_at = timestamptz '1999-12-31 00:00:00+00',
+                                expires_at = timestamptz '2000-01-01 00:00:00+00' + $3 * interval '1 second'
+    FROM g WHERE x.subject_id = $1 AND x.id = g.id
+    RETURNING x.expires_at
+)
+UPDATE credits.credit_accounts a SET grants_due_at = least(a.grants_due_at, moved.expires_at)
+FROM moved WHERE a.subject_id = $1
+"""
 # an expiry in the past, ordered as the model moved them (the sweeper resolves the oldest first);
 # created_at moves too, since a hold must expire after it was created
 SQL_MOVE_EXPIRY = """
@@ -468,6 +601,15 @@ class LedgerModel(RuleBasedStateMachine):
                 self.model[who].spend += amount
                 self.model[who].day_spend += amount
         self.model[h.subject].balance -= amount
+
+    def expire_before_hold(self, account: str) -> None:
+        """A hold expires what is due on the account and its team first (take_hold's wrapper)."""
+        m = self.model.get(account)
+        if m is None:
+            return
+        if m.parent is not None:
+            self.model[m.parent].expire()
+        m.expire()
 
     def released(self, h: MHold) -> None:
         for who in (h.subject, h.member):
@@ -643,17 +785,32 @@ class LedgerModel(RuleBasedStateMachine):
             m.percent.pop(0)
             m.balance += bonus
             m.rows += 1
+            m.grant(bonus, "promotional")
 
     @rule(
         account=accounts,
         amount=POSITIVE,
         type=st.sampled_from(["allocation", "allocation", "bonus", "adjustment"]),
         keyed=st.booleans(),
+        category=st.sampled_from([None, None, "paid", "promotional"]),
+        priority=st.one_of(st.none(), st.integers(0, 3)),
+        rank=st.one_of(st.none(), st.integers(1, 5)),
     )
-    def credit(self, account: str, amount: int, type: CreditType, keyed: bool) -> None:
+    def credit(
+        self,
+        account: str,
+        amount: int,
+        type: CreditType,
+        keyed: bool,
+        category: Literal["paid", "promotional"] | None,
+        priority: int | None,
+        rank: int | None,
+    ) -> None:
         m = self.model[account]
         key = self.fresh("key") if keyed else None
-        call = self.ledger().credit(account, amount, type=type, idempotency_key=key)
+        expires = None if rank is None else datetime.now(timezone.utc) + timedelta(days=rank)
+        terms = GrantTerms(category, priority, expires)
+        call = self.ledger().credit(account, amount, type=type, idempotency_key=key, terms=terms)
         if m.parent is not None and type != "adjustment":  # a member's credits are its team's
             error = self.h.fails(AccountIsMember, call)
             assert error.details["team_id"] == m.parent
@@ -662,11 +819,12 @@ class LedgerModel(RuleBasedStateMachine):
         m.balance += amount
         m.rows += 1
         assert (tx.subject_id, tx.amount, tx.type, tx.balance_after) == (account, amount, type, m.balance)
+        m.grant(amount, category or ("promotional" if type == "bonus" else "paid"), priority, rank)
         if type == "allocation":
             self._allocated(m, amount)
         if key is not None:
             assert tx.idempotency_key == key
-            m.keys[key] = CreditUse(amount, type, tx)
+            m.keys[key] = CreditUse(amount, type, tx, terms)
             self.keyed.append((account, key))
 
     @precondition(lambda self: bool(self.keyed))
@@ -697,13 +855,19 @@ class LedgerModel(RuleBasedStateMachine):
             return
         credit_type = use.type
         if variant == "same":
-            again = self.h.run(ledger.credit(account, use.amount, type=credit_type, idempotency_key=key))
+            again = self.h.run(
+                ledger.credit(account, use.amount, type=credit_type, idempotency_key=key, terms=use.terms)
+            )
             assert again == use.tx
             return
         other_type: CreditType = "bonus" if use.type == "allocation" else "allocation"
         call = {
-            "amount": lambda: ledger.credit(account, use.amount + 1, type=credit_type, idempotency_key=key),
-            "other": lambda: ledger.credit(account, use.amount, type=other_type, idempotency_key=key),
+            "amount": lambda: ledger.credit(
+                account, use.amount + 1, type=credit_type, idempotency_key=key, terms=use.terms
+            ),
+            "other": lambda: ledger.credit(
+                account, use.amount, type=other_type, idempotency_key=key, terms=use.terms
+            ),
             "cross": lambda: ledger.refund(
                 account, self._other_transaction(account, None), idempotency_key=key
             ),
@@ -744,6 +908,7 @@ class LedgerModel(RuleBasedStateMachine):
             m.balance += grants[tx.subject_id]
             m.rows += 1
             assert (tx.amount, tx.type, tx.balance_after) == (grants[tx.subject_id], type, m.balance)
+            m.grant(tx.amount, "promotional" if type == "bonus" else "paid")
             if type == "allocation":
                 self._allocated(m, tx.amount)
         if key is not None:
@@ -800,6 +965,7 @@ class LedgerModel(RuleBasedStateMachine):
         lost_reply: bool,
         clamp: bool,
     ) -> Any:
+        self.expire_before_hold(account)
         m = self.model[account]
         payer = self.payer(account)  # a member's team: its tier prices the request
         if edge is not None:  # exactly what is left, or one micro-credit either side of it
@@ -849,6 +1015,7 @@ class LedgerModel(RuleBasedStateMachine):
         hold (the caller compares: charges hash their request, see charge())."""
         h = self.hold_model[hold]
         assert h.request is not None and h.first is not None
+        self.expire_before_hold(h.member or h.subject)
         req = HoldRequest(h.request.base + bigger, h.request.quoted, h.request.debits, h.request.clamp)
         again = self.h.run(self._hold_call(h.member or h.subject, req, hold))
         assert again.replayed
@@ -895,6 +1062,7 @@ class LedgerModel(RuleBasedStateMachine):
         h.settlement = result
         if result.transaction_id is not None:
             self.usage.append(MUsage(result.transaction_id, h.subject, charge))
+            m.burn(charge, result.transaction_id)
 
     @staticmethod
     def _charge_of(h: MHold, how: str, delta: int) -> int:
@@ -991,9 +1159,10 @@ class LedgerModel(RuleBasedStateMachine):
                 )
             )
             assert sorted(r["hold_id"] for r in rows) == sorted(captured)
-            for r in rows:
+            for r in sorted(rows, key=lambda r: r["id"]):  # burnt in the order they were written
                 assert r["amount"] == -self.hold_model[r["hold_id"]].amount
                 self.usage.append(MUsage(r["id"], r["subject_id"], -r["amount"]))
+                self.model[r["subject_id"]].burn(-r["amount"], r["id"])
 
     # charges for services outside the proxy -----------------------------------------------
 
@@ -1016,6 +1185,7 @@ class LedgerModel(RuleBasedStateMachine):
         lost_reply=st.sampled_from([None, None, "hold", "settle"]),
     )
     def charge(self, account: str, amount: int, edge: int | None, lost_reply: str | None) -> None:
+        self.expire_before_hold(account)
         m = self.payer(account)  # a member's charge is its team's
         if edge is not None:
             amount = self.base_for(m.tier, max(0, self.room(account) + edge))
@@ -1048,6 +1218,7 @@ class LedgerModel(RuleBasedStateMachine):
             assert (done.transaction.amount, done.transaction.type) == (-debit, "usage")
             assert done.transaction.balance_after == m.balance
             self.usage.append(MUsage(done.transaction.id, m.subject, debit))
+            m.burn(debit, done.transaction.id)
         else:
             assert done.transaction is None
         self.charged.append(ChargeUse(account, key, amount, "web-search", done, m.subject))
@@ -1058,6 +1229,7 @@ class LedgerModel(RuleBasedStateMachine):
         """A charge's key sent again, whatever the balance is now: the first charge, replayed;
         another price or usage under the key is a conflict."""
         use = self.charged[pick % len(self.charged)]
+        self.expire_before_hold(use.subject)
         if variant == "same":
             again = self.h.run(self._charge_call(use.subject, use.base, use.key, use.service_model))
             first = use.first
@@ -1107,6 +1279,7 @@ class LedgerModel(RuleBasedStateMachine):
         m.rows += 1
         u.refunded += given
         assert (tx.type, tx.amount, tx.balance_after) == ("refund", given, m.balance)
+        m.refund(given, u.id)
         if key is not None:
             m.keys[key] = RefundUse(u.id, amount, tx)
             self.keyed.append((subject, key))
@@ -1205,6 +1378,7 @@ class LedgerModel(RuleBasedStateMachine):
             m.balance += c.value
             m.rows += 1
             assert (redeemed.credited, redeemed.balance) == (c.value, m.balance)
+            m.grant(c.value, "promotional")
             m.redeemed[code] = redeemed.transaction_id
         uses = self.h.run(
             self.h.admin.fetchval("SELECT uses FROM credits.coupon_codes WHERE code = $1", code)
@@ -1219,6 +1393,24 @@ class LedgerModel(RuleBasedStateMachine):
         deactivated = self.h.run(self.h.coupons.deactivate(coupon.code))
         assert (deactivated["active"], deactivated["uses"]) == (False, coupon.uses)
         coupon.active = False
+
+    # grants -------------------------------------------------------------------------------
+
+    @rule(account=accounts, pick=PICK, then=st.sampled_from(["sweep", "sweep", "nothing"]))
+    def grant_expires(self, account: str, pick: int, then: str) -> None:
+        """The clock passes a grant's expiry (it moves into the past, in its expiry's order); the
+        sweeper expires what is due, or the next hold, settlement or refund meets it first."""
+        m = self.model[account]
+        expiring = [g for g in m.grants if g.rank is not None and not g.past]
+        if not expiring:
+            return
+        g = expiring[pick % len(expiring)]
+        g.past = True
+        self.h.run(self.h.admin.execute(SQL_GRANT_PAST, account, g.seq, g.rank))
+        if then == "sweep":
+            swept = self.h.run(Grants(self.h.pool).expire_due(batch=1000))
+            expired = sum(a.expire() for a in self.model.values())
+            assert swept.expired == expired
 
     # invariants ---------------------------------------------------------------------------
 
@@ -1248,6 +1440,11 @@ class LedgerModel(RuleBasedStateMachine):
             got_team = (r["parent_id"], r["daily_cap"], r["request_cap"], r["day_spend"])
             assert got_team == (m.parent, m.daily, m.request, m.day_spend), subject
             assert (r["ledger_rows"], r["events"]) == (m.rows, m.events), subject
+            # balance = what live grants have left - what no grant covered
+            assert r["balance"] == r["grants_left"] - r["overrun"], f"{subject}: grants disagree"
+            got_grants = [tuple(g) for g in json.loads(r["grants"])]
+            assert got_grants == [(g.remaining, g.status) for g in m.grants], subject
+            assert r["overrun"] == m.owed, subject
             # every way below zero is an overrun the model recorded (what it holds as a member is
             # its team's money, not its own)
             assert r["balance"] - r["open_paid"] + m.overrun >= 0, subject

@@ -6,14 +6,18 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from litellm_credits import migrations
+from litellm_credits import db, migrations
+from litellm_credits.grants import Grants
+from litellm_credits.ledger import Ledger, UsageRecord
 from litellm_credits.migrations import Migration
+from litellm_credits.records import GrantTerms
 
 
 async def _connect(dsn: str) -> asyncpg.Connection:
@@ -125,3 +129,68 @@ def test_cli_accounts_allocate_balance_verify(fresh_database: Callable[[], str])
     assert _cli(dsn, "verify").returncode == 0
     bad = _cli(dsn, "allocate", "carol", "1.0000001")
     assert bad.returncode == 2 and "decimal places" in bad.stderr
+
+
+async def test_grants_migration_converts_balances_in_place(
+    fresh_database: Callable[[], str],
+) -> None:
+    """0010 from 0009 with accounts in every state: each positive balance becomes one paid grant
+    without expiry, a negative one the overrun; open holds, refunds and usage carry on after it."""
+    dsn = fresh_database()
+    conn = await _connect(dsn)
+    pool = await db.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        every = migrations.load_migrations()
+        before = [m for m in every if m.version < 10]
+        await migrations.migrate(conn, before)
+        # the schema of 0009, written as that version's ledger wrote it
+        await conn.execute(
+            """
+            INSERT INTO credits.credit_accounts (subject_id, balance) VALUES
+                ('rich', 7000000), ('broke', -1500000), ('empty', 0), ('team', 5000000);
+            INSERT INTO credits.credit_accounts (subject_id, parent_id) VALUES ('member', 'team');
+            INSERT INTO credits.credit_transactions
+                (subject_id, amount, balance_after, type, idempotency_key) VALUES
+                ('rich', 10000000, 10000000, 'allocation', 'a1'),
+                ('rich', -3000000, 7000000, 'usage', 'u1'),
+                ('broke', 1000000, 1000000, 'allocation', 'a2'),
+                ('broke', -2500000, -1500000, 'usage', 'u2'),
+                ('team', 5000000, 5000000, 'allocation', 'a3');
+            UPDATE credits.credit_accounts SET held = 1000000 WHERE subject_id = 'rich';
+            INSERT INTO credits.holds (id, subject_id, amount, expires_at)
+            VALUES ('00000000-0000-0000-0000-000000000001', 'rich', 1000000, now() + interval '1 hour');
+            """
+        )
+        applied = await migrations.migrate(conn)
+        assert [m.version for m in applied] == [m.version for m in every if m.version >= 10]
+
+        grants = await conn.fetch(
+            "SELECT subject_id, category, source, amount, remaining, expires_at"
+            " FROM credits.grants ORDER BY subject_id"
+        )
+        assert [tuple(g) for g in grants] == [
+            ("rich", "paid", "migration", 7000000, 7000000, None),
+            ("team", "paid", "migration", 5000000, 5000000, None),
+        ]
+        overrun = dict(await conn.fetch("SELECT subject_id, overrun FROM credits.credit_accounts"))
+        assert overrun == {"rich": 0, "broke": 1500000, "empty": 0, "team": 0, "member": 0}
+        assert await conn.fetch("SELECT * FROM credits.v_ledger_discrepancies") == []
+
+        # the old schema's data carries on: the open hold settles on the migrated grant, a refund of
+        # old usage (no grant paid for it) comes back as a paid grant, and a credit to the broke
+        # account pays its overrun first
+        ledger = Ledger(pool)
+        await ledger.settle("rich", uuid.UUID(int=1), 2000000, UsageRecord(model="m"))
+        usage = await conn.fetchval("SELECT id FROM credits.credit_transactions WHERE idempotency_key = 'u1'")
+        await ledger.refund("rich", usage, 1000000)
+        await ledger.credit("broke", 2000000, terms=GrantTerms("promotional", 1, None))
+        summary = await Grants(pool).summary("rich")
+        assert (summary["paid"], summary["overrun"]) == ("6.000000", "0.000000")
+        broke = await Grants(pool).summary("broke")
+        assert (broke["promotional"], broke["overrun"]) == ("0.500000", "0.000000")
+        held = await ledger.hold("member", 1000000, ttl_seconds=60)
+        await ledger.settle("team", held.id, 1000000, UsageRecord(model="m"))
+        assert await conn.fetch("SELECT * FROM credits.v_ledger_discrepancies") == []
+    finally:
+        await pool.close()
+        await conn.close()

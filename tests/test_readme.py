@@ -118,3 +118,11 @@ def test_readme_team_pools_example_runs(served: tuple[str, str]) -> None:
     assert refused == "refused 402 member_cap_exceeded daily"
     assert members == "members ['dana']"
     assert 19.9 < float(balance.removeprefix("team balance ")) <= 20  # (settled in the background)
+
+
+def test_readme_grants_example_runs(served: tuple[str, str]) -> None:
+    promotional, paid, made_of = run_example(served, "grants")
+    # the demo model's call (0.0135 credits) burnt the promotion, which expires, before the paid credits
+    assert promotional == "promotional 0.500000 left 0.486500"
+    assert paid == "paid 10.000000 left 10.000000"
+    assert made_of == "promotional 0.486500 expiring 0.486500"

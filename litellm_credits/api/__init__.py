@@ -11,6 +11,7 @@ from ..runtime import Runtime
 from .admin import add_admin_routes
 from .charges import add_charge_routes
 from .coupon_routes import add_coupon_routes
+from .grant_routes import add_grant_routes
 from .openrouter_routes import add_openrouter_routes
 from .routes import ERROR_RESPONSES, SECURITY_HEADERS, CreditsRoute, add_fallback_routes
 from .team_routes import add_team_routes
@@ -28,6 +29,7 @@ def build_router(runtime: Runtime, price_of: Callable[[str], ModelPrice] | None 
     add_charge_routes(router, runtime, price_of)
     add_coupon_routes(router, runtime)
     add_team_routes(router, runtime)
+    add_grant_routes(router, runtime)
     add_openrouter_routes(router, runtime)
     add_fallback_routes(router)  # last: only what no route above matched
     return router

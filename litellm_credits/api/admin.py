@@ -83,6 +83,7 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
             type=body.type,
             idempotency_key=body.idempotency_key,
             description=body.reason,
+            terms=body.terms(),
         )
         return _credited(tx)
 
@@ -203,6 +204,7 @@ def add_admin_routes(router: APIRouter, runtime: Runtime) -> None:
             type=body.type,
             description=body.reason,
             idempotency_key=body.idempotency_key,
+            terms=body.terms(),
         )
         return {
             "count": len(txs),

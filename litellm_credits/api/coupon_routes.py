@@ -11,7 +11,7 @@ from ..coupons import Coupons
 from ..errors import InvalidRequest
 from ..money import format_credits, micro_ceil
 from ..runtime import Runtime
-from . import schemas
+from . import coupon_schemas
 from .routes import CHARGE_ROUTE, AdminDep, CallerDep, Limit, Offset, UserIdQuery, target
 
 CodePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{3,64}$")]
@@ -22,8 +22,8 @@ def add_coupon_routes(router: APIRouter, runtime: Runtime) -> None:
         ledger = await runtime.ledger()
         return Coupons(ledger.pool, ledger.changed)
 
-    @router.post("/admin/credits/coupons", status_code=201, response_model=schemas.Coupon)
-    async def create_coupon(body: schemas.CreateCoupon, _: AdminDep) -> dict[str, Any]:
+    @router.post("/admin/credits/coupons", status_code=201, response_model=coupon_schemas.Coupon)
+    async def create_coupon(body: coupon_schemas.CreateCoupon, _: AdminDep) -> dict[str, Any]:
         """Create a coupon; codes are case-insensitive (stored in capitals)."""
         cfg = runtime.settings.credits
         if body.type == "fixed" and body.value > micro_ceil(cfg.max_amount):
@@ -40,9 +40,11 @@ def add_coupon_routes(router: APIRouter, runtime: Runtime) -> None:
             max_uses=body.max_uses,
             expires_at=body.expires_at,
             tiers=body.tiers,
+            credit_valid_days=body.credit_valid_days,
+            credit_priority=body.credit_priority,
         )
 
-    @router.get("/admin/credits/coupons", response_model=schemas.CouponPage)
+    @router.get("/admin/credits/coupons", response_model=coupon_schemas.CouponPage)
     async def list_coupons(
         _: AdminDep, active: Annotated[bool | None, Query()] = None, limit: Limit = 50, offset: Offset = 0
     ) -> dict[str, Any]:
@@ -50,13 +52,17 @@ def add_coupon_routes(router: APIRouter, runtime: Runtime) -> None:
         items, total = await (await coupons()).list(active=active, limit=limit, offset=offset)
         return {"items": items, "total": total, "limit": limit, "offset": offset}
 
-    @router.post("/admin/credits/coupons/{code}/deactivate", response_model=schemas.Coupon)
+    @router.post("/admin/credits/coupons/{code}/deactivate", response_model=coupon_schemas.Coupon)
     async def deactivate_coupon(code: CodePath, _: AdminDep) -> dict[str, Any]:
         """No one can redeem it from now on; pending percent bonuses still pay."""
         return await (await coupons()).deactivate(code)
 
-    @router.post("/credits/coupons/redeem", response_model=schemas.Redeemed, openapi_extra=CHARGE_ROUTE)
-    async def redeem(body: schemas.Redeem, caller: CallerDep, user_id: UserIdQuery = None) -> dict[str, Any]:
+    @router.post(
+        "/credits/coupons/redeem", response_model=coupon_schemas.Redeemed, openapi_extra=CHARGE_ROUTE
+    )
+    async def redeem(
+        body: coupon_schemas.Redeem, caller: CallerDep, user_id: UserIdQuery = None
+    ) -> dict[str, Any]:
         """Redeem a coupon for the caller's account (once per account)."""
         subject = target(caller, user_id)
         r = await (await coupons()).redeem(subject, body.code)

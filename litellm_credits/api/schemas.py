@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 
 from ..history import PeriodError, instant
 from ..money import AmountError, JSONNumber, format_credits, parse_credits
+from ..records import GrantTerms
+from .grant_schemas import GrantSummary
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SUBJECT = re.compile(r"^[A-Za-z0-9._:@+\-]{1,256}$")
@@ -86,7 +88,30 @@ class CreateAccount(_In):
     request_cap: NonNegativeAmount | None = Field(None, description="credits one request may hold")
 
 
-class Allocate(_In):
+def _future(value: datetime) -> datetime:
+    if value <= datetime.now(timezone.utc):
+        raise ValueError("expires_at must be in the future")
+    return value
+
+
+class GrantTermsIn(_In):
+    """The grant a credit opens: usage burns grants by priority, then the earliest expiry."""
+
+    category: Literal["paid", "promotional"] | None = Field(
+        None, description="default: paid (promotional for a bonus)"
+    )
+    priority: Annotated[int, Strict()] | None = Field(
+        None, ge=0, le=1000, description="lower burns first (0)"
+    )
+    expires_at: Annotated[datetime, AfterValidator(_moment), AfterValidator(_future)] | None = Field(
+        None, description="when what is left of it expires (default: never)"
+    )
+
+    def terms(self) -> GrantTerms:
+        return GrantTerms(self.category, self.priority, self.expires_at)
+
+
+class Allocate(GrantTermsIn):
     user_id: SubjectId
     amount: PositiveAmount = Field(description="credits to add, a decimal string with up to 6 places")
     reason: Text | None = None
@@ -152,6 +177,7 @@ class TransactionPage(BaseModel):
 
 
 class Balance(Account):
+    grants: GrantSummary = Field(description="what the balance is made of, and its next expiry")
     recent_transactions: list[Transaction] | None = Field(None, description="with include_history=true")
 
 
@@ -357,7 +383,7 @@ class Grant(_In):
     amount: PositiveAmount
 
 
-class BulkAllocate(_In):
+class BulkAllocate(GrantTermsIn):
     items: Annotated[list[Grant], Field(min_length=1, max_length=1000)]
     reason: Text | None = None
     type: Literal["allocation", "bonus"] = "allocation"
@@ -433,61 +459,6 @@ class Health(BaseModel):
     counters: dict[str, int] = Field(description="this process's counters since it started")
 
 
-CouponCode = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{3,64}$", description="letters, digits, _ and -")]
-
-
-class CreateCoupon(_In):
-    code: CouponCode
-    type: Literal["fixed", "percent"]
-    value: PositiveAmount = Field(
-        description="credits (fixed) or a percentage of the next allocation (percent)"
-    )
-    max_uses: Annotated[int, Strict(), Field(ge=1, le=10_000_000)] | None = None
-    expires_at: Annotated[datetime, AfterValidator(_moment)] | None = None
-    tiers: Annotated[list[Tier], Field(min_length=1, max_length=50)] | None = Field(
-        None, description="only accounts in these tiers may redeem it"
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> CreateCoupon:
-        if self.type == "percent" and self.value > 1000 * 1_000_000:
-            raise ValueError("a percent coupon is at most 1000 (percent)")
-        return self
-
-
-class Coupon(BaseModel):
-    code: str
-    type: str
-    value: str
-    max_uses: int | None
-    uses: int
-    expires_at: str | None
-    tiers: list[str] | None
-    active: bool
-    created_at: str
-
-
-class CouponPage(BaseModel):
-    items: list[Coupon]
-    total: int
-    limit: int
-    offset: int
-
-
-class Redeem(_In):
-    code: CouponCode
-
-
-class Redeemed(BaseModel):
-    user_id: str
-    code: str
-    type: str
-    value: str
-    credited: str = Field(description="credits granted now (a percent coupon pays on the next allocation)")
-    balance: str | None
-    transaction_id: int | None
-
-
 class ProvisionOpenRouter(_In):
     user_id: SubjectId
 
@@ -538,10 +509,7 @@ __all__ = [
     "CalculateCost",
     "Charged",
     "CostQuote",
-    "Coupon",
-    "CouponPage",
     "CreateAccount",
-    "CreateCoupon",
     "CreateKey",
     "Deduct",
     "Distribution",
@@ -554,8 +522,6 @@ __all__ = [
     "OpenRouterStatus",
     "PositiveAmount",
     "ProvisionOpenRouter",
-    "Redeem",
-    "Redeemed",
     "Refund",
     "Refunded",
     "SetMonthlyCap",

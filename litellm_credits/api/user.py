@@ -16,6 +16,7 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
 from ..errors import AccountNotFound, NotFound, PermissionDenied
+from ..grants import Grants
 from ..history import Dimension, History, Period, TransactionType, TxFilter
 from ..ledger import Account, Transaction
 from ..money import format_credits
@@ -92,6 +93,7 @@ def add_user_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) 
         """The caller's balance, held amount, tier and monthly cap."""
         subject = target(caller, user_id)
         body = (await _account(runtime, subject)).to_json()
+        body["grants"] = await Grants((await runtime.ledger()).pool).summary(subject)
         if include_history:
             items, _ = await (await history()).page(subject, limit=10, offset=0)
             body["recent_transactions"] = [t.to_json() for t in items]
