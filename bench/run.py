@@ -1,6 +1,7 @@
 """Benchmark: ledger hold+settle throughput, pre-call hook latency, and a pgbench baseline; and the
 paths of affordable holds beside the plain one: clamped holds, team members (spread over many
-teams, and all of one team), and the hook with a share of nearly empty accounts.
+teams, and all of one team), and the hook with a share of nearly empty accounts; and accounts whose
+credit is several grants.
 
     python bench/run.py            # 10 s per phase (about 3 minutes in all)
     python bench/run.py --quick    # 2 s per phase, a smoke run
@@ -21,6 +22,7 @@ import secrets
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -30,7 +32,7 @@ import harness as h
 from litellm_credits import migrations
 from litellm_credits.hooks import CreditsHandler
 from litellm_credits.ledger import UsageRecord
-from litellm_credits.records import Quote
+from litellm_credits.records import GrantTerms, Quote
 from litellm_credits.runtime import Runtime
 from litellm_credits.settings import CreditsConfig, Settings
 
@@ -102,18 +104,31 @@ async def main(args: argparse.Namespace) -> None:
             if parent is None:
                 await ledger.credit(subject, opening, description="bench opening balance")
 
+        async def open_graded(subject: str) -> None:
+            """An account whose credit is three grants: two promotional ones that expire, burnt
+            first, and a paid one (the burn reads all three)."""
+            await ledger.create_account(subject, tier="free")
+            soon = datetime.now(timezone.utc) + timedelta(days=30)
+            await ledger.credit(subject, OPENING // 4, terms=GrantTerms("promotional", 0, soon))
+            later = soon + timedelta(days=30)
+            await ledger.credit(subject, OPENING // 4, terms=GrantTerms("promotional", 1, later))
+            await ledger.credit(subject, OPENING // 2)
+
         lean = [f"bench-lean-{i:04d}" for i in range(SUBJECTS)]
+        graded = [f"bench-grants-{i:04d}" for i in range(SUBJECTS)]
         teams = [f"bench-team-{i:03d}" for i in range(TEAMS)]
         members = [f"{teams[i % TEAMS]}-m{i:04d}" for i in range(SUBJECTS)]
         hot_members = [f"bench-hot-team-m{i:04d}" for i in range(SUBJECTS)]
         await asyncio.gather(*(open_account(s) for s in [*subjects, "bench-hot", *teams, "bench-hot-team"]))
         await asyncio.gather(*(open_account(s, LEAN) for s in lean))
+        await asyncio.gather(*(open_graded(s) for s in graded))
         await asyncio.gather(
             *(open_account(m, parent=m.rsplit("-m", 1)[0]) for m in [*members, *hot_members])
         )
         print(
             f"== scratch database {name}: {SUBJECTS} accounts + 1 hot account, {SUBJECTS} nearly empty "
-            f"accounts, {SUBJECTS} members of {TEAMS} teams and {SUBJECTS} of one team; "
+            f"accounts, {SUBJECTS} members of {TEAMS} teams and {SUBJECTS} of one team, {SUBJECTS} "
+            "accounts of three grants each; "
             f"{clients} callers, {seconds} s per phase after {warmup} s warm-up"
         )
 
@@ -168,6 +183,14 @@ async def main(args: argparse.Namespace) -> None:
             warmup=warmup,
         )
         print(team_hot.line("cycles"))
+        graded_spread = await h.measure(
+            f"[9] ledger hold+settle, {SUBJECTS} subjects of three grants each, {clients} callers",
+            lambda: cycle(random.choice(graded)),
+            clients=clients,
+            seconds=seconds,
+            warmup=warmup,
+        )
+        print(graded_spread.line("cycles"))
 
         handler = CreditsHandler(runtime, deployments=lambda g: [])
 
@@ -249,7 +272,7 @@ async def main(args: argparse.Namespace) -> None:
 
         print("\n== summary")
         print("| figure | rate | p50 ms | p99 ms |\n|---|---:|---:|---:|")
-        cycles = (spread, hot, clamped, team_spread, team_hot)
+        cycles = (spread, hot, clamped, team_spread, team_hot, graded_spread)
         rows = (
             *((p, "cycles/s") for p in cycles),
             *((ph, "calls/s") for ph in (*hook_phases, *release_phases)),
@@ -264,6 +287,7 @@ async def main(args: argparse.Namespace) -> None:
             (release_phases[1], release_phases[0]),
             (release_phases[3], release_phases[2]),
             (team_spread, spread),
+            (graded_spread, spread),
         ):
             print(
                 f"ratio, {new.label[4:]} ÷ {base.label[4:]}: rate {new.rate / base.rate:.3f}, "
