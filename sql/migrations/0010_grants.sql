@@ -38,7 +38,9 @@ ALTER TABLE credits.credit_transactions
     -- the terms of the grant a credit opens (NULL: the defaults of its type, below)
     ADD COLUMN grant_category   text CHECK (grant_category IN ('paid', 'promotional')),
     ADD COLUMN grant_priority   integer CHECK (grant_priority BETWEEN 0 AND 1000),
-    ADD COLUMN grant_expires_at timestamptz;
+    ADD COLUMN grant_expires_at timestamptz,
+    -- a debit that one grant covered: that grant (no grant_burns row is written for it)
+    ADD COLUMN grant_id         bigint;
 
 ALTER TABLE credits.credit_accounts
     -- usage no grant covered, paid off first by the next credit
@@ -81,7 +83,8 @@ CREATE INDEX grants_due ON credits.grants (expires_at) WHERE status = 'live' AND
 CREATE INDEX grants_by_subject ON credits.grants (subject_id, created_at DESC, id DESC);
 
 -- Which grants paid for a ledger row (amount > 0: burnt by it), or got credit back from a refund
--- (amount < 0); grant_id NULL is the share taken as (or given back to) the overrun.
+-- (amount < 0); grant_id NULL is the share taken as (or given back to) the overrun. A debit that one
+-- grant covered (the common settlement) names it in its own row instead (credit_transactions.grant_id).
 CREATE TABLE credits.grant_burns (
     subject_id     text   NOT NULL,
     transaction_id bigint NOT NULL,
@@ -177,14 +180,19 @@ BEGIN
         v_left := NEW.amount;
         FOR r IN
             SELECT b.grant_id, sum(b.amount) AS share, g.status, g.expires_at
-            FROM credits.grant_burns b
-            LEFT JOIN credits.grants g ON g.subject_id = b.subject_id AND g.id = b.grant_id
-            WHERE b.subject_id = NEW.subject_id
-              AND b.transaction_id IN (
-                  SELECT NEW.refund_of
-                  UNION ALL
-                  SELECT t.id FROM credits.credit_transactions t
-                  WHERE t.subject_id = NEW.subject_id AND t.refund_of = NEW.refund_of AND t.id <> NEW.id)
+            FROM (
+                SELECT x.grant_id, x.amount FROM credits.grant_burns x
+                WHERE x.subject_id = NEW.subject_id
+                  AND x.transaction_id IN (
+                      SELECT NEW.refund_of
+                      UNION ALL
+                      SELECT t.id FROM credits.credit_transactions t
+                      WHERE t.subject_id = NEW.subject_id AND t.refund_of = NEW.refund_of AND t.id <> NEW.id)
+                UNION ALL  -- the grant the charge's own row names
+                SELECT t.grant_id, -t.amount FROM credits.credit_transactions t
+                WHERE t.subject_id = NEW.subject_id AND t.id = NEW.refund_of AND t.grant_id IS NOT NULL
+            ) b
+            LEFT JOIN credits.grants g ON g.subject_id = NEW.subject_id AND g.id = b.grant_id
             GROUP BY b.grant_id, g.status, g.expires_at, g.priority
             HAVING sum(b.amount) > 0
             ORDER BY b.grant_id IS NULL DESC, g.priority DESC, g.expires_at DESC NULLS FIRST,
@@ -241,8 +249,28 @@ BEGIN
     RETURN NULL;
 END
 $$;
+-- The common debit first, before its row is written: the first grant in burn order covers it
+-- whole, and the row names that grant (a third of the grants' cost on a settlement: no
+-- grant_burns row, no second function); else (NULL) the trigger below burns across grants.
+CREATE FUNCTION credits.burn_first_grant() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE credits.grants g SET
+        remaining = g.remaining + NEW.amount,
+        status    = CASE WHEN g.remaining + NEW.amount = 0 THEN 'used' ELSE 'live' END
+    FROM (SELECT f.id FROM credits.grants f
+          WHERE f.subject_id = NEW.subject_id AND f.status = 'live'
+          ORDER BY coalesce(f.expires_at <= now(), false) DESC, f.priority, f.expires_at NULLS LAST, f.id
+          LIMIT 1) first
+    WHERE g.subject_id = NEW.subject_id AND g.id = first.id AND g.remaining >= -NEW.amount
+    RETURNING g.id INTO NEW.grant_id;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER credit_transactions_burn_first BEFORE INSERT ON credits.credit_transactions
+    FOR EACH ROW WHEN (NEW.amount < 0 AND NEW.type <> 'expiry') EXECUTE FUNCTION credits.burn_first_grant();
 CREATE TRIGGER credit_transactions_grants AFTER INSERT ON credits.credit_transactions
-    FOR EACH ROW WHEN (NEW.type <> 'expiry') EXECUTE FUNCTION credits.apply_to_grants();
+    FOR EACH ROW WHEN (NEW.type <> 'expiry' AND NEW.grant_id IS NULL) EXECUTE FUNCTION credits.apply_to_grants();
 
 -- Expires what is left of the account's grants past their expiry, once: returns how much. What
 -- the account's open holds need beyond the credit that stays is kept (the first to burn) until
