@@ -25,10 +25,12 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from cryptography.fernet import Fernet
 
 from . import auth, crypto, db, migrations
 from .errors import CreditsError
@@ -201,20 +203,32 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         await pool.close()
 
 
-def _master_key(settings: Settings) -> str:
-    """LITELLM_MASTER_KEY, or one generated once and kept (0600) in the data directory."""
-    key = os.environ.get("LITELLM_MASTER_KEY")
-    if key:
-        return key
-    path = settings.data_dir / "master_key"
+def _kept(settings: Settings, name: str, make: Callable[[], str]) -> str:
+    """A secret generated once and kept (0600) in the data directory."""
+    path = settings.data_dir / name
     if path.is_file():
         return path.read_text().strip()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    key = "sk-" + secrets.token_urlsafe(32)
+    value = make()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return key
+        f.write(value + "\n")
+    return value
+
+
+def _master_key(settings: Settings) -> str:
+    """LITELLM_MASTER_KEY, or one generated once and kept in the data directory."""
+    return os.environ.get("LITELLM_MASTER_KEY") or _kept(
+        settings, "master_key", lambda: "sk-" + secrets.token_urlsafe(32)
+    )
+
+
+def _encryption_keys(settings: Settings) -> str:
+    """CREDITS_ENCRYPTION_KEYS, or a Fernet key generated once and kept in the data directory
+    (secrets at rest: webhook signing secrets, OpenRouter keys)."""
+    return os.environ.get("CREDITS_ENCRYPTION_KEYS") or _kept(
+        settings, "encryption_key", lambda: Fernet.generate_key().decode()
+    )
 
 
 _SERVE_HELP = """
@@ -260,6 +274,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         **os.environ,
         "LITELLM_MASTER_KEY": key,
         "CREDITS_DATABASE_URL": dsn,
+        "CREDITS_ENCRYPTION_KEYS": _encryption_keys(settings),
         "LITELLM_LOCAL_MODEL_COST_MAP": os.environ.get("LITELLM_LOCAL_MODEL_COST_MAP", "True"),
         # LiteLLM serves Swagger UI at / unless told otherwise; /docs is where people look
         "DOCS_URL": os.environ.get("DOCS_URL", "/docs"),

@@ -22,7 +22,8 @@
     ├── InvalidRequest                400 invalid_request
     │   ├── ModelNotPriced            400 model_not_priced (a model this proxy routes, no price)
     │   ├── CostNotBounded            400 cost_not_bounded (no price bounds the call up front)
-    │   └── RefundTooLarge            400 refund_exceeds_charge
+    │   ├── RefundTooLarge            400 refund_exceeds_charge
+    │   └── WebhookTargetRefused      400 webhook_target_refused (an address never called)
     ├── PaymentRequired               402 (abstract)
     │   ├── InsufficientCredits       402 insufficient_credits
     │   ├── MonthlyCapExceeded        402 monthly_cap_exceeded
@@ -126,6 +127,10 @@ class InvalidRequest(CreditsError):
 
 class ModelNotPriced(InvalidRequest):
     type = "model_not_priced"
+
+
+class WebhookTargetRefused(InvalidRequest):
+    type = "webhook_target_refused"
 
 
 class PaymentRequired(CreditsError):
@@ -323,5 +328,6 @@ __all__ = [
     "TeamHierarchy",
     "TeamInsufficientCredits",
     "TeamMismatch",
+    "WebhookTargetRefused",
     "to_proxy_exception",
 ]

@@ -14,10 +14,14 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import asyncpg
+
 from . import auth, db, migrations
+from .alerts import Alerts, tier_alerts
 from .cache import Cache, Codec
 from .crypto import Secret, SecretBox
 from .grants import Grants
@@ -30,6 +34,7 @@ from .ratelimit import RateLimiter
 from .records import Account
 from .redis_link import RedisLink
 from .settings import Settings
+from .webhooks import DISPATCH_BATCH, Dispatcher, Policy
 
 log = logging.getLogger("litellm_credits")
 
@@ -39,6 +44,7 @@ class _LoopState:
     ready: asyncio.Task[Ledger]
     sweeper: asyncio.Task[None] | None = None
     openrouter_sync: asyncio.Task[None] | None = None
+    dispatcher: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -121,14 +127,16 @@ class Runtime:
             self._pricing = Pricing(self.settings.credits)
         return self._pricing
 
+    def secret_box(self) -> SecretBox | None:
+        """The box for secrets at rest, or None while no encryption key is configured."""
+        if self._box is None and self.settings.encryption_keys:  # derived once: not free
+            self._box = SecretBox.from_env_value(self.settings.encryption_keys.get_secret_value())
+        return self._box
+
     async def openrouter_accounts(self) -> OpenRouterAccounts:
         """The OpenRouter account service; refused (503) until encryption keys are configured."""
         s = self.settings
-        if self._box is None:  # derived once: key parsing and HMAC keys are not free
-            self._box = SecretBox.from_env_value(
-                s.encryption_keys.get_secret_value() if s.encryption_keys else None
-            )
-        box = self._box
+        box = self.secret_box() or SecretBox.from_env_value(None)  # (raises: not configured)
         client = await self.openrouter_client()
         return OpenRouterAccounts(await self.ledger(), box, client, s.credits.credits_per_usd)
 
@@ -171,6 +179,12 @@ class Runtime:
             self._migrated = True
             if applied:
                 log.info("litellm-credits: applied migrations %s", [m.version for m in applied])
+        cfg = s.credits
+        tiers = {name: tier_alerts(t.alerts) for name, t in cfg.tiers.items()}
+        try:
+            await Alerts(pool).sync_defaults(tiers, cfg.default_tier)
+        except asyncpg.UndefinedTableError:  # not migrated yet (auto_migrate off)
+            log.warning("litellm-credits: alert defaults not written: migration 0011 is not applied")
         return Ledger(pool, on_change=self.accounts_changed)
 
     async def ledger(self) -> Ledger:
@@ -183,6 +197,7 @@ class Runtime:
         ledger = await asyncio.shield(state.ready)
         if self.settings.sweeper and state.sweeper is None:
             state.sweeper = loop.create_task(self._sweep(ledger))
+            state.dispatcher = loop.create_task(self._dispatch(ledger))
             if self.settings.openrouter_provisioning_key and self.settings.encryption_keys:
                 state.openrouter_sync = loop.create_task(self._sync_openrouter())
         return ledger
@@ -218,6 +233,34 @@ class Runtime:
             except Exception:
                 log.exception("litellm-credits: hold sweeper failed; will retry")
 
+    async def _dispatch(self, ledger: Ledger) -> None:
+        """Deliver the outbox's alerts (and raise grant.expiring once a minute)."""
+        cfg = self.settings.credits.alerts
+        policy = Policy(
+            retry_hours=cfg.retry_hours,
+            base_delay_seconds=cfg.base_delay_seconds,
+            max_delay_seconds=cfg.max_delay_seconds,
+            timeout_seconds=cfg.timeout_seconds,
+            allow_private=cfg.allow_private_targets,
+        )
+        dispatcher = Dispatcher(ledger.pool, self.secret_box(), policy)
+        announced = 0.0
+        try:
+            while True:
+                await asyncio.sleep(cfg.dispatch_interval_seconds)
+                try:
+                    if time.monotonic() - announced >= 60:
+                        await Alerts(ledger.pool).announce_expiring(cfg.expiring_notice_days)
+                        announced = time.monotonic()
+                    while await dispatcher.run_once() == DISPATCH_BATCH:
+                        pass
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("litellm-credits: webhook dispatch failed; will retry")
+        finally:
+            await dispatcher.close()
+
     async def _sync_openrouter(self) -> None:
         """Keep every provisioned OpenRouter key's limit at what its account can pay."""
         interval = self.settings.credits.openrouter_sync_interval_seconds
@@ -246,7 +289,7 @@ class Runtime:
         state = self._loops.pop(asyncio.get_running_loop(), None)
         if state is None:
             return
-        for task in (state.sweeper, state.openrouter_sync):
+        for task in (state.sweeper, state.openrouter_sync, state.dispatcher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

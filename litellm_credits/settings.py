@@ -39,6 +39,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TierAlertsConfig(_Strict):
+    """A tier's default alert thresholds (an account may set its own)."""
+
+    # balance.low below each of these balances (credits)
+    balance_below: tuple[CreditsAmount, ...] = ()
+    # monthly_cap.reached at each of these percentages of the account's monthly cap
+    monthly_cap_percent: tuple[Annotated[int, Field(gt=0, le=1000)], ...] = (80, 100)
+
+
 class TierConfig(_Strict):
     """A pricing tier: ``markup`` is a fraction added to every charge (0.1 = +10 %)."""
 
@@ -50,6 +59,7 @@ class TierConfig(_Strict):
     # a request whose worst case does not fit: hold what is left and lower its output limit to
     # what that covers (clamp), or refuse it with 402 (refuse); a key's metadata may override
     when_short: WhenShort = "clamp"
+    alerts: TierAlertsConfig = Field(default_factory=TierAlertsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TierConfig:
@@ -81,6 +91,24 @@ class HoldConfig(_Strict):
     expiry_policy: Literal["void", "capture"] = "void"
     sweep_interval_seconds: float = Field(30.0, gt=0)
     sweep_batch: int = Field(500, gt=0)
+
+
+class AlertsConfig(_Strict):
+    """Alert webhooks (see ``webhooks.py``)."""
+
+    # call endpoints on private and loopback addresses (link-local and metadata ones: never)
+    allow_private_targets: bool = False
+    # a failing delivery is retried, with doubling delays, for this long after its first attempt
+    retry_hours: float = Field(24.0, gt=0)
+    base_delay_seconds: float = Field(5.0, gt=0)
+    max_delay_seconds: float = Field(3600.0, gt=0)
+    timeout_seconds: float = Field(10.0, gt=0)
+    # how often each proxy process looks at the outbox
+    dispatch_interval_seconds: float = Field(2.0, gt=0)
+    # grant.expiring is raised this many days before a grant with credit left expires
+    expiring_notice_days: int = Field(7, ge=1, le=365)
+    # after a rotation, the previous secret signs too for this long
+    secret_overlap_hours: float = Field(24.0, ge=0)
 
 
 class RateLimit(_Strict):
@@ -141,6 +169,7 @@ class CreditsConfig(_Strict):
     # how often each proxy process re-caps provisioned OpenRouter keys at the accounts' balances
     openrouter_sync_interval_seconds: float = Field(300.0, gt=0)
     holds: HoldConfig = Field(default_factory=HoldConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
     max_amount: CreditsAmount = Decimal(1_000_000_000)

@@ -126,3 +126,8 @@ def test_readme_grants_example_runs(served: tuple[str, str]) -> None:
     assert promotional == "promotional 0.500000 left 0.486500"
     assert paid == "paid 10.000000 left 10.000000"
     assert made_of == "promotional 0.486500 expiring 0.486500"
+
+
+def test_readme_alerts_example_runs(served: tuple[str, str]) -> None:
+    [line] = run_example(served, "alerts")
+    assert line == "balance.low below 0.990000 balance 0.986500 signed True"

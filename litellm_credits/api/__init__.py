@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from ..pricing import ModelPrice
 from ..runtime import Runtime
 from .admin import add_admin_routes
+from .alert_routes import add_alert_routes
 from .charges import add_charge_routes
 from .coupon_routes import add_coupon_routes
 from .grant_routes import add_grant_routes
@@ -30,6 +31,7 @@ def build_router(runtime: Runtime, price_of: Callable[[str], ModelPrice] | None 
     add_coupon_routes(router, runtime)
     add_team_routes(router, runtime)
     add_grant_routes(router, runtime)
+    add_alert_routes(router, runtime)
     add_openrouter_routes(router, runtime)
     add_fallback_routes(router)  # last: only what no route above matched
     return router

@@ -1,0 +1,321 @@
+"""Balance alerts and their webhooks, on a real PostgreSQL, delivered to a receiver in its own
+process that verifies signatures from the Standard Webhooks specification."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from litellm_credits.alerts import Alerts
+from litellm_credits.crypto import SecretBox
+from litellm_credits.errors import InvalidRequest
+from litellm_credits.ledger import Ledger, UsageRecord
+from litellm_credits.money import parse_credits as c
+from litellm_credits.runtime import Runtime
+from litellm_credits.webhooks import Dispatcher, Policy, WebhookTargetRefused, check_target, headers
+
+from .conftest import ENCRYPTION_KEY, ROOT, AccountFactory, Proxy, free_port
+from .webhook_receiver import verified
+
+USAGE = UsageRecord(model="m", prompt_tokens=1, completion_tokens=1)
+FAST = Policy(base_delay_seconds=0.05, max_delay_seconds=0.2, timeout_seconds=5, allow_private=True)
+
+
+class Receiver:
+    def __init__(self, tmp: Path, failures: int = 0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hooks"
+        self.log = tmp / f"received-{self.port}.jsonl"
+        self.failures = failures
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, secret: str) -> None:
+        args = [str(self.port), secret, str(self.log), str(self.failures)]
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.webhook_receiver", *args], cwd=ROOT)
+        deadline = time.monotonic() + 10
+        import socket
+
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the receiver did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def received(self, subject: str | None = None) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        lines = [json.loads(line) for line in self.log.read_text().splitlines()]
+        return [
+            x for x in lines if subject is None or (x["body"] or {}).get("data", {}).get("user_id") == subject
+        ]
+
+
+@pytest.fixture
+async def alerts(ledger: Ledger) -> AsyncIterator[Alerts]:
+    made = Alerts(ledger.pool, SecretBox([ENCRYPTION_KEY]), allow_private=True)
+    yield made
+    # endpoints are global: none of a test's may take the next test's events
+    await ledger.pool.execute("UPDATE credits.webhook_endpoints SET active = false")
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    r = Receiver(tmp_path, failures=3)
+    yield r
+    r.stop()
+
+
+async def events(ledger: Ledger, subject: str) -> list[tuple[str, dict[str, Any]]]:
+    rows = await ledger.pool.fetch(
+        "SELECT type, data FROM credits.outbox WHERE subject_id = $1 ORDER BY id", subject
+    )
+    return [(r["type"], r["data"]) for r in rows]
+
+
+async def spend(ledger: Ledger, subject: str, amount: int) -> None:
+    held = await ledger.hold(subject, amount, ttl_seconds=600)
+    await ledger.settle(subject, held.id, amount, USAGE)
+
+
+def test_the_signature_verifies_with_a_receiver_written_from_the_spec() -> None:
+    secret, old = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_" + "c2VjcmV0LWtleS1vbmUtMTIzNDU2Nzg="
+    body = b'{"type":"balance.low","data":{"user_id":"ann"}}'
+    now = int(time.time())
+    sent = headers([secret, old], "evt_1", now, body)
+    assert verified(secret, sent, body) and verified(old, sent, body)
+    assert not verified(secret, sent, body + b" ")
+    assert not verified(secret, {**sent, "webhook-id": "evt_2"}, body)
+    stale = headers([secret], "evt_1", now - 3600, body)
+    assert not verified(secret, stale, body)  # (a replay of an old message is the receiver's to refuse)
+
+
+async def test_balance_low_fires_once_per_crossing_and_rearms(
+    ledger: Ledger, alerts: Alerts, account: AccountFactory
+) -> None:
+    subject = await account("10")
+    await alerts.set_thresholds(subject, [c("5"), c("2")], None)
+    await spend(ledger, subject, c("6"))  # 10 -> 4: below 5
+    await spend(ledger, subject, c("1"))  # 4 -> 3: no new crossing
+    assert [(t, d["threshold"]) for t, d in await events(ledger, subject)] == [("balance.low", "5.000000")]
+    await ledger.credit(subject, c("10"))  # 13: armed again
+    await spend(ledger, subject, c("12"))  # 13 -> 1: below 5 and 2, once each
+    await spend(ledger, subject, c("1"))  # 1 -> 0: depleted
+    got = [(t, d.get("threshold"), d["balance"]) for t, d in await events(ledger, subject)]
+    assert got == [
+        ("balance.low", "5.000000", "4.000000"),
+        ("balance.low", "5.000000", "1.000000"),
+        ("balance.low", "2.000000", "1.000000"),
+        ("balance.depleted", None, "0.000000"),
+    ]
+
+
+async def test_monthly_cap_alerts_at_80_and_100_percent_by_default(
+    ledger: Ledger, alerts: Alerts, account: AccountFactory
+) -> None:
+    subject = await account("100", monthly_cap="10")
+    assert (await alerts.thresholds(subject))["monthly_cap_percent"] == [80, 100]
+    await spend(ledger, subject, c("7"))
+    await spend(ledger, subject, c("1"))  # 80 %
+    await spend(ledger, subject, c("1"))
+    await spend(ledger, subject, c("1"))  # 100 %
+    assert [(t, d["percent"]) for t, d in await events(ledger, subject)] == [
+        ("monthly_cap.reached", 80),
+        ("monthly_cap.reached", 100),
+    ]
+
+
+async def test_a_failing_receiver_gets_the_event_again_with_the_same_id(
+    ledger: Ledger, alerts: Alerts, account: AccountFactory, receiver: Receiver
+) -> None:
+    endpoint = await alerts.create_endpoint(
+        receiver.url, events=["balance.low"], format="standard", description=None
+    )
+    receiver.start(endpoint["secret"])
+    subject = await account("10")
+    await alerts.set_thresholds(subject, [c("5")], [])
+    await spend(ledger, subject, c("6"))
+
+    dispatcher = Dispatcher(ledger.pool, SecretBox([ENCRYPTION_KEY]), FAST)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(x["status"] == 204 for x in receiver.received(subject)):
+            assert time.monotonic() < deadline, receiver.received(subject)
+            await dispatcher.run_once()
+            await asyncio.sleep(0.05)
+    finally:
+        await dispatcher.close()
+    got = receiver.received(subject)
+    assert [x["status"] for x in got] == [500, 500, 500, 204]
+    assert len({x["id"] for x in got}) == 1 and all(x["verified"] for x in got)
+    assert got[0]["body"]["type"] == "balance.low" and got[0]["body"]["data"]["threshold"] == "5.000000"
+    [delivery] = [
+        d
+        for d in (await alerts.deliveries(status=None, endpoint_id=endpoint["id"], limit=100, offset=0))[0]
+        if d["event_id"] == got[0]["id"]
+    ]
+    assert (delivery["status"], delivery["attempts"], delivery["event_id"]) == ("delivered", 4, got[0]["id"])
+
+
+async def test_a_delivery_is_dead_after_its_retry_window_and_replays_with_its_id(
+    ledger: Ledger, alerts: Alerts, account: AccountFactory, tmp_path: Path
+) -> None:
+    receiver = Receiver(tmp_path, failures=1_000_000)
+    endpoint = await alerts.create_endpoint(receiver.url, events=None, format="standard", description=None)
+    receiver.start(endpoint["secret"])
+    subject = await account("1")
+    try:
+        await spend(ledger, subject, c("1"))  # depleted
+        policy = Policy(
+            retry_hours=0.3 / 3600, base_delay_seconds=0.05, max_delay_seconds=0.1, allow_private=True
+        )
+        dispatcher = Dispatcher(ledger.pool, SecretBox([ENCRYPTION_KEY]), policy)
+        try:
+            deadline = time.monotonic() + 30
+            while not (
+                await alerts.deliveries(status="dead", endpoint_id=endpoint["id"], limit=10, offset=0)
+            )[0]:
+                assert time.monotonic() < deadline
+                await dispatcher.run_once()
+                await asyncio.sleep(0.05)
+            [dead] = (await alerts.deliveries(status="dead", endpoint_id=endpoint["id"], limit=10, offset=0))[
+                0
+            ]
+            assert dead["attempts"] >= 2 and dead["last_status"] == 500
+            # the receiver is fixed; an admin replays the dead delivery: the same id arrives
+            receiver.stop()
+            fixed = Receiver(tmp_path)
+            fixed.port, fixed.url, fixed.log = receiver.port, receiver.url, tmp_path / "fixed.jsonl"
+            fixed.start(endpoint["secret"])
+            try:
+                await alerts.replay(dead["id"])
+                await dispatcher.run_once()
+                [ok] = fixed.received(subject)
+                assert (ok["id"], ok["status"], ok["verified"]) == (dead["event_id"], 204, True)
+            finally:
+                fixed.stop()
+        finally:
+            await dispatcher.close()
+    finally:
+        receiver.stop()
+
+
+async def test_an_alert_committed_before_a_crash_is_delivered_by_the_next_process(
+    ledger: Ledger, alerts: Alerts, account: AccountFactory, receiver: Receiver, settings: Any
+) -> None:
+    """The alert is written with the change that raised it: a process that dies before it
+    delivered it leaves it in the outbox, and any process that starts later delivers it."""
+    receiver.failures = 0
+    endpoint = await alerts.create_endpoint(
+        receiver.url, events=["balance.depleted"], format="slack", description="ops"
+    )
+    receiver.start(endpoint["secret"])
+    subject = await account("2")
+    await spend(ledger, subject, c("2"))  # committed; nothing delivered it
+    assert receiver.received() == []
+
+    cfg = settings.credits.model_copy(
+        update={"alerts": settings.credits.alerts.model_copy(update={"dispatch_interval_seconds": 0.05})}
+    )
+    restarted = Runtime(
+        settings.model_copy(
+            update={"sweeper": True, "credits": cfg, "encryption_keys": SecretStr(ENCRYPTION_KEY)}
+        )
+    )
+    try:
+        await restarted.ledger()
+        deadline = time.monotonic() + 20
+        while not receiver.received():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await restarted.close()
+    [got] = [x for x in receiver.received() if subject in x["body"]["text"]]
+    assert got["verified"] and got["body"] == {"text": f"Credits of {subject} are used up: balance 0.000000."}
+
+
+async def test_targets_that_are_never_called() -> None:
+    for url in ("ftp://example.com/x", "http://user:pw@example.com/", "not a url"):
+        with pytest.raises(InvalidRequest):
+            await check_target(url, allow_private=True)
+    for url in ("http://169.254.169.254/latest/meta-data", "http://[fe80::1]/", "http://0.0.0.0/"):
+        with pytest.raises(WebhookTargetRefused):
+            await check_target(url, allow_private=True)  # link-local and metadata: even then
+    for url in ("http://127.0.0.1:9/", "http://10.0.0.1/", "http://localhost/"):
+        with pytest.raises(WebhookTargetRefused):
+            await check_target(url, allow_private=False)
+        await check_target(url, allow_private=True)
+
+
+def test_alert_routes_through_the_proxy(proxy: Proxy) -> None:
+    _, key = proxy.create_account("10")
+    with (
+        proxy.admin() as admin,
+        httpx.Client(base_url=proxy.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as me,
+    ):
+        r = me.get("/api/v1/credits/alerts")
+        assert r.json() == {"balance_below": [], "monthly_cap_percent": [80, 100], "own": False}, r.text
+        r = me.put(
+            "/api/v1/credits/alerts", json={"balance_below": ["1.5", "5"], "monthly_cap_percent": [50]}
+        )
+        assert r.json() == {
+            "balance_below": ["5.000000", "1.500000"],
+            "monthly_cap_percent": [50],
+            "own": True,
+        }
+        for bad in (
+            {"balance_below": ["-1"]},
+            {"monthly_cap_percent": [0]},
+            {"balance_below": "5"},
+            {"x": 1},
+        ):
+            r = me.put("/api/v1/credits/alerts", json=bad)
+            assert r.status_code == 422 and r.json()["error"]["type"] == "validation_error", (bad, r.text)
+        assert me.put("/api/v1/credits/alerts", json={}).json()["own"] is False  # back to the tier's
+
+        assert (
+            me.post("/api/v1/admin/credits/webhooks", json={"url": "http://127.0.0.1:9/"}).status_code == 403
+        )
+        r = admin.post(
+            "/api/v1/admin/credits/webhooks", json={"url": "http://169.254.169.254/latest/meta-data"}
+        )
+        assert (r.status_code, r.json()["error"]["type"]) == (400, "webhook_target_refused"), r.text
+        r = admin.post("/api/v1/admin/credits/webhooks", json={"url": "gopher://127.0.0.1/"})
+        assert (r.status_code, r.json()["error"]["type"]) == (400, "invalid_request"), r.text
+        r = admin.post(
+            "/api/v1/admin/credits/webhooks", json={"url": "http://127.0.0.1:9/", "events": ["nope"]}
+        )
+        assert r.status_code == 422
+        r = admin.post(
+            "/api/v1/admin/credits/webhooks",
+            json={"url": "http://127.0.0.1:9/hook", "events": ["balance.low"], "format": "slack"},
+        )
+        assert r.status_code == 201, r.text
+        created = r.json()
+        assert created["secret"].startswith("whsec_") and created["events"] == ["balance.low"]
+        listed = {e["id"]: e for e in admin.get("/api/v1/admin/credits/webhooks").json()}
+        assert "secret" not in listed[created["id"]]
+        rotated = admin.post(f"/api/v1/admin/credits/webhooks/{created['id']}/rotate-secret").json()
+        assert rotated["secret"] != created["secret"] and rotated["previous_secret_until"] is not None
+        r = admin.get("/api/v1/admin/credits/webhooks/deliveries?status=dead&limit=5")
+        assert r.status_code == 200 and set(r.json()) == {"items", "total", "limit", "offset"}
+        r = admin.post("/api/v1/admin/credits/webhooks/deliveries/999999999/replay")
+        assert (r.status_code, r.json()["error"]["type"]) == (404, "not_found"), r.text
+        r = admin.post(f"/api/v1/admin/credits/webhooks/{created['id']}/deactivate")
+        assert r.json()["active"] is False
