@@ -319,3 +319,35 @@ def test_alert_routes_through_the_proxy(proxy: Proxy) -> None:
         assert (r.status_code, r.json()["error"]["type"]) == (404, "not_found"), r.text
         r = admin.post(f"/api/v1/admin/credits/webhooks/{created['id']}/deactivate")
         assert r.json()["active"] is False
+
+
+async def test_grant_expiring_is_announced_once_ahead_and_expired_when_it_expires(
+    ledger: Ledger, alerts: Alerts, account: AccountFactory
+) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from litellm_credits.grants import Grants
+    from litellm_credits.records import GrantTerms
+
+    subject = await account("0")
+    soon = datetime.now(timezone.utc) + timedelta(days=3)
+    await ledger.credit(subject, c("2"), terms=GrantTerms("promotional", 0, soon))
+    await ledger.credit(subject, c("2"), terms=GrantTerms("promotional", 0, soon + timedelta(days=30)))
+    assert await alerts.announce_expiring(7) >= 1
+    await alerts.announce_expiring(7)  # once only
+    [(kind, data)] = await events(ledger, subject)
+    assert (kind, data["amount"], data["category"]) == ("grant.expiring", "2.000000", "promotional")
+
+    await ledger.pool.execute(
+        "UPDATE credits.grants SET effective_at = now() - interval '2 days',"
+        " expires_at = now() - interval '1 day'"
+        " WHERE subject_id = $1 AND expires_at < now() + interval '7 days'",
+        subject,
+    )
+    await ledger.pool.execute(
+        "UPDATE credits.credit_accounts SET grants_due_at = now() - interval '1 day' WHERE subject_id = $1",
+        subject,
+    )
+    await Grants(ledger.pool).expire_due(batch=10_000)
+    kinds = [(k, d.get("amount"), d.get("balance")) for k, d in await events(ledger, subject)]
+    assert kinds[1:] == [("grant.expired", "2.000000", "2.000000")]
