@@ -6,6 +6,8 @@ litellm-credits allocate USER AMOUNT [--reason TEXT] [--idempotency-key K]
                 [--category paid|promotional] [--priority N] [--expires-at 2027-01-01T00:00:00Z]
 litellm-credits balance USER
 litellm-credits grants USER [--status live|used|expired]
+litellm-credits alerts USER [--balance-below 5 1] [--cap-percent 80 100] [--tier-defaults]
+litellm-credits topups USER
 litellm-credits verify          # balance = sum(ledger) = live grants - overrun; held = open holds
 litellm-credits sweep           # resolve expired holds and expire grants now
 litellm-credits dsn             # the database in use (starts the embedded one if needed)
@@ -33,6 +35,7 @@ from typing import Any
 from cryptography.fernet import Fernet
 
 from . import auth, crypto, db, migrations
+from .alerts import Alerts
 from .errors import CreditsError
 from .grants import Grants
 from .ledger import Ledger
@@ -64,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grants", help="an account's credit grants, newest first")
     g.add_argument("user_id")
     g.add_argument("--status", choices=["live", "used", "expired"])
+    al = sub.add_parser("alerts", help="an account's alert thresholds: show them, or set them")
+    al.add_argument("user_id")
+    al.add_argument("--balance-below", nargs="+", metavar="CREDITS", help="balance.low below each")
+    al.add_argument(
+        "--cap-percent", nargs="+", type=int, metavar="PERCENT", help="monthly_cap.reached at each"
+    )
+    al.add_argument("--tier-defaults", action="store_true", help="drop the account's own: its tier's apply")
+    tp = sub.add_parser("topups", help="an account's paid top-ups, newest first")
+    tp.add_argument("user_id")
     b = sub.add_parser("balance", help="show an account")
     b.add_argument("user_id")
     sub.add_parser("verify", help="check every balance against the ledger")
@@ -163,6 +175,24 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             grants = Grants(pool)
             items, _ = await grants.list(args.user_id, status=args.status, limit=1000)
             _print({**await grants.summary(args.user_id), "grants": [g.to_json() for g in items]})
+        elif args.command == "alerts":
+            alerts = Alerts(pool)
+            if args.tier_defaults:
+                _print(await alerts.set_thresholds(args.user_id, None, None))
+            elif args.balance_below is not None or args.cap_percent is not None:
+                now = await alerts.thresholds(args.user_id)
+                below = (
+                    [parse_credits(b) for b in args.balance_below]
+                    if args.balance_below is not None
+                    else [parse_credits(b) for b in now["balance_below"]]
+                )
+                percents = args.cap_percent if args.cap_percent is not None else now["monthly_cap_percent"]
+                _print(await alerts.set_thresholds(args.user_id, below, percents))
+            else:
+                _print(await alerts.thresholds(args.user_id))
+        elif args.command == "topups":
+            await ledger.require_account(args.user_id)
+            _print(await (await runtime.topups()).list(args.user_id, limit=1000, offset=0))
         elif args.command == "balance":
             _print((await ledger.require_account(args.user_id)).to_json())
         elif args.command == "verify":

@@ -26,7 +26,7 @@ from .cache import Cache, Codec
 from .crypto import Secret, SecretBox
 from .grants import Grants
 from .ledger import Ledger
-from .money import format_credits
+from .money import format_credits, parse_credits
 from .openrouter import ModelCatalog, OpenRouterClient
 from .openrouter_accounts import OpenRouterAccounts
 from .pricing import Pricing
@@ -34,6 +34,8 @@ from .ratelimit import RateLimiter
 from .records import Account
 from .redis_link import RedisLink
 from .settings import Settings
+from .topups import Pricing as TopupPricing
+from .topups import Topups
 from .webhooks import DISPATCH_BATCH, Dispatcher, Policy
 
 log = logging.getLogger("litellm_credits")
@@ -132,6 +134,27 @@ class Runtime:
         if self._box is None and self.settings.encryption_keys:  # derived once: not free
             self._box = SecretBox.from_env_value(self.settings.encryption_keys.get_secret_value())
         return self._box
+
+    async def topups(self) -> Topups:
+        """Paid top-ups; their routes answer 503 topups_not_configured without Stripe's keys."""
+        s, cfg = self.settings, self.settings.credits.topups
+        pricing = TopupPricing(
+            currency=cfg.currency,
+            credits_per_unit=cfg.credits_per_unit or s.credits.credits_per_usd,
+            minor_units=cfg.minor_units,
+            min_amount=parse_credits(cfg.min_amount),
+            max_amount=parse_credits(cfg.max_amount),
+        )
+        return Topups(
+            (await self.ledger()).pool,
+            pricing,
+            api_key=s.stripe_secret_key.get_secret_value() if s.stripe_secret_key else None,
+            webhook_secret=s.stripe_webhook_secret.get_secret_value() if s.stripe_webhook_secret else None,
+            api_base=s.stripe_api_base,
+            success_url=cfg.success_url,
+            cancel_url=cfg.cancel_url,
+            tolerance_seconds=cfg.tolerance_seconds,
+        )
 
     async def openrouter_accounts(self) -> OpenRouterAccounts:
         """The OpenRouter account service; refused (503) until encryption keys are configured."""

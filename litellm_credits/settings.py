@@ -111,6 +111,22 @@ class AlertsConfig(_Strict):
     secret_overlap_hours: float = Field(24.0, ge=0)
 
 
+class TopupConfig(_Strict):
+    """Paid top-ups through Stripe Checkout (``topups.py``)."""
+
+    currency: str = Field("usd", pattern=r"^[a-z]{3}$")
+    # credits one currency unit buys (default: credits_per_usd)
+    credits_per_unit: Dec | None = None
+    minor_units: int = Field(100, ge=1, le=1000, description="cents in a unit")
+    # in credits (at the default 1000 credits a dollar: 1 to 1000 dollars)
+    min_amount: CreditsAmount = Decimal(1000)
+    max_amount: CreditsAmount = Decimal(1_000_000)
+    success_url: str = "http://127.0.0.1:4000/topups/done"
+    cancel_url: str = "http://127.0.0.1:4000/topups/cancelled"
+    # a webhook's Stripe-Signature older than this is a replay
+    tolerance_seconds: int = Field(300, ge=1, le=3600)
+
+
 class RateLimit(_Strict):
     """``requests`` per ``per_seconds`` for each account (a full window's worth may come at once)."""
 
@@ -170,6 +186,7 @@ class CreditsConfig(_Strict):
     openrouter_sync_interval_seconds: float = Field(300.0, gt=0)
     holds: HoldConfig = Field(default_factory=HoldConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    topups: TopupConfig = Field(default_factory=TopupConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
     max_amount: CreditsAmount = Decimal(1_000_000_000)
@@ -238,6 +255,11 @@ class Settings(BaseSettings):
     redis_retry_seconds: float = Field(2.0, gt=0)
     # Fernet keys for secrets at rest, comma-separated, the current one first
     encryption_keys: SecretStr | None = None
+    # Stripe, for paid top-ups: the secret API key, the webhook endpoint's signing secret (whsec_),
+    # and the API's address (a local fake in tests)
+    stripe_secret_key: SecretStr | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    stripe_api_base: str | None = None
     openrouter_base_url: str = "https://openrouter.ai/api/v1"
     # the operator's OpenRouter provisioning (management) key
     openrouter_provisioning_key: SecretStr | None = None

@@ -53,6 +53,7 @@ EVENT_TYPES = (
     "grant.expired",
     "topup.succeeded",
     "topup.failed",
+    "topup.reversed",
 )
 # a link-local range holds the metadata services; these are named for clarity
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
@@ -184,6 +185,10 @@ def slack_text(type_: str, data: dict[str, Any]) -> str:
         f"({data.get('month_spend')} of {data.get('monthly_cap')}).",
         "grant.expired": f"{data.get('amount')} credits of {who} expired (grant {data.get('grant_id')}).",
         "grant.expiring": f"{data.get('amount')} credits of {who} expire at {data.get('expires_at')}.",
+        "topup.succeeded": f"{who} topped up {data.get('amount')} credits.",
+        "topup.failed": f"A top-up of {data.get('amount')} credits by {who} failed.",
+        "topup.reversed": f"{data.get('taken_back')} credits of {who}'s top-up were taken back "
+        f"({data.get('reason')}).",
     }
     return texts.get(type_, f"{type_}: {json.dumps(data, sort_keys=True)}")
 

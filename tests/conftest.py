@@ -197,6 +197,26 @@ def openrouter() -> Iterator[FakeOpenRouter]:
 
 # the proxy's encryption key for provider secrets (a fresh Fernet key per run)
 ENCRYPTION_KEY = Fernet.generate_key().decode()
+# the signing secret of the proxy's Stripe webhook endpoint (tests sign Stripe's events with it)
+STRIPE_WEBHOOK_SECRET = "whsec_test_" + secrets.token_hex(16)
+
+
+@pytest.fixture(scope="session")
+def fake_stripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The fake Stripe API (tests/fake_stripe.py) in its own process: its URL and request log."""
+    port, log = free_port(), tmp_path_factory.mktemp("stripe") / "requests.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fake_stripe", str(port), str(log)], cwd=ROOT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the fake Stripe did not start"
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", log
+    proc.terminate()
+    proc.wait(10)
 
 
 @dataclass
@@ -289,6 +309,7 @@ def proxy(
     redis_url: str,
     upstream: FakeUpstream,
     openrouter: FakeOpenRouter,
+    fake_stripe: tuple[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Proxy]:
     """The real LiteLLM proxy (a subprocess) with the plugin, on the test database."""
@@ -302,6 +323,9 @@ def proxy(
         CREDITS_OPENROUTER_BASE_URL=openrouter.url,
         CREDITS_OPENROUTER_PROVISIONING_KEY=PROVISIONING_KEY,
         CREDITS_ENCRYPTION_KEYS=ENCRYPTION_KEY,
+        CREDITS_STRIPE_SECRET_KEY="sk_test_" + secrets.token_hex(12),
+        CREDITS_STRIPE_WEBHOOK_SECRET=STRIPE_WEBHOOK_SECRET,
+        CREDITS_STRIPE_API_BASE=fake_stripe[0],
     )
     proc, url = start_proxy(TESTS / "proxy_config.yaml", env, log_path)
     try:

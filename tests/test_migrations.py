@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -129,6 +130,38 @@ def test_cli_accounts_allocate_balance_verify(fresh_database: Callable[[], str])
     assert _cli(dsn, "verify").returncode == 0
     bad = _cli(dsn, "allocate", "carol", "1.0000001")
     assert bad.returncode == 2 and "decimal places" in bad.stderr
+
+
+def test_cli_grants_alerts_and_topups(fresh_database: Callable[[], str]) -> None:
+    dsn = fresh_database()
+    assert _cli(dsn, "accounts", "create", "dora").returncode == 0
+    promo = _cli(
+        dsn,
+        "allocate",
+        "dora",
+        "3",
+        "--category",
+        "promotional",
+        "--priority",
+        "1",
+        "--expires-at",
+        "2099-01-01T00:00:00Z",
+    )
+    assert promo.returncode == 0, promo.stderr
+    assert _cli(dsn, "allocate", "dora", "4").returncode == 0
+    grants = json.loads(_cli(dsn, "grants", "dora").stdout)
+    assert (grants["paid"], grants["promotional"]) == ("4.000000", "3.000000")
+    assert grants["next_expiry"]["amount"] == "3.000000"
+    assert [g["category"] for g in grants["grants"]] == ["paid", "promotional"]
+    naive = _cli(dsn, "allocate", "dora", "1", "--expires-at", "2099-01-01T00:00:00")
+    assert naive.returncode == 2 and "UTC offset" in naive.stderr
+
+    assert json.loads(_cli(dsn, "alerts", "dora").stdout)["own"] is False
+    set_ = json.loads(_cli(dsn, "alerts", "dora", "--balance-below", "1", "2.5").stdout)
+    assert set_ == {"balance_below": ["2.500000", "1.000000"], "monthly_cap_percent": [80, 100], "own": True}
+    assert json.loads(_cli(dsn, "alerts", "dora", "--tier-defaults").stdout)["own"] is False
+    assert json.loads(_cli(dsn, "topups", "dora").stdout) == []
+    assert _cli(dsn, "verify").returncode == 0
 
 
 async def test_grants_migration_converts_balances_in_place(

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import ROOT, free_port, stop_proxy
+from .conftest import ROOT, STRIPE_WEBHOOK_SECRET, free_port, stop_proxy
 
 README = ROOT / "README.md"
 
@@ -28,7 +28,13 @@ def readme_example(name: str = "usage") -> str:
 def run_example(served: tuple[str, str], name: str) -> list[str]:
     """The README's example ``name``, run as written against ``litellm-credits serve``: its lines."""
     url, master_key = served
-    env = {**os.environ, "PROXY_URL": url, "LITELLM_MASTER_KEY": master_key}
+    # (the top-ups example plays Stripe: it signs Stripe's event with the endpoint's secret)
+    env = {
+        **os.environ,
+        "PROXY_URL": url,
+        "LITELLM_MASTER_KEY": master_key,
+        "STRIPE_WEBHOOK_SECRET": STRIPE_WEBHOOK_SECRET,
+    }
     result = subprocess.run(
         [sys.executable, "-c", readme_example(name)], env=env, capture_output=True, text=True, timeout=120
     )
@@ -37,12 +43,19 @@ def run_example(served: tuple[str, str], name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, fake_stripe: tuple[str, Path]
+) -> Iterator[tuple[str, str]]:
     """`litellm-credits serve` as `make serve` runs it: demo config, embedded PostgreSQL."""
     data_dir = tmp_path_factory.mktemp("serve-data")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("CREDITS_DATABASE_URL", "LITELLM_MASTER_KEY")}
     env.update(CREDITS_DATA_DIR=str(data_dir), LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR")
+    env.update(  # Stripe: the fake one, as the README's top-ups section configures the real one
+        CREDITS_STRIPE_SECRET_KEY="sk_test_readme",
+        CREDITS_STRIPE_WEBHOOK_SECRET=STRIPE_WEBHOOK_SECRET,
+        CREDITS_STRIPE_API_BASE=fake_stripe[0],
+    )
     log_path = data_dir / "serve.log"
     exe = Path(sys.executable).parent / "litellm-credits"
     with log_path.open("wb") as log:
@@ -131,3 +144,9 @@ def test_readme_grants_example_runs(served: tuple[str, str]) -> None:
 def test_readme_alerts_example_runs(served: tuple[str, str]) -> None:
     [line] = run_example(served, "alerts")
     assert line == "balance.low below 0.990000 balance 0.986500 signed True"
+
+
+def test_readme_topups_example_runs(served: tuple[str, str]) -> None:
+    checkout, paid = run_example(served, "topups")
+    assert checkout == "pay 1.50 usd at https://checkout.stripe.test"
+    assert paid == "credited balance 1500.000000 paid 1500.000000"

@@ -16,6 +16,7 @@ from .grant_routes import add_grant_routes
 from .openrouter_routes import add_openrouter_routes
 from .routes import ERROR_RESPONSES, SECURITY_HEADERS, CreditsRoute, add_fallback_routes
 from .team_routes import add_team_routes
+from .topup_routes import add_topup_routes
 from .user import add_user_routes
 
 
@@ -32,6 +33,7 @@ def build_router(runtime: Runtime, price_of: Callable[[str], ModelPrice] | None 
     add_team_routes(router, runtime)
     add_grant_routes(router, runtime)
     add_alert_routes(router, runtime)
+    add_topup_routes(router, runtime)
     add_openrouter_routes(router, runtime)
     add_fallback_routes(router)  # last: only what no route above matched
     return router

@@ -22,6 +22,7 @@ EventType = Literal[
     "grant.expired",
     "topup.succeeded",
     "topup.failed",
+    "topup.reversed",
 ]
 assert set(EventType.__args__) == set(EVENT_TYPES)  # type: ignore[attr-defined]
 EndpointId = Annotated[int, Path(ge=1, le=2**63 - 1)]

@@ -1,0 +1,318 @@
+"""Paid top-ups through Stripe Checkout (the ``stripe`` package; its API base configurable, so the
+tests talk to a local fake Stripe, never the network).
+
+- :meth:`Topups.checkout` records a top-up and opens a Checkout Session for its price; the user
+  pays on Stripe's page.
+- :meth:`Topups.handle` takes Stripe's webhook: the ``Stripe-Signature`` is verified (within a
+  tolerance window: an old timestamp is a replay and refused), and each event id is handled once
+  (``credits.stripe_events``), all in one transaction with what it changes.
+
+  - ``checkout.session.completed`` with ``payment_status: paid``, or
+    ``checkout.session.async_payment_succeeded``: the top-up is credited once, as a paid grant (a
+    ``topup`` ledger row keyed by the top-up), and ``topup.succeeded`` is raised.
+  - ``checkout.session.async_payment_failed`` / ``checkout.session.expired``: the top-up fails
+    (``topup.failed``) or lapses; nothing is credited.
+  - ``charge.refunded``: the share refunded so far is taken back (an ``adjustment``);
+    ``charge.dispute.created``: all of it. The balance may go below zero; the next hold sees it.
+    ``topup.reversed`` is raised.
+  - Anything else is recorded and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+from typing import Any
+
+import asyncpg
+import stripe
+
+from .errors import AccountIsMember, AccountNotFound, CreditsError, InvalidRequest, ServiceUnavailable
+from .ledger_sql import SQL_CREDIT
+from .money import MICRO, format_credits
+
+
+class InvalidSignature(CreditsError):
+    status = 400
+    type = "invalid_signature"
+
+
+class TopupsNotConfigured(CreditsError):
+    """This proxy sells no credits (Stripe's keys are not set): the routes do not exist here."""
+
+    status = 404
+    type = "topups_not_configured"
+
+
+SQL_ACCOUNT = "SELECT parent_id FROM credits.credit_accounts WHERE subject_id = $1"
+SQL_NEW = """
+INSERT INTO credits.topups (subject_id, amount, currency, unit_amount) VALUES ($1, $2, $3, $4)
+RETURNING id
+"""
+SQL_SESSION = "UPDATE credits.topups SET checkout_session_id = $2, updated_at = now() WHERE id = $1"
+SQL_EVENT = """
+INSERT INTO credits.stripe_events (event_id, type) VALUES ($1, $2)
+ON CONFLICT (event_id) DO NOTHING RETURNING event_id
+"""
+SQL_OUTCOME = "UPDATE credits.stripe_events SET outcome = $2 WHERE event_id = $1"
+SQL_BY_SESSION = "SELECT * FROM credits.topups WHERE checkout_session_id = $1 FOR UPDATE"
+SQL_BY_INTENT = "SELECT * FROM credits.topups WHERE payment_intent_id = $1 FOR UPDATE"
+SQL_PAID = """
+UPDATE credits.topups SET status = 'paid', payment_intent_id = coalesce($2, payment_intent_id),
+    transaction_id = $3, updated_at = now()
+WHERE id = $1
+"""
+SQL_STATUS = "UPDATE credits.topups SET status = $2, updated_at = now() WHERE id = $1 AND status = 'open'"
+SQL_REVERSED = (
+    "UPDATE credits.topups SET reversed = $2, disputed = disputed OR $3, updated_at = now() WHERE id = $1"
+)
+SQL_ALERT = "INSERT INTO credits.outbox (type, subject_id, data) VALUES ($1, $2, $3)"
+SQL_LIST = """
+SELECT id, amount, currency, unit_amount, status, reversed, disputed, transaction_id, created_at
+FROM credits.topups WHERE subject_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3
+"""
+
+
+@dataclass(frozen=True)
+class Pricing:
+    currency: str  # ISO 4217, lower case
+    credits_per_unit: Decimal  # credits one currency unit buys
+    minor_units: int  # minor units in one unit (100 for usd, eur)
+    min_amount: int  # micro-credits
+    max_amount: int
+
+    def price(self, amount: int) -> int:
+        """What ``amount`` micro-credits cost, in minor units, rounded up."""
+        units = Decimal(amount) / MICRO / self.credits_per_unit * self.minor_units
+        return int(units.to_integral_value(rounding=ROUND_CEILING))
+
+
+@dataclass(frozen=True)
+class Handled:
+    event_id: str
+    duplicate: bool
+    outcome: str
+    subject_id: str | None = None
+
+
+class Topups:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        pricing: Pricing,
+        *,
+        api_key: str | None,
+        webhook_secret: str | None,
+        api_base: str | None = None,
+        success_url: str,
+        cancel_url: str,
+        tolerance_seconds: int = 300,
+    ) -> None:
+        self.pool = pool
+        self.pricing = pricing
+        self.api_key = api_key
+        self.webhook_secret = webhook_secret
+        self.api_base = api_base
+        self.success_url = success_url
+        self.cancel_url = cancel_url
+        self.tolerance = tolerance_seconds
+
+    def _client(self) -> stripe.StripeClient:
+        if not self.api_key:
+            raise TopupsNotConfigured("top-ups are not configured: set CREDITS_STRIPE_SECRET_KEY")
+        return stripe.StripeClient(
+            self.api_key,
+            base_addresses={"api": self.api_base} if self.api_base else None,
+            http_client=stripe.HTTPXClient(allow_sync_methods=False),
+            max_network_retries=2,
+        )
+
+    async def checkout(self, subject_id: str, amount: int) -> dict[str, Any]:
+        """Open a Checkout Session for ``amount`` micro-credits: the page the user pays on."""
+        p = self.pricing
+        if not p.min_amount <= amount <= p.max_amount:
+            raise InvalidRequest(
+                f"a top-up is between {format_credits(p.min_amount)} and "
+                f"{format_credits(p.max_amount)} credits",
+                param="amount",
+            )
+        client = self._client()
+        row = await self.pool.fetchrow(SQL_ACCOUNT, subject_id)
+        if row is None:
+            raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+        if row["parent_id"] is not None:
+            raise AccountIsMember(
+                f"{subject_id!r} spends its team's credits; the team {row['parent_id']!r} tops up",
+                param="user_id",
+                team_id=row["parent_id"],
+            )
+        price = p.price(amount)
+        topup_id = await self.pool.fetchval(SQL_NEW, subject_id, amount, p.currency, price)
+        try:
+            session = await client.v1.checkout.sessions.create_async(
+                params={
+                    "mode": "payment",
+                    "client_reference_id": subject_id,
+                    "success_url": self.success_url,
+                    "cancel_url": self.cancel_url,
+                    "line_items": [
+                        {
+                            "quantity": 1,
+                            "price_data": {
+                                "currency": p.currency,
+                                "unit_amount": price,
+                                "product_data": {"name": f"{format_credits(amount)} credits"},
+                            },
+                        }
+                    ],
+                    "metadata": {"topup_id": str(topup_id), "user_id": subject_id},
+                    "payment_intent_data": {"metadata": {"topup_id": str(topup_id), "user_id": subject_id}},
+                },
+                options={"idempotency_key": f"topup-{topup_id}"},
+            )
+        except stripe.StripeError as exc:
+            raise ServiceUnavailable(
+                f"Stripe refused or did not answer: {exc.user_message or type(exc).__name__}"
+            ) from exc
+        await self.pool.execute(SQL_SESSION, topup_id, session.id)
+        return {
+            "id": topup_id,
+            "user_id": subject_id,
+            "amount": format_credits(amount),
+            "price": {"currency": p.currency, "unit_amount": price},
+            "checkout_url": session.url,
+            "checkout_session_id": session.id,
+        }
+
+    async def list(self, subject_id: str, *, limit: int, offset: int) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(SQL_LIST, subject_id, limit, offset)
+        return [
+            {
+                "id": r["id"],
+                "amount": format_credits(r["amount"]),
+                "price": {"currency": r["currency"], "unit_amount": r["unit_amount"]},
+                "status": r["status"],
+                "reversed": format_credits(r["reversed"]),
+                "disputed": r["disputed"],
+                "transaction_id": r["transaction_id"],
+                "created_at": r["created_at"].isoformat(),
+            }
+            for r in rows
+        ]
+
+    def verify(self, payload: bytes, signature: str | None) -> dict[str, Any]:
+        """The event, if Stripe signed it within the tolerance window; else InvalidSignature."""
+        if not self.webhook_secret:
+            raise TopupsNotConfigured("top-ups are not configured: set CREDITS_STRIPE_WEBHOOK_SECRET")
+        try:
+            stripe.WebhookSignature.verify_header(
+                payload.decode("utf-8"), signature or "", self.webhook_secret, self.tolerance
+            )
+            event = json.loads(payload)
+        except (stripe.SignatureVerificationError, UnicodeDecodeError, ValueError):
+            raise InvalidSignature("the Stripe-Signature does not verify (or is too old)") from None
+        if (
+            not isinstance(event, dict)
+            or not isinstance(event.get("id"), str)
+            or not isinstance(event.get("data", {}).get("object"), dict)
+        ):
+            raise InvalidRequest("not a Stripe event", param="body")
+        return event
+
+    async def handle(self, payload: bytes, signature: str | None) -> Handled:
+        event = self.verify(payload, signature)
+        kind, obj = str(event.get("type", "")), event["data"]["object"]
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval(SQL_EVENT, event["id"], kind) is None:
+                return Handled(event["id"], True, "duplicate")
+            outcome, subject = await self._apply(conn, kind, obj)
+            await conn.execute(SQL_OUTCOME, event["id"], outcome)
+        return Handled(event["id"], False, outcome, subject)
+
+    async def _apply(
+        self, conn: asyncpg.Connection, kind: str, obj: dict[str, Any]
+    ) -> tuple[str, str | None]:
+        if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
+            if kind == "checkout.session.completed" and obj.get("payment_status") != "paid":
+                return "awaiting payment", None
+            topup = await conn.fetchrow(SQL_BY_SESSION, obj.get("id"))
+            if topup is None:
+                return "unknown session", None
+            if topup["status"] == "paid":
+                return "credited before", topup["subject_id"]
+            tx = await conn.fetchrow(
+                SQL_CREDIT,
+                topup["subject_id"],
+                topup["amount"],
+                "topup",
+                f"topup:{topup['id']}",
+                f"top-up {topup['id']} ({topup['unit_amount']} {topup['currency']} minor units)",
+                {"topup_id": topup["id"], "checkout_session": obj.get("id")},
+                None,
+                "paid",
+                None,
+                None,
+            )
+            if tx is None:  # the account joined a team since: its credits are the team's
+                return "account is a member", topup["subject_id"]
+            await conn.execute(SQL_PAID, topup["id"], obj.get("payment_intent"), tx["id"])
+            await self._alert(conn, "topup.succeeded", topup, balance=tx["balance_after"])
+            return "credited", topup["subject_id"]
+        if kind in ("checkout.session.async_payment_failed", "checkout.session.expired"):
+            topup = await conn.fetchrow(SQL_BY_SESSION, obj.get("id"))
+            if topup is None:
+                return "unknown session", None
+            status = "failed" if kind.endswith("failed") else "expired"
+            await conn.execute(SQL_STATUS, topup["id"], status)
+            if status == "failed":
+                await self._alert(conn, "topup.failed", topup)
+            return status, topup["subject_id"]
+        if kind in ("charge.refunded", "charge.dispute.created"):
+            topup = await conn.fetchrow(SQL_BY_INTENT, obj.get("payment_intent"))
+            if topup is None or topup["status"] != "paid":
+                return "not a credited top-up", None
+            if kind == "charge.dispute.created":
+                target, disputed = topup["amount"], True
+            else:  # the share of the price refunded so far (Stripe's running total), rounded up
+                refunded = min(int(obj.get("amount_refunded") or 0), topup["unit_amount"])
+                target = -(-topup["amount"] * refunded // topup["unit_amount"])
+                disputed = False
+            take = target - topup["reversed"]
+            if take <= 0:
+                return "taken back before", topup["subject_id"]
+            tx = await conn.fetchrow(
+                SQL_CREDIT,
+                topup["subject_id"],
+                -take,
+                "adjustment",
+                f"topup-reversal:{topup['id']}:{target}",
+                f"top-up {topup['id']} {'disputed' if disputed else 'refunded'}",
+                {"topup_id": topup["id"], "reason": kind},
+                None,
+                None,
+                None,
+                None,
+            )
+            await conn.execute(SQL_REVERSED, topup["id"], target, disputed)
+            balance = tx["balance_after"] if tx is not None else None
+            await self._alert(conn, "topup.reversed", topup, balance=balance, taken_back=take, reason=kind)
+            return "taken back", topup["subject_id"]
+        return "ignored", None
+
+    @staticmethod
+    async def _alert(conn: asyncpg.Connection, kind: str, topup: Any, **extra: Any) -> None:
+        data = {
+            "user_id": topup["subject_id"],
+            "topup_id": topup["id"],
+            "amount": format_credits(topup["amount"]),
+            "price": {"currency": topup["currency"], "unit_amount": topup["unit_amount"]},
+        }
+        for key, value in extra.items():
+            data[key] = (
+                format_credits(value) if key in ("balance", "taken_back") and value is not None else value
+            )
+        await conn.execute(SQL_ALERT, kind, topup["subject_id"], data)
+
+
+__all__ = ["Handled", "InvalidSignature", "Pricing", "Topups", "TopupsNotConfigured"]

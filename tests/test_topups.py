@@ -1,0 +1,235 @@
+"""Paid top-ups through Stripe, on a real PostgreSQL, against a fake Stripe in its own process:
+a Checkout Session opened at the configured price; Stripe's webhook verified (signature and age)
+and handled once per event id; the top-up credited once as a paid grant; refunds and disputes
+taken back."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from litellm_credits.errors import AccountIsMember, InvalidRequest
+from litellm_credits.ledger import Ledger, UsageRecord
+from litellm_credits.money import parse_credits as c
+from litellm_credits.topups import InvalidSignature, Pricing, Topups, TopupsNotConfigured
+
+from .conftest import STRIPE_WEBHOOK_SECRET as WEBHOOK_SECRET
+from .conftest import AccountFactory, Proxy
+from .test_grants import assert_identities
+
+PRICING = Pricing(
+    currency="usd", credits_per_unit=Decimal(1), minor_units=100, min_amount=c("5"), max_amount=c("10000")
+)
+
+
+@pytest.fixture
+def topups(ledger: Ledger, fake_stripe: tuple[str, Path]) -> Topups:
+    return Topups(
+        ledger.pool,
+        PRICING,
+        api_key="sk_test_" + uuid.uuid4().hex,
+        webhook_secret=WEBHOOK_SECRET,
+        api_base=fake_stripe[0],
+        success_url="http://127.0.0.1/done",
+        cancel_url="http://127.0.0.1/cancelled",
+    )
+
+
+def signed(event: dict[str, Any], *, secret: str = WEBHOOK_SECRET, age: int = 0) -> tuple[bytes, str]:
+    """An event as Stripe sends it: the body, and its Stripe-Signature (written from Stripe's docs:
+    t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>" under the endpoint's secret>)."""
+    body = json.dumps(event).encode()
+    t = int(time.time()) - age
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return body, f"t={t},v1={mac}"
+
+
+def event(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    return {"id": "evt_" + uuid.uuid4().hex, "object": "event", "type": kind, "data": {"object": obj}}
+
+
+async def balance(ledger: Ledger, subject: str) -> int:
+    return (await ledger.require_account(subject)).balance
+
+
+async def test_checkout_opens_a_session_at_the_configured_price(
+    topups: Topups, account: AccountFactory, fake_stripe: tuple[str, Path]
+) -> None:
+    subject = await account("0")
+    created = await topups.checkout(subject, c("12.5"))
+    assert created["price"] == {"currency": "usd", "unit_amount": 1250}  # a credit a dollar here
+    assert created["checkout_url"].startswith("https://checkout.stripe.test/c/pay/cs_test_")
+    asked = [json.loads(line) for line in fake_stripe[1].read_text().splitlines()][-1]["form"]
+    assert asked["line_items[0][price_data][unit_amount]"] == "1250"
+    assert asked["metadata[user_id]"] == subject and asked["mode"] == "payment"
+    assert (await topups.list(subject, limit=10, offset=0))[0]["status"] == "open"
+    # an amount that costs a fraction of a cent is rounded up to the cent
+    assert (await topups.checkout(subject, c("5.0001")))["price"]["unit_amount"] == 501
+    for wrong in (c("4.99"), c("10000.000001")):
+        with pytest.raises(InvalidRequest):
+            await topups.checkout(subject, wrong)
+
+
+async def test_a_paid_session_delivered_twice_credits_once(
+    topups: Topups, ledger: Ledger, account: AccountFactory
+) -> None:
+    subject = await account("0")
+    created = await topups.checkout(subject, c("20"))
+    paid = event(
+        "checkout.session.completed",
+        {
+            "id": created["checkout_session_id"],
+            "payment_status": "paid",
+            "payment_intent": "pi_" + uuid.uuid4().hex,
+        },
+    )
+    first = await topups.handle(*signed(paid))
+    again = await topups.handle(*signed(paid))
+    assert (first.outcome, first.duplicate, again.duplicate) == ("credited", False, True)
+    assert await balance(ledger, subject) == c("20")
+    # the same session in another event (Stripe's async success after the completion) credits nothing more
+    late = event("checkout.session.async_payment_succeeded", {"id": created["checkout_session_id"]})
+    assert (await topups.handle(*signed(late))).outcome == "credited before"
+    assert await balance(ledger, subject) == c("20")
+    grant = await ledger.pool.fetchrow(
+        "SELECT category, source, remaining FROM credits.grants WHERE subject_id = $1", subject
+    )
+    assert tuple(grant) == ("paid", "topup", c("20"))
+    alerts = await ledger.pool.fetch("SELECT type FROM credits.outbox WHERE subject_id = $1", subject)
+    assert [a["type"] for a in alerts] == ["topup.succeeded"]
+    await assert_identities(ledger, subject)
+
+
+async def test_an_unpaid_completion_waits_for_the_async_payment(
+    topups: Topups, ledger: Ledger, account: AccountFactory
+) -> None:
+    subject = await account("0")
+    created = await topups.checkout(subject, c("10"))
+    session = {"id": created["checkout_session_id"], "payment_status": "unpaid"}
+    assert (
+        await topups.handle(*signed(event("checkout.session.completed", session)))
+    ).outcome == "awaiting payment"
+    assert await balance(ledger, subject) == 0
+    failed = event("checkout.session.async_payment_failed", {"id": created["checkout_session_id"]})
+    assert (await topups.handle(*signed(failed))).outcome == "failed"
+    assert await balance(ledger, subject) == 0
+    assert (await topups.list(subject, limit=1, offset=0))[0]["status"] == "failed"
+
+
+async def test_a_bad_signature_or_an_old_timestamp_is_refused_and_changes_nothing(
+    topups: Topups, ledger: Ledger, account: AccountFactory
+) -> None:
+    subject = await account("0")
+    created = await topups.checkout(subject, c("10"))
+    paid = event(
+        "checkout.session.completed", {"id": created["checkout_session_id"], "payment_status": "paid"}
+    )
+    body, header = signed(paid)
+    for attempt in (
+        (body, header.replace("v1=", "v1=0")),
+        (body + b" ", header),
+        signed(paid, secret="whsec_someone_else"),
+        signed(paid, age=301),  # a replay of an old delivery
+        (body, None),
+        (b"\xff\xfe", header),
+    ):
+        with pytest.raises(InvalidSignature):
+            await topups.handle(*attempt)
+    assert await balance(ledger, subject) == 0
+    seen = await ledger.pool.fetchval(
+        "SELECT count(*) FROM credits.stripe_events WHERE event_id = $1", paid["id"]
+    )
+    assert seen == 0  # a refused event is not recorded: Stripe's genuine retry is still handled
+    assert (await topups.handle(body, header)).outcome == "credited"
+
+
+async def test_refunds_and_disputes_take_the_credits_back(
+    topups: Topups, ledger: Ledger, account: AccountFactory
+) -> None:
+    subject = await account("0")
+    created = await topups.checkout(subject, c("10"))  # 1000 cents
+    intent = "pi_" + uuid.uuid4().hex
+    session = {"id": created["checkout_session_id"], "payment_status": "paid", "payment_intent": intent}
+    await topups.handle(*signed(event("checkout.session.completed", session)))
+    held = await ledger.hold(subject, c("6"), ttl_seconds=600)
+    await ledger.settle(subject, held.id, c("6"), UsageRecord(model="m"))  # 4 left
+
+    # a partial refund (Stripe's running total: 300 cents) takes back 3 credits
+    refund = {"object": "charge", "payment_intent": intent, "amount_refunded": 300, "refunded": False}
+    assert (await topups.handle(*signed(event("charge.refunded", refund)))).outcome == "taken back"
+    assert await balance(ledger, subject) == c("1")
+    # a dispute takes back the rest of the top-up: the balance goes below zero
+    dispute = {"object": "dispute", "payment_intent": intent, "amount": 1000}
+    assert (await topups.handle(*signed(event("charge.dispute.created", dispute)))).outcome == "taken back"
+    assert await balance(ledger, subject) == -c("6")
+    # the next hold sees it
+    with pytest.raises(Exception, match="insufficient"):
+        await ledger.hold(subject, c("0.01"), ttl_seconds=600)
+    # a later refund event for what was taken back already changes nothing
+    refund["amount_refunded"] = 1000
+    assert (await topups.handle(*signed(event("charge.refunded", refund)))).outcome == "taken back before"
+    assert await balance(ledger, subject) == -c("6")
+    kinds = [
+        r["type"]
+        for r in await ledger.pool.fetch(
+            "SELECT type FROM credits.outbox WHERE subject_id = $1 ORDER BY id", subject
+        )
+    ]
+    assert kinds.count("topup.reversed") == 2
+    await assert_identities(ledger, subject)
+
+
+async def test_members_and_unconfigured_proxies_are_refused(
+    topups: Topups, ledger: Ledger, account: AccountFactory
+) -> None:
+    team = await account("0")
+    member = "member-" + uuid.uuid4().hex[:8]
+    await ledger.create_account(member, tier="free", parent_id=team)
+    with pytest.raises(AccountIsMember):
+        await topups.checkout(member, c("10"))
+    bare = Topups(ledger.pool, PRICING, api_key=None, webhook_secret=None, success_url="x", cancel_url="y")
+    with pytest.raises(TopupsNotConfigured):
+        await bare.checkout(team, c("10"))
+    with pytest.raises(TopupsNotConfigured):
+        await bare.handle(b"{}", "t=1,v1=00")
+
+
+def test_topup_routes_through_the_proxy(proxy: Proxy) -> None:
+    _, key = proxy.create_account("0")
+    with httpx.Client(base_url=proxy.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as me:
+        r = me.post("/api/v1/credits/topups", json={"amount": "1500"})
+        assert r.status_code == 201, r.text
+        created = r.json()
+        assert created["price"] == {"currency": "usd", "unit_amount": 150}  # 1000 credits a dollar
+        for bad in ({"amount": "1"}, {"amount": "-5"}, {"amount": "abc"}, {}):
+            r = me.post("/api/v1/credits/topups", json=bad)
+            assert r.status_code in (400, 422) and r.json()["error"]["type"], (bad, r.text)
+        paid = event(
+            "checkout.session.completed", {"id": created["checkout_session_id"], "payment_status": "paid"}
+        )
+        body, header = signed(paid)
+        anonymous = httpx.Client(base_url=proxy.url, timeout=30)
+        r = anonymous.post(
+            "/api/v1/credits/stripe/webhook", content=body, headers={"stripe-signature": header[:-1] + "0"}
+        )
+        assert (r.status_code, r.json()["error"]["type"]) == (400, "invalid_signature"), r.text
+        r = anonymous.post(
+            "/api/v1/credits/stripe/webhook", content=body, headers={"stripe-signature": header}
+        )
+        assert r.json() == {"received": True, "duplicate": False, "outcome": "credited"}, r.text
+        r = anonymous.post(
+            "/api/v1/credits/stripe/webhook", content=body, headers={"stripe-signature": header}
+        )
+        assert r.json()["duplicate"] is True
+        assert me.get("/api/v1/credits/balance").json()["grants"]["paid"] == "1500.000000"
+        [listed] = me.get("/api/v1/credits/topups").json()
+        assert (listed["status"], listed["amount"]) == ("paid", "1500.000000")
