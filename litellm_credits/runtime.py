@@ -267,6 +267,8 @@ class Runtime:
             allow_private=cfg.allow_private_targets,
         )
         dispatcher = Dispatcher(ledger.pool, self.secret_box(), policy)
+        # auto-recharges start here too (below their threshold; credited by Stripe's webhook)
+        topups = await self.topups() if self.settings.stripe_secret_key else None
         announced = 0.0
         try:
             while True:
@@ -275,6 +277,8 @@ class Runtime:
                     if time.monotonic() - announced >= 60:
                         await Alerts(ledger.pool).announce_expiring(cfg.expiring_notice_days)
                         announced = time.monotonic()
+                    if topups is not None:
+                        await topups.recharge_due()
                     while await dispatcher.run_once() == DISPATCH_BATCH:
                         pass
                 except asyncio.CancelledError:

@@ -28,7 +28,14 @@ from typing import Any
 import asyncpg
 import stripe
 
-from .errors import AccountIsMember, AccountNotFound, CreditsError, InvalidRequest, ServiceUnavailable
+from .errors import (
+    AccountIsMember,
+    AccountNotFound,
+    CreditsError,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+)
 from .ledger_sql import SQL_CREDIT
 from .money import MICRO, format_credits
 
@@ -68,6 +75,54 @@ SQL_REVERSED = (
     "UPDATE credits.topups SET reversed = $2, disputed = disputed OR $3, updated_at = now() WHERE id = $1"
 )
 SQL_ALERT = "INSERT INTO credits.outbox (type, subject_id, data) VALUES ($1, $2, $3)"
+SQL_RECHARGE_TERMS = """
+SELECT r.amount FROM credits.auto_recharge r JOIN credits.credit_accounts a ON a.subject_id = r.subject_id
+WHERE r.subject_id = $1 AND r.enabled AND a.balance < r.threshold AND a.parent_id IS NULL
+"""
+# a recharge of account $1, claimed only while none is in flight (the unique index) and the month's
+# recharges (open or paid) stay under both caps
+SQL_RECHARGE_CLAIM = """
+WITH month AS (
+    SELECT count(*) AS n, coalesce(sum(t.amount), 0) AS total FROM credits.topups t
+    WHERE t.subject_id = $1 AND t.kind = 'recharge' AND t.status IN ('open', 'paid')
+      AND t.created_at >= date_trunc('month', now())
+)
+INSERT INTO credits.topups (subject_id, amount, currency, unit_amount, kind)
+SELECT r.subject_id, r.amount, $2, $3, 'recharge'
+FROM credits.auto_recharge r JOIN credits.credit_accounts a ON a.subject_id = r.subject_id, month
+WHERE r.subject_id = $1 AND r.enabled AND r.amount = $4 AND a.balance < r.threshold
+  AND month.n < r.max_per_month
+  AND (r.max_amount_per_month IS NULL OR month.total + r.amount <= r.max_amount_per_month)
+ON CONFLICT (subject_id) WHERE kind = 'recharge' AND status = 'open' DO NOTHING
+RETURNING id
+"""
+SQL_RECHARGE_METHOD = "SELECT customer_id, payment_method_id FROM credits.auto_recharge WHERE subject_id = $1"
+SQL_INTENT = "UPDATE credits.topups SET payment_intent_id = $2, updated_at = now() WHERE id = $1"
+SQL_FAILED = """
+UPDATE credits.topups SET status = 'failed', updated_at = now() WHERE id = $1 AND status = 'open' RETURNING *
+"""
+SQL_BY_ID = "SELECT * FROM credits.topups WHERE id = $1 FOR UPDATE"
+SQL_DUE_RECHARGES = """
+SELECT r.subject_id FROM credits.auto_recharge r JOIN credits.credit_accounts a ON a.subject_id = r.subject_id
+WHERE r.enabled AND a.balance < r.threshold
+  AND NOT EXISTS (SELECT 1 FROM credits.topups t
+                  WHERE t.subject_id = r.subject_id AND t.kind = 'recharge' AND t.status = 'open')
+ORDER BY r.subject_id LIMIT $1
+"""
+SQL_SET_RECHARGE = """
+INSERT INTO credits.auto_recharge
+    (subject_id, threshold, amount, customer_id, payment_method_id, max_per_month, max_amount_per_month)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (subject_id) DO UPDATE SET threshold = EXCLUDED.threshold, amount = EXCLUDED.amount,
+    customer_id = EXCLUDED.customer_id, payment_method_id = EXCLUDED.payment_method_id,
+    max_per_month = EXCLUDED.max_per_month, max_amount_per_month = EXCLUDED.max_amount_per_month,
+    enabled = true, updated_at = now()
+RETURNING *
+"""
+SQL_GET_RECHARGE = "SELECT * FROM credits.auto_recharge WHERE subject_id = $1"
+SQL_DISABLE_RECHARGE = (
+    "UPDATE credits.auto_recharge SET enabled = false, updated_at = now() WHERE subject_id = $1 RETURNING *"
+)
 SQL_LIST = """
 SELECT id, amount, currency, unit_amount, status, reversed, disputed, transaction_id, created_at
 FROM credits.topups WHERE subject_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3
@@ -237,28 +292,20 @@ class Topups:
             if kind == "checkout.session.completed" and obj.get("payment_status") != "paid":
                 return "awaiting payment", None
             topup = await conn.fetchrow(SQL_BY_SESSION, obj.get("id"))
-            if topup is None:
-                return "unknown session", None
-            if topup["status"] == "paid":
-                return "credited before", topup["subject_id"]
-            tx = await conn.fetchrow(
-                SQL_CREDIT,
-                topup["subject_id"],
-                topup["amount"],
-                "topup",
-                f"topup:{topup['id']}",
-                f"top-up {topup['id']} ({topup['unit_amount']} {topup['currency']} minor units)",
-                {"topup_id": topup["id"], "checkout_session": obj.get("id")},
-                None,
-                "paid",
-                None,
-                None,
+            return await self._credit(
+                conn, topup, obj.get("payment_intent"), {"checkout_session": obj.get("id")}
             )
-            if tx is None:  # the account joined a team since: its credits are the team's
-                return "account is a member", topup["subject_id"]
-            await conn.execute(SQL_PAID, topup["id"], obj.get("payment_intent"), tx["id"])
-            await self._alert(conn, "topup.succeeded", topup, balance=tx["balance_after"])
-            return "credited", topup["subject_id"]
+        if kind in ("payment_intent.succeeded", "payment_intent.payment_failed"):
+            topup_id = str((obj.get("metadata") or {}).get("topup_id", ""))
+            topup = await conn.fetchrow(SQL_BY_ID, int(topup_id)) if topup_id.isdigit() else None
+            if topup is None or topup["payment_intent_id"] not in (None, obj.get("id")):
+                return "unknown payment", None
+            if kind == "payment_intent.succeeded":
+                return await self._credit(conn, topup, obj.get("id"), {"payment_intent": obj.get("id")})
+            failed = await conn.fetchrow(SQL_FAILED, topup["id"])
+            if failed is not None:
+                await self._alert(conn, "topup.failed", failed)
+            return "failed", topup["subject_id"]
         if kind in ("checkout.session.async_payment_failed", "checkout.session.expired"):
             topup = await conn.fetchrow(SQL_BY_SESSION, obj.get("id"))
             if topup is None:
@@ -300,6 +347,124 @@ class Topups:
             return "taken back", topup["subject_id"]
         return "ignored", None
 
+    async def _credit(
+        self, conn: asyncpg.Connection, topup: Any, payment_intent: str | None, metadata: dict[str, Any]
+    ) -> tuple[str, str | None]:
+        """Credit a paid top-up once, as a paid grant (a ``topup`` row keyed by the top-up)."""
+        if topup is None:
+            return "unknown top-up", None
+        if topup["status"] == "paid":
+            return "credited before", topup["subject_id"]
+        tx = await conn.fetchrow(
+            SQL_CREDIT,
+            topup["subject_id"],
+            topup["amount"],
+            "topup",
+            f"topup:{topup['id']}",
+            f"top-up {topup['id']} ({topup['unit_amount']} {topup['currency']} minor units)",
+            {"topup_id": topup["id"], **metadata},
+            None,
+            "paid",
+            None,
+            None,
+        )
+        if tx is None:  # the account joined a team since: its credits are the team's
+            return "account is a member", topup["subject_id"]
+        await conn.execute(SQL_PAID, topup["id"], payment_intent, tx["id"])
+        await self._alert(conn, "topup.succeeded", topup, balance=tx["balance_after"])
+        return "credited", topup["subject_id"]
+
+    # auto-recharge -------------------------------------------------------------------------
+
+    async def set_recharge(
+        self,
+        subject_id: str,
+        *,
+        threshold: int,
+        amount: int,
+        customer_id: str,
+        payment_method_id: str,
+        max_per_month: int,
+        max_amount_per_month: int | None,
+    ) -> dict[str, Any]:
+        p = self.pricing
+        if not p.min_amount <= amount <= p.max_amount:
+            raise InvalidRequest(
+                f"a recharge is between {format_credits(p.min_amount)} and "
+                f"{format_credits(p.max_amount)} credits",
+                param="amount",
+            )
+        row = await self.pool.fetchrow(SQL_ACCOUNT, subject_id)
+        if row is None:
+            raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+        if row["parent_id"] is not None:
+            raise AccountIsMember(
+                f"{subject_id!r} spends its team's credits; its team recharges",
+                param="user_id",
+                team_id=row["parent_id"],
+            )
+        saved = await self.pool.fetchrow(
+            SQL_SET_RECHARGE,
+            subject_id,
+            threshold,
+            amount,
+            customer_id,
+            payment_method_id,
+            max_per_month,
+            max_amount_per_month,
+        )
+        return recharge_json(saved)
+
+    async def recharge_settings(self, subject_id: str, *, disable: bool = False) -> dict[str, Any]:
+        row = await self.pool.fetchrow(SQL_DISABLE_RECHARGE if disable else SQL_GET_RECHARGE, subject_id)
+        if row is None:
+            raise NotFound("no auto-recharge for this account", param="user_id")
+        return recharge_json(row)
+
+    async def maybe_recharge(self, subject_id: str) -> str:
+        """Start a recharge if the account is below its threshold, none is in flight and the
+        month's caps allow it: an off-session PaymentIntent, credited when its webhook says it
+        succeeded. Safe to call from any number of places at once: one claims it."""
+        amount = await self.pool.fetchval(SQL_RECHARGE_TERMS, subject_id)
+        if amount is None:
+            return "not due"
+        client = self._client()
+        price = self.pricing.price(amount)
+        topup_id = await self.pool.fetchval(
+            SQL_RECHARGE_CLAIM, subject_id, self.pricing.currency, price, amount
+        )
+        if topup_id is None:
+            return "in flight or capped"
+        method = await self.pool.fetchrow(SQL_RECHARGE_METHOD, subject_id)
+        try:
+            intent = await client.v1.payment_intents.create_async(
+                params={
+                    "amount": price,
+                    "currency": self.pricing.currency,
+                    "customer": method["customer_id"],
+                    "payment_method": method["payment_method_id"],
+                    "off_session": True,
+                    "confirm": True,
+                    "metadata": {"topup_id": str(topup_id), "user_id": subject_id},
+                },
+                options={"idempotency_key": f"recharge-{topup_id}"},
+            )
+        except stripe.StripeError as exc:
+            async with self.pool.acquire() as conn, conn.transaction():
+                failed = await conn.fetchrow(SQL_FAILED, topup_id)
+                if failed is not None:
+                    await self._alert(
+                        conn, "topup.failed", failed, error=exc.user_message or type(exc).__name__
+                    )
+            return "failed"
+        await self.pool.execute(SQL_INTENT, topup_id, intent.id)
+        return "started"
+
+    async def recharge_due(self, *, batch: int = 100) -> int:
+        """Start the recharges that are due (the dispatcher's loop); how many started."""
+        subjects = [r["subject_id"] for r in await self.pool.fetch(SQL_DUE_RECHARGES, batch)]
+        return sum([await self.maybe_recharge(s) == "started" for s in subjects])
+
     @staticmethod
     async def _alert(conn: asyncpg.Connection, kind: str, topup: Any, **extra: Any) -> None:
         data = {
@@ -315,4 +480,19 @@ class Topups:
         await conn.execute(SQL_ALERT, kind, topup["subject_id"], data)
 
 
-__all__ = ["Handled", "InvalidSignature", "Pricing", "Topups", "TopupsNotConfigured"]
+def recharge_json(row: Any) -> dict[str, Any]:
+    return {
+        "user_id": row["subject_id"],
+        "threshold": format_credits(row["threshold"]),
+        "amount": format_credits(row["amount"]),
+        "customer_id": row["customer_id"],
+        "payment_method_id": row["payment_method_id"],
+        "max_per_month": row["max_per_month"],
+        "max_amount_per_month": None
+        if row["max_amount_per_month"] is None
+        else format_credits(row["max_amount_per_month"]),
+        "enabled": row["enabled"],
+    }
+
+
+__all__ = ["Handled", "InvalidSignature", "Pricing", "Topups", "TopupsNotConfigured", "recharge_json"]

@@ -2,7 +2,8 @@
 
     python -m tests.fake_stripe PORT LOG
 
-POST /v1/checkout/sessions (form-encoded, as Stripe takes it) answers a Checkout Session; each
+POST /v1/checkout/sessions (form-encoded, as Stripe takes it) answers a Checkout Session, and POST
+/v1/payment_intents a succeeded PaymentIntent (a card_error for pm_card_chargeDeclined); each
 request is appended to LOG as one JSON line (its path, parsed form and headers), so tests can see
 what Stripe was asked for.
 """
@@ -28,13 +29,32 @@ def main() -> None:
                 log.write(json.dumps({"path": self.path, "form": form, "headers": dict(self.headers)}) + "\n")
             if not self.headers.get("authorization", "").startswith("Bearer sk_test_"):
                 return self._send(401, {"error": {"type": "invalid_request_error", "message": "bad key"}})
+            key = self.headers.get("idempotency-key", "")
+            if key in sessions:  # Stripe answers a repeated idempotency key with the first result
+                return self._send(200, sessions[key])
+            if self.path == "/v1/payment_intents":
+                if form.get("payment_method") == "pm_card_chargeDeclined":
+                    declined = {
+                        "type": "card_error",
+                        "code": "card_declined",
+                        "message": "Your card was declined.",
+                    }
+                    return self._send(402, {"error": declined})
+                intent = {
+                    "id": "pi_" + secrets.token_hex(12),
+                    "object": "payment_intent",
+                    "status": "succeeded",
+                    "amount": int(form.get("amount", "0")),
+                    "currency": form.get("currency"),
+                    "customer": form.get("customer"),
+                    "metadata": {k[9:-1]: v for k, v in form.items() if k.startswith("metadata[")},
+                }
+                sessions[key] = intent
+                return self._send(200, intent)
             if self.path != "/v1/checkout/sessions":
                 return self._send(
                     404, {"error": {"type": "invalid_request_error", "message": "no such route"}}
                 )
-            key = self.headers.get("idempotency-key", "")
-            if key in sessions:  # Stripe answers a repeated idempotency key with the first result
-                return self._send(200, sessions[key])
             session_id = "cs_test_" + secrets.token_hex(12)
             session = {
                 "id": session_id,

@@ -8,10 +8,12 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from pydantic import SecretStr
@@ -351,3 +353,70 @@ async def test_grant_expiring_is_announced_once_ahead_and_expired_when_it_expire
     await Grants(ledger.pool).expire_due(batch=10_000)
     kinds = [(k, d.get("amount"), d.get("balance")) for k, d in await events(ledger, subject)]
     assert kinds[1:] == [("grant.expired", "2.000000", "2.000000")]
+
+
+def test_a_proxy_killed_after_the_commit_delivers_the_alert_after_restart(
+    database_url: str, redis_url: str, upstream: Any, tmp_path: Path
+) -> None:
+    """The real proxy, SIGKILLed after the change that raised an alert committed and before it
+    dispatched it (its dispatch interval is an hour); the proxy started after it delivers it."""
+    import os
+    import signal
+
+    from .conftest import CREDITS_TEST_CONFIG, TESTS, proxy_env, start_proxy, stop_proxy
+
+    master = "sk-master-" + uuid.uuid4().hex
+    env = proxy_env(database_url, master, upstream.url, redis_url, CREDITS_ENCRYPTION_KEYS=ENCRYPTION_KEY)
+    receiver = Receiver(tmp_path)
+    first, url = start_proxy(TESTS / "proxy_config.yaml", env, tmp_path / "first.log")
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {master}"}, timeout=30) as admin:
+            created = admin.post(
+                "/api/v1/admin/credits/webhooks", json={"url": receiver.url, "events": ["balance.low"]}
+            ).json()
+            receiver.start(created["secret"])
+            user = "killed-" + uuid.uuid4().hex[:8]
+            key = admin.post("/api/v1/admin/credits/accounts", json={"user_id": user}).json()["api_key"]
+            admin.post(
+                "/api/v1/admin/credits/allocate", json={"user_id": user, "amount": "10"}
+            ).raise_for_status()
+            me = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            me.put("/api/v1/credits/alerts", json={"balance_below": ["5"]}).raise_for_status()
+            charge = {"user_id": user, "amount": "6", "idempotency_key": "k-" + user, "service": "search"}
+            r = admin.post("/api/v1/credits/deduct", json=charge)
+            assert r.status_code == 200, r.text
+        os.kill(first.pid, signal.SIGKILL)  # committed, not delivered
+        first.wait(10)
+        assert receiver.received(user) == []
+
+        fast = tmp_path / "credits.yaml"
+        fast.write_text(
+            CREDITS_TEST_CONFIG.read_text().replace(
+                "dispatch_interval_seconds: 3600", "dispatch_interval_seconds: 0.2"
+            )
+        )
+        second, _ = start_proxy(
+            TESTS / "proxy_config.yaml", {**env, "CREDITS_CONFIG": str(fast)}, tmp_path / "second.log"
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not receiver.received(user):
+                assert time.monotonic() < deadline, "the restarted proxy did not deliver the alert"
+                time.sleep(0.1)
+        finally:
+            stop_proxy(second)
+        [got] = receiver.received(user)
+        assert got["verified"] and got["status"] == 204 and got["body"]["data"]["threshold"] == "5.000000"
+    finally:
+        if first.poll() is None:
+            first.kill()
+        receiver.stop()
+        asyncio.run(_deactivate_endpoints(database_url))  # none may take the next tests' events
+
+
+async def _deactivate_endpoints(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE credits.webhook_endpoints SET active = false")
+    finally:
+        await conn.close()

@@ -13,6 +13,7 @@ import pytest
 
 from litellm_credits.errors import InsufficientCredits
 from litellm_credits.grants import Grants
+from litellm_credits.history import History, TxFilter
 from litellm_credits.ledger import Ledger, UsageRecord
 from litellm_credits.money import parse_credits as c
 from litellm_credits.records import GrantTerms
@@ -195,6 +196,9 @@ async def test_expiry_keeps_what_an_open_hold_was_taken_on(ledger: Ledger, accou
     )
     assert [r["amount"] for r in expiries] == [-c("2"), -c("1")]
     await assert_identities(ledger, subject)
+    # the history and its CSV export show them (type expiry)
+    exported = [t async for t in History(ledger.pool).export(subject, TxFilter(type="expiry"))]
+    assert [(t.type, t.amount) for t in exported] == [("expiry", -c("2")), ("expiry", -c("1"))]
 
 
 async def test_refund_returns_credit_to_its_grants_and_never_revives_an_expired_one(

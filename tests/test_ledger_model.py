@@ -790,7 +790,7 @@ class LedgerModel(RuleBasedStateMachine):
     @rule(
         account=accounts,
         amount=POSITIVE,
-        type=st.sampled_from(["allocation", "allocation", "bonus", "adjustment"]),
+        type=st.sampled_from(["allocation", "allocation", "bonus", "adjustment", "topup"]),
         keyed=st.booleans(),
         category=st.sampled_from([None, None, "paid", "promotional"]),
         priority=st.one_of(st.none(), st.integers(0, 3)),

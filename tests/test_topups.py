@@ -5,6 +5,7 @@ taken back."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -233,3 +234,86 @@ def test_topup_routes_through_the_proxy(proxy: Proxy) -> None:
         assert me.get("/api/v1/credits/balance").json()["grants"]["paid"] == "1500.000000"
         [listed] = me.get("/api/v1/credits/topups").json()
         assert (listed["status"], listed["amount"]) == ("paid", "1500.000000")
+
+
+async def recharging(topups: Topups, ledger: Ledger, account: AccountFactory, **terms: Any) -> str:
+    subject = await account("10")
+    await topups.set_recharge(
+        subject,
+        threshold=c("5"),
+        amount=c("20"),
+        customer_id="cus_" + uuid.uuid4().hex,
+        payment_method_id=terms.pop("payment_method_id", "pm_card_visa"),
+        max_per_month=terms.pop("max_per_month", 5),
+        max_amount_per_month=terms.pop("max_amount_per_month", None),
+    )
+    return subject
+
+
+def intents(fake_stripe: tuple[str, Path], subject: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in fake_stripe[1].read_text().splitlines()]
+    return [
+        x
+        for x in lines
+        if x["path"] == "/v1/payment_intents" and x["form"].get("metadata[user_id]") == subject
+    ]
+
+
+async def test_auto_recharge_under_20_concurrent_callers_creates_one_payment_intent(
+    topups: Topups, ledger: Ledger, account: AccountFactory, fake_stripe: tuple[str, Path]
+) -> None:
+    subject = await recharging(topups, ledger, account)
+    assert await topups.maybe_recharge(subject) == "not due"  # 10 is not below 5
+    held = await ledger.hold(subject, c("6"), ttl_seconds=600)
+    await ledger.settle(subject, held.id, c("6"), UsageRecord(model="m"))  # 4: below 5
+
+    outcomes = await asyncio.gather(*(topups.maybe_recharge(subject) for _ in range(20)))
+    assert outcomes.count("started") == 1, outcomes
+    [asked] = intents(fake_stripe, subject)
+    assert (asked["form"]["amount"], asked["form"]["off_session"], asked["form"]["confirm"]) == (
+        "2000",
+        "true",
+        "true",
+    )
+    assert await balance(ledger, subject) == c("4")  # nothing until Stripe says it was paid
+
+    [topup] = await topups.list(subject, limit=10, offset=0)
+    succeeded = event(
+        "payment_intent.succeeded",
+        {
+            "id": "pi_x",
+            "object": "payment_intent",
+            "metadata": {"topup_id": str(topup["id"]), "user_id": subject},
+        },
+    )
+    await ledger.pool.execute("UPDATE credits.topups SET payment_intent_id = NULL WHERE id = $1", topup["id"])
+    assert (await topups.handle(*signed(succeeded))).outcome == "credited"
+    assert (
+        await topups.handle(*signed({**succeeded, "id": "evt_" + uuid.uuid4().hex}))
+    ).outcome == "credited before"
+    assert await balance(ledger, subject) == c("24")
+    assert await topups.maybe_recharge(subject) == "not due"
+    await assert_identities(ledger, subject)
+
+
+async def test_auto_recharge_stops_at_its_monthly_cap_and_a_declined_card_fails_it(
+    topups: Topups, ledger: Ledger, account: AccountFactory, fake_stripe: tuple[str, Path]
+) -> None:
+    subject = await recharging(topups, ledger, account, max_per_month=1)
+    await ledger.credit(subject, -c("8"), type="adjustment")  # 2: below 5
+    assert await topups.maybe_recharge(subject) == "started"
+    await ledger.pool.execute("UPDATE credits.topups SET status = 'paid' WHERE subject_id = $1", subject)
+    assert await topups.maybe_recharge(subject) == "in flight or capped"  # one a month
+    assert len(intents(fake_stripe, subject)) == 1
+
+    declined = await recharging(topups, ledger, account, payment_method_id="pm_card_chargeDeclined")
+    await ledger.credit(declined, -c("8"), type="adjustment")
+    assert await topups.maybe_recharge(declined) == "failed"
+    [topup] = await topups.list(declined, limit=10, offset=0)
+    assert topup["status"] == "failed"
+    kinds = [
+        r["type"]
+        for r in await ledger.pool.fetch("SELECT type FROM credits.outbox WHERE subject_id = $1", declined)
+    ]
+    assert kinds == ["topup.failed"]
+    assert await balance(ledger, declined) == c("2")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel, Field, Strict
 
 from ..runtime import Runtime
-from .routes import CallerDep, Limit, Offset, UserIdQuery, target
-from .schemas import PositiveAmount, _In
+from .routes import AdminDep, CallerDep, Limit, Offset, UserIdQuery, target
+from .schemas import NonNegativeAmount, PositiveAmount, _In
 
 
 class CreateTopup(_In):
@@ -41,6 +41,26 @@ class Topup(BaseModel):
     created_at: str
 
 
+class SetRecharge(_In):
+    threshold: NonNegativeAmount = Field(description="recharge when the balance falls below this")
+    amount: PositiveAmount = Field(description="credits bought each time")
+    customer_id: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^cus_[A-Za-z0-9]+$")]
+    payment_method_id: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^pm_[A-Za-z0-9_]+$")]
+    max_per_month: Annotated[int, Strict(), Field(ge=1, le=1000)] = 5
+    max_amount_per_month: PositiveAmount | None = None
+
+
+class Recharge(BaseModel):
+    user_id: str
+    threshold: str
+    amount: str
+    customer_id: str
+    payment_method_id: str
+    max_per_month: int
+    max_amount_per_month: str | None
+    enabled: bool
+
+
 class WebhookReceived(BaseModel):
     received: bool
     duplicate: bool = Field(description="an event id seen before: nothing changed")
@@ -62,6 +82,34 @@ def add_topup_routes(router: APIRouter, runtime: Runtime) -> None:
     ) -> list[dict[str, Any]]:
         """The caller's top-ups, newest first."""
         return await (await runtime.topups()).list(target(caller, user_id), limit=limit, offset=offset)
+
+    @router.put("/admin/credits/accounts/{user_id}/auto-recharge", response_model=Recharge)
+    async def set_recharge(
+        user_id: Annotated[str, Path(min_length=1, max_length=256)], body: SetRecharge, _: AdminDep
+    ) -> dict[str, Any]:
+        """Recharge the account off-session with its saved Stripe payment method (the operator's
+        to set: a customer and a payment method of its Stripe account) whenever its balance falls
+        below ``threshold``: one recharge in flight at a time, at most ``max_per_month`` (and
+        ``max_amount_per_month`` credits) a month, credited when Stripe reports it paid."""
+        return await (await runtime.topups()).set_recharge(
+            user_id,
+            threshold=body.threshold,
+            amount=body.amount,
+            customer_id=body.customer_id,
+            payment_method_id=body.payment_method_id,
+            max_per_month=body.max_per_month,
+            max_amount_per_month=body.max_amount_per_month,
+        )
+
+    @router.get("/credits/auto-recharge", response_model=Recharge)
+    async def recharge(caller: CallerDep, user_id: UserIdQuery = None) -> dict[str, Any]:
+        """The account's auto-recharge, if any (404 otherwise)."""
+        return await (await runtime.topups()).recharge_settings(target(caller, user_id))
+
+    @router.delete("/credits/auto-recharge", response_model=Recharge)
+    async def stop_recharge(caller: CallerDep, user_id: UserIdQuery = None) -> dict[str, Any]:
+        """Turn the account's auto-recharge off (an admin turns it on again)."""
+        return await (await runtime.topups()).recharge_settings(target(caller, user_id), disable=True)
 
     @router.post(
         "/credits/stripe/webhook",
