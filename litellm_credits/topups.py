@@ -84,8 +84,8 @@ WHERE r.subject_id = $1 AND r.enabled AND a.balance < r.threshold AND a.parent_i
 SQL_RECHARGE_CLAIM = """
 WITH month AS (
     SELECT count(*) AS n, coalesce(sum(t.amount), 0) AS total FROM credits.topups t
-    WHERE t.subject_id = $1 AND t.kind = 'recharge' AND t.status IN ('open', 'paid')
-      AND t.created_at >= date_trunc('month', now())
+    WHERE t.subject_id = $1 AND t.kind = 'recharge' AND t.status IN ('open', 'paid', 'failed')
+      AND t.created_at >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
 )
 INSERT INTO credits.topups (subject_id, amount, currency, unit_amount, kind)
 SELECT r.subject_id, r.amount, $2, $3, 'recharge'
@@ -102,6 +102,20 @@ SQL_FAILED = """
 UPDATE credits.topups SET status = 'failed', updated_at = now() WHERE id = $1 AND status = 'open' RETURNING *
 """
 SQL_BY_ID = "SELECT * FROM credits.topups WHERE id = $1 FOR UPDATE"
+UNANSWERED_RECHARGE = 120  # seconds
+STALE_RECHARGE = 23 * 3600
+SQL_UNANSWERED_RECHARGES = """
+SELECT id, subject_id, unit_amount FROM credits.topups
+WHERE kind = 'recharge' AND status = 'open' AND payment_intent_id IS NULL
+  AND updated_at < now() - make_interval(secs => $1) AND created_at > now() - make_interval(secs => $2)
+ORDER BY id LIMIT 100
+"""
+SQL_STALE_RECHARGES = """
+UPDATE credits.topups SET status = 'failed', updated_at = now()
+WHERE kind = 'recharge' AND status = 'open' AND payment_intent_id IS NULL
+  AND created_at < now() - make_interval(secs => $1)
+RETURNING *
+"""
 SQL_DUE_RECHARGES = """
 SELECT r.subject_id FROM credits.auto_recharge r JOIN credits.credit_accounts a ON a.subject_id = r.subject_id
 WHERE r.enabled AND a.balance < r.threshold
@@ -123,6 +137,27 @@ SQL_GET_RECHARGE = "SELECT * FROM credits.auto_recharge WHERE subject_id = $1"
 SQL_DISABLE_RECHARGE = (
     "UPDATE credits.auto_recharge SET enabled = false, updated_at = now() WHERE subject_id = $1 RETURNING *"
 )
+# what a reversal takes from the top-up's own grant (the ledger row that credited it): up to what
+# is left of it, burnt here (the debit below names the grant, so no trigger burns it again)
+SQL_TAKE_FROM_GRANT = """
+WITH g AS (
+    SELECT id, least(remaining, $3) AS taken FROM credits.grants
+    WHERE subject_id = $1 AND transaction_id = $2 AND status = 'live' AND remaining > 0
+)
+UPDATE credits.grants x SET remaining = x.remaining - g.taken,
+    status = CASE WHEN x.remaining = g.taken THEN 'used' ELSE 'live' END
+FROM g WHERE x.subject_id = $1 AND x.id = g.id
+RETURNING x.id, g.taken
+"""
+SQL_DEBIT_GRANT = """
+WITH a AS (
+    UPDATE credits.credit_accounts SET balance = balance + $2 WHERE subject_id = $1 RETURNING balance
+)
+INSERT INTO credits.credit_transactions
+    (subject_id, amount, balance_after, type, idempotency_key, description, metadata, grant_id)
+SELECT $1, $2, a.balance, 'adjustment', $3, $4, $5, $6 FROM a
+RETURNING id, balance_after
+"""
 SQL_LIST = """
 SELECT id, amount, currency, unit_amount, status, reversed, disputed, transaction_id, created_at
 FROM credits.topups WHERE subject_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3
@@ -295,10 +330,13 @@ class Topups:
             return await self._credit(
                 conn, topup, obj.get("payment_intent"), {"checkout_session": obj.get("id")}
             )
-        if kind in ("payment_intent.succeeded", "payment_intent.payment_failed"):
+        if kind in ("payment_intent.succeeded", "payment_intent.payment_failed", "payment_intent.canceled"):
+            # a recharge's (a Checkout's own PaymentIntent may fail and be retried in its session)
             topup_id = str((obj.get("metadata") or {}).get("topup_id", ""))
             topup = await conn.fetchrow(SQL_BY_ID, int(topup_id)) if topup_id.isdigit() else None
-            if topup is None or topup["payment_intent_id"] not in (None, obj.get("id")):
+            if topup is None or topup["kind"] != "recharge":
+                return "not a recharge", None
+            if topup["payment_intent_id"] not in (None, obj.get("id")):
                 return "unknown payment", None
             if kind == "payment_intent.succeeded":
                 return await self._credit(conn, topup, obj.get("id"), {"payment_intent": obj.get("id")})
@@ -321,6 +359,7 @@ class Topups:
                 return "not a credited top-up", None
             if kind == "charge.dispute.created":
                 target, disputed = topup["amount"], True
+                await conn.execute(SQL_DISABLE_RECHARGE, topup["subject_id"])  # not that card again
             else:  # the share of the price refunded so far (Stripe's running total), rounded up
                 refunded = min(int(obj.get("amount_refunded") or 0), topup["unit_amount"])
                 target = -(-topup["amount"] * refunded // topup["unit_amount"])
@@ -328,19 +367,24 @@ class Topups:
             take = target - topup["reversed"]
             if take <= 0:
                 return "taken back before", topup["subject_id"]
-            tx = await conn.fetchrow(
-                SQL_CREDIT,
-                topup["subject_id"],
-                -take,
-                "adjustment",
-                f"topup-reversal:{topup['id']}:{target}",
-                f"top-up {topup['id']} {'disputed' if disputed else 'refunded'}",
-                {"topup_id": topup["id"], "reason": kind},
-                None,
-                None,
-                None,
-                None,
-            )
+            # from the top-up's own grant first (what is left of it); the rest, already spent, by
+            # the usual order (or as overrun)
+            own = await conn.fetchrow(SQL_TAKE_FROM_GRANT, topup["subject_id"], topup["transaction_id"], take)
+            tx = None
+            for part, grant, suffix in (
+                (own["taken"] if own else 0, own["id"] if own else None, "own"),
+                (take - (own["taken"] if own else 0), None, "rest"),
+            ):
+                if part > 0:
+                    tx = await conn.fetchrow(
+                        SQL_DEBIT_GRANT,
+                        topup["subject_id"],
+                        -part,
+                        f"topup-reversal:{topup['id']}:{target}:{suffix}",
+                        f"top-up {topup['id']} {'disputed' if disputed else 'refunded'}",
+                        {"topup_id": topup["id"], "reason": kind},
+                        grant,
+                    )
             await conn.execute(SQL_REVERSED, topup["id"], target, disputed)
             balance = tx["balance_after"] if tx is not None else None
             await self._alert(conn, "topup.reversed", topup, balance=balance, taken_back=take, reason=kind)
@@ -428,16 +472,23 @@ class Topups:
         amount = await self.pool.fetchval(SQL_RECHARGE_TERMS, subject_id)
         if amount is None:
             return "not due"
-        client = self._client()
+        self._client()  # (refused before anything is claimed when Stripe is not configured)
         price = self.pricing.price(amount)
         topup_id = await self.pool.fetchval(
             SQL_RECHARGE_CLAIM, subject_id, self.pricing.currency, price, amount
         )
         if topup_id is None:
             return "in flight or capped"
+        return await self._charge(topup_id, subject_id, price)
+
+    async def _charge(self, topup_id: int, subject_id: str, price: int) -> str:
+        """Ask Stripe to charge a claimed recharge (again, after a lost answer: the same
+        idempotency key returns the first PaymentIntent). A refusal fails it and turns the
+        account's auto-recharge off (a declined card is not tried again without a person); an
+        answer that never came leaves it open, for the next sweep to ask again."""
         method = await self.pool.fetchrow(SQL_RECHARGE_METHOD, subject_id)
         try:
-            intent = await client.v1.payment_intents.create_async(
+            intent = await self._client().v1.payment_intents.create_async(
                 params={
                     "amount": price,
                     "currency": self.pricing.currency,
@@ -449,19 +500,38 @@ class Topups:
                 },
                 options={"idempotency_key": f"recharge-{topup_id}"},
             )
+        except (stripe.APIConnectionError, stripe.RateLimitError):
+            return "no answer"  # Stripe may have charged: ask again with the same key later
+        except stripe.APIError as exc:
+            if (exc.http_status or 500) >= 500:
+                return "no answer"
+            return await self._refused(topup_id, exc)
         except stripe.StripeError as exc:
-            async with self.pool.acquire() as conn, conn.transaction():
-                failed = await conn.fetchrow(SQL_FAILED, topup_id)
-                if failed is not None:
-                    await self._alert(
-                        conn, "topup.failed", failed, error=exc.user_message or type(exc).__name__
-                    )
-            return "failed"
+            return await self._refused(topup_id, exc)
         await self.pool.execute(SQL_INTENT, topup_id, intent.id)
         return "started"
 
+    async def _refused(self, topup_id: int, exc: stripe.StripeError) -> str:
+        async with self.pool.acquire() as conn, conn.transaction():
+            failed = await conn.fetchrow(SQL_FAILED, topup_id)
+            if failed is not None:
+                await conn.execute(SQL_DISABLE_RECHARGE, failed["subject_id"])
+                await self._alert(conn, "topup.failed", failed, error=exc.user_message or type(exc).__name__)
+        return "failed"
+
     async def recharge_due(self, *, batch: int = 100) -> int:
-        """Start the recharges that are due (the dispatcher's loop); how many started."""
+        """Start the recharges that are due (the dispatcher's loop); how many started.
+
+        A recharge whose PaymentIntent is not known (Stripe did not answer, or the process died in
+        between) is asked for again with its idempotency key after ``UNANSWERED_RECHARGE``; one
+        still without an answer after ``STALE_RECHARGE`` (Stripe keeps keys for a day) is failed,
+        so it cannot block the account's next recharge forever (were Stripe to report it paid
+        after all, the webhook still credits it)."""
+        for row in await self.pool.fetch(SQL_UNANSWERED_RECHARGES, UNANSWERED_RECHARGE, STALE_RECHARGE):
+            await self._charge(row["id"], row["subject_id"], row["unit_amount"])
+        async with self.pool.acquire() as conn, conn.transaction():
+            for stale in await conn.fetch(SQL_STALE_RECHARGES, STALE_RECHARGE):
+                await self._alert(conn, "topup.failed", stale, error="no PaymentIntent was created")
         subjects = [r["subject_id"] for r in await self.pool.fetch(SQL_DUE_RECHARGES, batch)]
         return sum([await self.maybe_recharge(s) == "started" for s in subjects])
 

@@ -88,8 +88,14 @@ def headers(secrets_: list[str], msg_id: str, timestamp: int, body: bytes) -> di
 async def check_target(url: str, *, allow_private: bool) -> None:
     """Refuse a URL whose scheme is not http(s) or whose host resolves to an address this
     deployment must not call (see the module's SSRF rules)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
+        raise InvalidRequest("the URL must not contain spaces or control characters", param="url")
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:
+        raise InvalidRequest("the URL is not valid", param="url") from None
+    if parts.scheme not in ("http", "https") or not hostname:
         raise InvalidRequest("the URL must be http:// or https:// with a host", param="url")
     if parts.username or parts.password:
         raise InvalidRequest("the URL must not carry credentials", param="url")
@@ -98,11 +104,13 @@ async def check_target(url: str, *, allow_private: bool) -> None:
     except ValueError:
         raise InvalidRequest("the URL's port is not valid", param="url") from None
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except OSError:
+        infos = await asyncio.get_running_loop().getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError):
         raise WebhookTargetRefused(f"{parts.hostname} does not resolve", param="url") from None
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:169.254.169.254 is the metadata service too
         if address in _METADATA or address.is_link_local or address.is_multicast or address.is_unspecified:
             raise WebhookTargetRefused(
                 f"{parts.hostname} resolves to {address}, which is never called", param="url"
@@ -148,7 +156,7 @@ FROM (SELECT id FROM credits.webhook_deliveries
       WHERE status = 'pending' AND next_attempt_at <= now()
       ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) c,
      credits.outbox o, credits.webhook_endpoints e
-WHERE d.id = c.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
+WHERE d.id = c.id AND o.id = d.outbox_id AND e.id = d.endpoint_id AND e.active
 RETURNING d.id, d.attempts, d.started_at, o.event_id, o.type, o.data, o.created_at AS occurred_at,
           e.url, e.format, e.secret, e.previous_secret, e.previous_until > now() AS previous_valid
 """
@@ -238,7 +246,7 @@ class Dispatcher:
             error = f"HTTP {status}"
         except CreditsError as exc:
             error = exc.message
-        except httpx.HTTPError as exc:
+        except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:1000]
         retry_seconds = self.policy.retry_hours * 3600
         state = await self.pool.fetchval(

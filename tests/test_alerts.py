@@ -253,10 +253,22 @@ async def test_an_alert_committed_before_a_crash_is_delivered_by_the_next_proces
 
 
 async def test_targets_that_are_never_called() -> None:
-    for url in ("ftp://example.com/x", "http://user:pw@example.com/", "not a url"):
+    for url in (
+        "ftp://example.com/x",
+        "http://user:pw@example.com/",
+        "not a url",
+        "http://[::1",
+        "http://a\x7f.b/",
+    ):
         with pytest.raises(InvalidRequest):
             await check_target(url, allow_private=True)
-    for url in ("http://169.254.169.254/latest/meta-data", "http://[fe80::1]/", "http://0.0.0.0/"):
+    for url in (
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::ffff:169.254.169.254]/",  # the same address, IPv4-mapped
+        "http://[fe80::1]/",
+        "http://0.0.0.0/",
+        "http://" + "a" * 64 + ".example/",  # a label too long to resolve (not a 500)
+    ):
         with pytest.raises(WebhookTargetRefused):
             await check_target(url, allow_private=True)  # link-local and metadata: even then
     for url in ("http://127.0.0.1:9/", "http://10.0.0.1/", "http://localhost/"):

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from litellm_credits.errors import AccountIsMember, InvalidRequest
+from litellm_credits.grants import Grants
 from litellm_credits.ledger import Ledger, UsageRecord
 from litellm_credits.money import parse_credits as c
 from litellm_credits.topups import InvalidSignature, Pricing, Topups, TopupsNotConfigured
@@ -157,6 +158,29 @@ async def test_a_bad_signature_or_an_old_timestamp_is_refused_and_changes_nothin
     )
     assert seen == 0  # a refused event is not recorded: Stripe's genuine retry is still handled
     assert (await topups.handle(body, header)).outcome == "credited"
+
+
+async def test_a_reversal_takes_back_the_topups_own_credit_first(
+    topups: Topups, ledger: Ledger, account: AccountFactory
+) -> None:
+    """A promotion that expires soon burns before paid credit; a refund of the top-up must not
+    take it instead of the refunded credit (turning expiring credit into paid credit)."""
+    from datetime import datetime, timedelta, timezone
+
+    from litellm_credits.records import GrantTerms
+
+    subject = await account("0")
+    soon = datetime.now(timezone.utc) + timedelta(days=1)
+    await ledger.credit(subject, c("100"), description="promo", terms=GrantTerms("promotional", 0, soon))
+    created = await topups.checkout(subject, c("100"))
+    intent = "pi_" + uuid.uuid4().hex
+    paid = {"id": created["checkout_session_id"], "payment_status": "paid", "payment_intent": intent}
+    await topups.handle(*signed(event("checkout.session.completed", paid)))
+    refund = {"object": "charge", "payment_intent": intent, "amount_refunded": 10000}
+    assert (await topups.handle(*signed(event("charge.refunded", refund)))).outcome == "taken back"
+    summary = await Grants(ledger.pool).summary(subject)
+    assert (summary["promotional"], summary["paid"]) == ("100.000000", "0.000000")
+    await assert_identities(ledger, subject)
 
 
 async def test_refunds_and_disputes_take_the_credits_back(
@@ -323,3 +347,43 @@ async def test_auto_recharge_stops_at_its_monthly_cap_and_a_declined_card_fails_
     ]
     assert kinds == ["topup.failed"]
     assert await balance(ledger, declined) == c("2")
+    # a declined card is not tried again: the account's auto-recharge is off until a person acts
+    assert (await topups.recharge_settings(declined))["enabled"] is False
+    assert await topups.maybe_recharge(declined) == "not due"
+    assert len(intents(fake_stripe, declined)) == 1
+
+
+async def test_a_recharge_that_never_reached_stripe_is_asked_again_then_failed(
+    topups: Topups, ledger: Ledger, account: AccountFactory, fake_stripe: tuple[str, Path]
+) -> None:
+    """A process that died (or got no answer) between claiming a recharge and Stripe's reply left
+    it open without a PaymentIntent: the next sweep asks Stripe again under the same idempotency
+    key; one a day old is failed, so the account's next recharge is not blocked forever."""
+    subject = await recharging(topups, ledger, account)
+    await ledger.credit(subject, -c("8"), type="adjustment")  # 2: below 5
+    claimed = await ledger.pool.fetchval(
+        "INSERT INTO credits.topups (subject_id, amount, currency, unit_amount, kind, updated_at)"
+        " VALUES ($1, $2, 'usd', 2000, 'recharge', now() - interval '5 minutes') RETURNING id",
+        subject,
+        c("20"),
+    )
+    assert await topups.maybe_recharge(subject) == "in flight or capped"
+    await topups.recharge_due()
+    [asked] = intents(fake_stripe, subject)
+    assert asked["headers"].get("Idempotency-Key") == f"recharge-{claimed}"
+    [row] = await topups.list(subject, limit=10, offset=0)
+    assert (row["id"], row["status"]) == (claimed, "open")  # now waiting for Stripe's webhook
+
+    other = await recharging(topups, ledger, account)
+    await ledger.credit(other, -c("8"), type="adjustment")
+    stale = await ledger.pool.fetchval(
+        "INSERT INTO credits.topups (subject_id, amount, currency, unit_amount, kind, created_at, updated_at)"
+        " VALUES ($1, $2, 'usd', 2000, 'recharge', now() - interval '2 days', now() - interval '2 days')"
+        " RETURNING id",
+        other,
+        c("20"),
+    )
+    await topups.recharge_due()  # failed (Stripe keeps keys a day), then a new recharge starts
+    statuses = {t["id"]: t["status"] for t in await topups.list(other, limit=10, offset=0)}
+    assert statuses.pop(stale) == "failed" and list(statuses.values()) == ["open"]
+    assert len(intents(fake_stripe, other)) == 1

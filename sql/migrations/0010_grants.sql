@@ -216,6 +216,9 @@ BEGIN
             ELSIF r.status <> 'expired' AND (r.expires_at IS NULL OR r.expires_at > now()) THEN
                 UPDATE credits.grants SET remaining = remaining + v_give, status = 'live'
                 WHERE subject_id = NEW.subject_id AND id = r.grant_id;
+                -- (a hold expires it in time again, whatever expired on the account since)
+                UPDATE credits.credit_accounts SET grants_due_at = least(grants_due_at, r.expires_at)
+                WHERE subject_id = NEW.subject_id AND r.expires_at IS NOT NULL;
             ELSE
                 -- not revived: given back and expired at once
                 PERFORM credits.write_expiry(NEW.subject_id, r.grant_id, v_give,
@@ -267,8 +270,10 @@ BEGIN
     RETURN NEW;
 END
 $$;
+-- (a debit whose writer names its grant has burnt it already: a top-up's reversal)
 CREATE TRIGGER credit_transactions_burn_first BEFORE INSERT ON credits.credit_transactions
-    FOR EACH ROW WHEN (NEW.amount < 0 AND NEW.type <> 'expiry') EXECUTE FUNCTION credits.burn_first_grant();
+    FOR EACH ROW WHEN (NEW.amount < 0 AND NEW.type <> 'expiry' AND NEW.grant_id IS NULL)
+    EXECUTE FUNCTION credits.burn_first_grant();
 CREATE TRIGGER credit_transactions_grants AFTER INSERT ON credits.credit_transactions
     FOR EACH ROW WHEN (NEW.type <> 'expiry' AND NEW.grant_id IS NULL) EXECUTE FUNCTION credits.apply_to_grants();
 

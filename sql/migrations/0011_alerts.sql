@@ -133,10 +133,12 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
-    IF NEW.monthly_cap > 0 AND NEW.month_spend > OLD.month_spend THEN
-        v_spent := CASE WHEN OLD.month_start < NEW.month_start THEN 0 ELSE OLD.month_spend END;
+    v_spent := CASE WHEN OLD.month_start < NEW.month_start THEN 0 ELSE OLD.month_spend END;
+    IF NEW.monthly_cap > 0 AND NEW.month_spend > v_spent THEN
         FOREACH p IN ARRAY v_percents LOOP
-            IF v_spent * 100 < NEW.monthly_cap * p AND NEW.month_spend * 100 >= NEW.monthly_cap * p THEN
+            -- (in numeric: a cap near bigint's limit times a percentage would overflow)
+            IF v_spent::numeric * 100 < NEW.monthly_cap::numeric * p
+               AND NEW.month_spend::numeric * 100 >= NEW.monthly_cap::numeric * p THEN
                 INSERT INTO credits.outbox (type, subject_id, data)
                 VALUES ('monthly_cap.reached', NEW.subject_id,
                         jsonb_build_object('user_id', NEW.subject_id, 'percent', p,
@@ -154,7 +156,8 @@ CREATE TRIGGER credit_accounts_thresholds
     AFTER UPDATE OF balance, month_spend ON credits.credit_accounts
     FOR EACH ROW WHEN (
         (NEW.balance < OLD.balance AND NEW.balance < greatest(NEW.alert_ceiling, 1))
-        OR (NEW.monthly_cap IS NOT NULL AND NEW.month_spend > OLD.month_spend))
+        OR (NEW.monthly_cap IS NOT NULL
+            AND (NEW.month_spend > OLD.month_spend OR NEW.month_start > OLD.month_start)))
     EXECUTE FUNCTION credits.watch_thresholds();
 
 -- grant.expired: with the expiry row, in its transaction
