@@ -221,22 +221,8 @@ class Topups:
     async def checkout(self, subject_id: str, amount: int) -> dict[str, Any]:
         """Open a Checkout Session for ``amount`` micro-credits: the page the user pays on."""
         p = self.pricing
-        if not p.min_amount <= amount <= p.max_amount:
-            raise InvalidRequest(
-                f"a top-up is between {format_credits(p.min_amount)} and "
-                f"{format_credits(p.max_amount)} credits",
-                param="amount",
-            )
+        await self._payer(subject_id, amount, "a top-up")
         client = self._client()
-        row = await self.pool.fetchrow(SQL_ACCOUNT, subject_id)
-        if row is None:
-            raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
-        if row["parent_id"] is not None:
-            raise AccountIsMember(
-                f"{subject_id!r} spends its team's credits; the team {row['parent_id']!r} tops up",
-                param="user_id",
-                team_id=row["parent_id"],
-            )
         price = p.price(amount)
         topup_id = await self.pool.fetchval(SQL_NEW, subject_id, amount, p.currency, price)
         try:
@@ -274,6 +260,26 @@ class Topups:
             "checkout_url": session.url,
             "checkout_session_id": session.id,
         }
+
+    async def _payer(self, subject_id: str, amount: int, what: str) -> None:
+        """Refuse an amount outside the configured range, a missing account, or a team member
+        (whose team pays)."""
+        p = self.pricing
+        if not p.min_amount <= amount <= p.max_amount:
+            raise InvalidRequest(
+                f"{what} is between {format_credits(p.min_amount)} and "
+                f"{format_credits(p.max_amount)} credits",
+                param="amount",
+            )
+        row = await self.pool.fetchrow(SQL_ACCOUNT, subject_id)
+        if row is None:
+            raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
+        if row["parent_id"] is not None:
+            raise AccountIsMember(
+                f"{subject_id!r} spends its team's credits; the team {row['parent_id']!r} pays",
+                param="user_id",
+                team_id=row["parent_id"],
+            )
 
     async def list(self, subject_id: str, *, limit: int, offset: int) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(SQL_LIST, subject_id, limit, offset)
@@ -431,22 +437,7 @@ class Topups:
         max_per_month: int,
         max_amount_per_month: int | None,
     ) -> dict[str, Any]:
-        p = self.pricing
-        if not p.min_amount <= amount <= p.max_amount:
-            raise InvalidRequest(
-                f"a recharge is between {format_credits(p.min_amount)} and "
-                f"{format_credits(p.max_amount)} credits",
-                param="amount",
-            )
-        row = await self.pool.fetchrow(SQL_ACCOUNT, subject_id)
-        if row is None:
-            raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
-        if row["parent_id"] is not None:
-            raise AccountIsMember(
-                f"{subject_id!r} spends its team's credits; its team recharges",
-                param="user_id",
-                team_id=row["parent_id"],
-            )
+        await self._payer(subject_id, amount, "a recharge")
         saved = await self.pool.fetchrow(
             SQL_SET_RECHARGE,
             subject_id,
