@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from .crypto import SecretBox
+from .crypto import EncryptionNotConfigured, SecretBox
 from .errors import AccountNotFound, NotFound
 from .money import format_credits, parse_credits
 from .settings import TierAlertsConfig
@@ -157,8 +157,6 @@ class Alerts:
 
     def _box(self) -> SecretBox:
         if self.box is None:
-            from .crypto import EncryptionNotConfigured
-
             raise EncryptionNotConfigured(
                 "webhook secrets are stored encrypted: set CREDITS_ENCRYPTION_KEYS to register endpoints"
             )

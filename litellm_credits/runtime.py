@@ -61,6 +61,7 @@ class Runtime:
     _loops: dict[asyncio.AbstractEventLoop, _LoopState] = field(default_factory=dict)
     _openrouter_clients: dict[asyncio.AbstractEventLoop, OpenRouterClient] = field(default_factory=dict)
     _openrouter_catalogs: dict[asyncio.AbstractEventLoop, ModelCatalog] = field(default_factory=dict)
+    _topups: dict[asyncio.AbstractEventLoop, Topups] = field(default_factory=dict)
     _box: SecretBox | None = None
     _link: RedisLink | None = None
     _cache: Cache | None = None
@@ -136,25 +137,33 @@ class Runtime:
         return self._box
 
     async def topups(self) -> Topups:
-        """Paid top-ups; their routes answer 503 topups_not_configured without Stripe's keys."""
-        s, cfg = self.settings, self.settings.credits.topups
-        pricing = TopupPricing(
-            currency=cfg.currency,
-            credits_per_unit=cfg.credits_per_unit or s.credits.credits_per_usd,
-            minor_units=cfg.minor_units,
-            min_amount=parse_credits(cfg.min_amount),
-            max_amount=parse_credits(cfg.max_amount),
-        )
-        return Topups(
-            (await self.ledger()).pool,
-            pricing,
-            api_key=s.stripe_secret_key.get_secret_value() if s.stripe_secret_key else None,
-            webhook_secret=s.stripe_webhook_secret.get_secret_value() if s.stripe_webhook_secret else None,
-            api_base=s.stripe_api_base,
-            success_url=cfg.success_url,
-            cancel_url=cfg.cancel_url,
-            tolerance_seconds=cfg.tolerance_seconds,
-        )
+        """Paid top-ups for the running loop (one Stripe client each); their routes answer 404
+        topups_not_configured without Stripe's keys."""
+        loop = asyncio.get_running_loop()
+        topups = self._topups.get(loop)
+        if topups is None:
+            s, cfg = self.settings, self.settings.credits.topups
+            pricing = TopupPricing(
+                currency=cfg.currency,
+                credits_per_unit=cfg.credits_per_unit or s.credits.credits_per_usd,
+                minor_units=cfg.minor_units,
+                min_amount=parse_credits(cfg.min_amount),
+                max_amount=parse_credits(cfg.max_amount),
+            )
+            topups = Topups(
+                (await self.ledger()).pool,
+                pricing,
+                api_key=s.stripe_secret_key.get_secret_value() if s.stripe_secret_key else None,
+                webhook_secret=s.stripe_webhook_secret.get_secret_value()
+                if s.stripe_webhook_secret
+                else None,
+                api_base=s.stripe_api_base,
+                success_url=cfg.success_url,
+                cancel_url=cfg.cancel_url,
+                tolerance_seconds=cfg.tolerance_seconds,
+            )
+            self._topups[loop] = topups
+        return topups
 
     async def openrouter_accounts(self) -> OpenRouterAccounts:
         """The OpenRouter account service; refused (503) until encryption keys are configured."""
@@ -314,13 +323,17 @@ class Runtime:
         if client is not None:
             await client.aclose()
         state = self._loops.pop(asyncio.get_running_loop(), None)
+        if state is not None:  # (its dispatcher uses them: stopped first, below)
+            for task in (state.sweeper, state.openrouter_sync, state.dispatcher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        topups = self._topups.pop(asyncio.get_running_loop(), None)
+        if topups is not None:
+            await topups.close()
         if state is None:
             return
-        for task in (state.sweeper, state.openrouter_sync, state.dispatcher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
         if state.ready.done() and state.ready.exception() is None:
             await state.ready.result().pool.close()
 

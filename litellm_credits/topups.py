@@ -207,16 +207,27 @@ class Topups:
         self.success_url = success_url
         self.cancel_url = cancel_url
         self.tolerance = tolerance_seconds
+        self._http: stripe.HTTPXClient | None = None
+        self._stripe: stripe.StripeClient | None = None
 
     def _client(self) -> stripe.StripeClient:
+        """One Stripe client (and its connection pool) for this instance's life."""
         if not self.api_key:
             raise TopupsNotConfigured("top-ups are not configured: set CREDITS_STRIPE_SECRET_KEY")
-        return stripe.StripeClient(
-            self.api_key,
-            base_addresses={"api": self.api_base} if self.api_base else None,
-            http_client=stripe.HTTPXClient(allow_sync_methods=False),
-            max_network_retries=2,
-        )
+        if self._stripe is None:
+            self._http = stripe.HTTPXClient(allow_sync_methods=False)
+            self._stripe = stripe.StripeClient(
+                self.api_key,
+                base_addresses={"api": self.api_base} if self.api_base else None,
+                http_client=self._http,
+                max_network_retries=2,
+            )
+        return self._stripe
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close_async()
+            self._http, self._stripe = None, None
 
     async def checkout(self, subject_id: str, amount: int) -> dict[str, Any]:
         """Open a Checkout Session for ``amount`` micro-credits: the page the user pays on."""

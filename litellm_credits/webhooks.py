@@ -34,7 +34,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -45,7 +45,8 @@ from .errors import CreditsError, InvalidRequest, WebhookTargetRefused
 
 log = logging.getLogger("litellm_credits.webhooks")
 
-EVENT_TYPES = (
+# what an endpoint may subscribe to (the outbox's type CHECK, migrations 0011 and 0012)
+EventType = Literal[
     "balance.low",
     "balance.depleted",
     "monthly_cap.reached",
@@ -54,7 +55,8 @@ EVENT_TYPES = (
     "topup.succeeded",
     "topup.failed",
     "topup.reversed",
-)
+]
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 # a link-local range holds the metadata services; these are named for clarity
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 LEASE_SECONDS = 60
@@ -266,6 +268,7 @@ class Dispatcher:
 __all__ = [
     "EVENT_TYPES",
     "Dispatcher",
+    "EventType",
     "Policy",
     "WebhookTargetRefused",
     "body_of",

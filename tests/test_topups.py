@@ -11,6 +11,7 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,8 @@ PRICING = Pricing(
 
 
 @pytest.fixture
-def topups(ledger: Ledger, fake_stripe: tuple[str, Path]) -> Topups:
-    return Topups(
+async def topups(ledger: Ledger, fake_stripe: tuple[str, Path]) -> AsyncIterator[Topups]:
+    made = Topups(
         ledger.pool,
         PRICING,
         api_key="sk_test_" + uuid.uuid4().hex,
@@ -44,6 +45,8 @@ def topups(ledger: Ledger, fake_stripe: tuple[str, Path]) -> Topups:
         success_url="http://127.0.0.1/done",
         cancel_url="http://127.0.0.1/cancelled",
     )
+    yield made
+    await made.close()
 
 
 def signed(event: dict[str, Any], *, secret: str = WEBHOOK_SECRET, age: int = 0) -> tuple[bytes, str]:

@@ -10,21 +10,10 @@ from pydantic import BaseModel, Field, Strict
 
 from ..alerts import Alerts
 from ..runtime import Runtime
-from ..webhooks import EVENT_TYPES
+from ..webhooks import EVENT_TYPES, EventType
 from .routes import AdminDep, CallerDep, Limit, Offset, UserIdQuery, target
 from .schemas import PositiveAmount, Text, _In
 
-EventType = Literal[
-    "balance.low",
-    "balance.depleted",
-    "monthly_cap.reached",
-    "grant.expiring",
-    "grant.expired",
-    "topup.succeeded",
-    "topup.failed",
-    "topup.reversed",
-]
-assert set(EventType.__args__) == set(EVENT_TYPES)  # type: ignore[attr-defined]
 EndpointId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 DeliveryId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 Percent = Annotated[int, Strict(), Field(ge=1, le=1000)]
