@@ -42,7 +42,14 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
-from .metrics import metrics
+from .metrics import (
+    CACHE_BYPASS,
+    CACHE_HIT_LOCAL,
+    CACHE_HIT_REDIS,
+    CACHE_INVALIDATED,
+    CACHE_INVALIDATION_DEFERRED,
+    CACHE_MISS,
+)
 from .redis_link import RedisDown, RedisLink
 
 log = logging.getLogger("litellm_credits.cache")
@@ -172,16 +179,16 @@ class Cache:
         if not self.link.configured:
             if entry is not None:
                 self._memory.move_to_end(key)
-                metrics.incr("cache_hits_local")
+                CACHE_HIT_LOCAL.inc()
                 return entry[2]  # type: ignore[no-any-return]
             value = await load()
-            metrics.incr("cache_misses")
+            CACHE_MISS.inc()
             if value is not None:
                 self._remember(key, "", value, ttl, start, started)
             return value
         if self._pending:  # Redis may hold entries this process changed: not until replayed
             self._start_replay()
-            metrics.incr("cache_bypassed")
+            CACHE_BYPASS.inc()
             return await load()
         try:
             found = await self._script(
@@ -190,26 +197,26 @@ class Cache:
         except RedisDown:
             # what memory holds cannot be checked, now or (changes made meanwhile) afterwards
             self._flush_memory()
-            metrics.incr("cache_bypassed")
+            CACHE_BYPASS.inc()
             return await load()
         kind, version = int(found[0]), _text(found[1])
         if kind == 2 and entry is not None:  # Redis confirmed the version memory holds
             self._memory.move_to_end(key)
-            metrics.incr("cache_hits_local")
+            CACHE_HIT_LOCAL.inc()
             return entry[2]  # type: ignore[no-any-return]
         if kind == 1:
             try:
                 value = codec.load(_text(found[2]))
             except (ValueError, TypeError, KeyError):  # corrupt, or another version's format
                 log.warning("litellm-credits: unreadable cache entry %s; reading the source", key)
-                metrics.incr("cache_bypassed")
+                CACHE_BYPASS.inc()
                 return await load()
-            metrics.incr("cache_hits_redis")
+            CACHE_HIT_REDIS.inc()
             if version:  # an entry whose version expired or was evicted is not kept here
                 remaining = int(found[3]) / 1000 if int(found[3]) > 0 else ttl
                 self._remember(key, version, value, min(ttl, remaining), start, started)
             return value
-        metrics.incr("cache_misses")
+        CACHE_MISS.inc()
         value = await load()
         if value is None:
             return None
@@ -286,7 +293,7 @@ class Cache:
         path: holds and settlements. Returns the batch's future (None without Redis)."""
         keys = list(keys)
         self._forget(keys)
-        metrics.incr("cache_invalidations", len(keys))
+        CACHE_INVALIDATED.inc(len(keys))
         return self._enqueue(keys) if self.link.configured else None
 
     def _enqueue(self, keys: list[str]) -> asyncio.Future[None]:
@@ -352,7 +359,7 @@ class Cache:
         this process reads around Redis (it may hold entries these keys name)."""
         for key in keys:
             self._pending[key] = self._pending.get(key, 0) + 1
-        metrics.incr("cache_invalidations_deferred", len(keys))
+        CACHE_INVALIDATION_DEFERRED.inc(len(keys))
         self._start_replay()
 
     def _start_replay(self) -> None:

@@ -40,6 +40,14 @@ def proxy_deployments(model_group: str) -> list[dict[str, Any]]:
     return [dict(d) for d in found]
 
 
+def proxy_model_groups() -> list[str]:
+    """The model names the proxy's model list configures (empty when there is no router)."""
+    router = _router()
+    if router is None:
+        return []
+    return [str(name) for name in getattr(router, "model_names", None) or ()]
+
+
 def proxy_routes(model_group: str) -> bool:
     """Whether the router takes ``model_group`` although it lists no deployment for it: a name it
     recognises, a team's public model name, a default deployment, or every model passed through.
@@ -76,5 +84,6 @@ __all__ = [
     "deployment_prices",
     "is_openrouter",
     "proxy_deployments",
+    "proxy_model_groups",
     "proxy_routes",
 ]

@@ -26,6 +26,7 @@ from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
+from . import metrics
 from .claims import HoldClaim, HoldSigner
 from .crypto import EncryptionNotConfigured, Secret
 from .deployments import (
@@ -128,7 +129,8 @@ class CreditsHandler(CustomLogger):
     ) -> dict:
         call = str(call_type).rsplit(".", 1)[-1]
         try:
-            return await self._pre_call(user_api_key_dict, data, call)
+            with metrics.PRE_CALL_SECONDS.time():
+                return await self._pre_call(user_api_key_dict, data, call)
         except CreditsError as err:
             raise self._refusal(err, user_api_key_dict, data, call) from None
         except INVALID_INPUT_ERRORS:
@@ -144,8 +146,9 @@ class CreditsHandler(CustomLogger):
     def _refusal(
         err: CreditsError, auth: Any, data: Mapping[str, Any], call: str, cause: str | None = None
     ) -> Exception:
-        """The exception that answers with ``err``, logged once; Anthropic's error shape on
-        ``/v1/messages``."""
+        """The exception that answers with ``err``, logged and counted once; Anthropic's error
+        shape on ``/v1/messages``."""
+        metrics.count_refusal(err.type)
         return refuse(
             err,
             anthropic=call == "anthropic_messages",

@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 
 import asyncpg
 
+from . import metrics
 from .accounts import joining_error
 from .bulk_credits import credit_many
 from .errors import (
@@ -130,8 +131,10 @@ class Ledger:
                 return await op()
             except _TRANSIENT as exc:
                 if attempt == self.retries:
+                    metrics.LEDGER_ERRORS.inc()
                     raise ServiceUnavailable("the credit ledger is unavailable; try again") from exc
                 log.warning("ledger: transient database error (%s), retrying", type(exc).__name__)
+                metrics.LEDGER_RETRIES.inc()
                 await asyncio.sleep(self.retry_delay * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -236,6 +239,8 @@ class Ledger:
             if idempotency_key is not None and await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key):
                 return await self._replayed(subject_id, key, amount, type, terms)
             raise await self._not_credited(subject_id)
+        if amount > 0:
+            metrics.CREDITED.labels(type=type).inc(amount)
         await self.changed(subject_id)
         return _transaction(row)
 
@@ -295,6 +300,8 @@ class Ledger:
                 row = await conn.fetchrow(SQL_TX_BY_KEY, subject_id, key)
             else:
                 row = await self._refund(conn, subject_id, transaction_id, amount, key, description)
+                if row is not None:
+                    metrics.CREDITED.labels(type="refund").inc(row["amount"])
         # a replay too: the first attempt's announcement may have been lost
         await self.changed(subject_id)
         return _transaction(row)
@@ -346,6 +353,7 @@ class Ledger:
             idempotency_key=idempotency_key,
             terms=terms,
         )
+        metrics.CREDITED.labels(type=type).inc(sum(a for a in grants.values() if a > 0))
         await self.changed(*sorted(grants))
         return [_transaction(r) for r in rows]
 
@@ -422,11 +430,12 @@ class Ledger:
                     raise
                 return row
 
-        row = await self._retry(take)
+        with metrics.HOLD_SECONDS.time():
+            row = await self._retry(take)
         if row["outcome"] in ("held", "replayed"):
             # a replay too: the first attempt's reply (and its announcement) may have been lost
             await self.changed(*{subject_id, row["payer_id"]}, wait=False)
-            return Hold(
+            hold = Hold(
                 hold_id,
                 row["payer_id"],
                 row["amount"],
@@ -437,6 +446,9 @@ class Ledger:
                 request_hash=row["request_hash"],
                 quoted=row["quoted"],
             )
+            if not hold.replayed:
+                (metrics.HELD_CLAMPED if hold.clamped else metrics.HELD_FULL).inc()
+            return hold
         account = await self.get_account(subject_id)
         team = await self.get_account(account.parent_id) if account and account.parent_id else None
         required = row["quoted"]
@@ -505,11 +517,17 @@ class Ledger:
         is still settled: the usage is real)."""
         if charge < 0:
             raise InvalidRequest("charge cannot be negative")
-        return await self._resolve(subject_id, hold_id, charge, "settled", "success", usage)
+        with metrics.SETTLE_SECONDS.time():
+            result = await self._resolve(subject_id, hold_id, charge, "settled", "success", usage)
+        if result is not None:
+            metrics.SETTLEMENTS.inc()
+        return result
 
     async def void(self, subject_id: str, hold_id: uuid.UUID, usage: UsageRecord | None = None) -> bool:
         """Release the hold without a charge; False if it had already ended."""
         result = await self._resolve(subject_id, hold_id, 0, "voided", "failed", usage or UsageRecord(cost=0))
+        if result is not None:
+            metrics.VOIDS.inc()
         return result is not None
 
     async def expire(self, *, policy: Literal["void", "capture"], batch: int = 500) -> int:
@@ -536,6 +554,7 @@ class Ledger:
                     UsageRecord(cost=0, metadata={"expired": True}),
                 )
             done += result is not None
+        metrics.EXPIRIES.labels(policy=policy).inc(done)
         return done
 
     # reads -------------------------------------------------------------------------------

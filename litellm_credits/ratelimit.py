@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import RateLimited
-from .metrics import metrics
+from .metrics import RATE_LIMITED, RATELIMIT_FALLBACKS
 from .redis_link import RedisDown, RedisLink
 
 # KEYS[1] the bucket; ARGV: µs per unit, burst µs, cost, force (1 = count it even over the limit)
@@ -97,14 +97,14 @@ class RateLimiter:
             try:
                 return await self._in_redis(key, rate, cost, force)
             except RedisDown:
-                metrics.incr("ratelimit_local_fallbacks")
+                RATELIMIT_FALLBACKS.inc()
         return self._in_process(key, rate, cost, force)
 
     async def check(self, subject_id: str, name: str, rate: Rate, cost: int = 1) -> Decision:
         """Like :meth:`hit`, but a refusal raises a 429 ``rate_limited`` with ``Retry-After``."""
         decision = await self.hit(subject_id, name, rate, cost)
         if not decision.allowed:
-            metrics.incr("rate_limited")
+            RATE_LIMITED.inc()
             raise RateLimited(
                 f"rate limit exceeded: {rate.amount} {_unit(name)} per {rate.seconds:g} s for this "
                 f"account; retry in {math.ceil(decision.retry_after)} s",

@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from .metrics import metrics
+from .metrics import REDIS_BUSY, REDIS_ERRORS
 
 log = logging.getLogger("litellm_credits.redis")
 
@@ -126,7 +126,7 @@ class RedisLink:
             result = await asyncio.wait_for(op(self.client()), self.timeout * 2)
         except RedisConnectionError as exc:
             if str(exc) == "No connection available.":  # our pool is busy, Redis is not down
-                metrics.incr("redis_busy")
+                REDIS_BUSY.inc()
                 raise RedisDown("every Redis connection of this process is busy") from None
             self.failed(exc)
             raise RedisDown(type(exc).__name__) from None
@@ -138,7 +138,7 @@ class RedisLink:
 
     def failed(self, exc: BaseException) -> None:
         """Open the breaker for ``retry_seconds``; log once per outage."""
-        metrics.incr("redis_errors")
+        REDIS_ERRORS.inc()
         self._open_until = time.monotonic() + self.retry_seconds
         if self._down_since is None:
             self._down_since = time.monotonic()

@@ -24,8 +24,11 @@ from . import auth, db, migrations
 from .alerts import Alerts, tier_alerts
 from .cache import Cache, Codec
 from .crypto import Secret, SecretBox
+from .deployments import proxy_model_groups
 from .grants import Grants
 from .ledger import Ledger
+from .metrics import SWEEPER_RUNS, LabelBounds
+from .metrics_sampler import sample_forever
 from .money import format_credits, parse_credits
 from .openrouter import ModelCatalog, OpenRouterClient
 from .openrouter_accounts import OpenRouterAccounts
@@ -47,6 +50,7 @@ class _LoopState:
     sweeper: asyncio.Task[None] | None = None
     openrouter_sync: asyncio.Task[None] | None = None
     dispatcher: asyncio.Task[None] | None = None
+    sampler: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Runtime:
     _link: RedisLink | None = None
     _cache: Cache | None = None
     _limiter: RateLimiter | None = None
+    _labels: LabelBounds | None = None
 
     @property
     def link(self) -> RedisLink:
@@ -92,6 +97,14 @@ class Runtime:
         if self._limiter is None:
             self._limiter = RateLimiter(self.link)
         return self._limiter
+
+    @property
+    def labels(self) -> LabelBounds:
+        """The label values metrics may use: the configured tiers and model groups."""
+        if self._labels is None:
+            cfg = self.settings.credits
+            self._labels = LabelBounds(cfg.tiers, lambda: [*proxy_model_groups(), *cfg.models])
+        return self._labels
 
     async def account(self, subject_id: str) -> Account | None:
         """An account as the cache has it (never used to decide a hold)."""
@@ -230,6 +243,8 @@ class Runtime:
         if self.settings.sweeper and state.sweeper is None:
             state.sweeper = loop.create_task(self._sweep(ledger))
             state.dispatcher = loop.create_task(self._dispatch(ledger))
+            interval = self.settings.credits.metrics.sample_seconds
+            state.sampler = loop.create_task(sample_forever(ledger.pool, interval))
             if self.settings.openrouter_provisioning_key and self.settings.encryption_keys:
                 state.openrouter_sync = loop.create_task(self._sync_openrouter())
         return ledger
@@ -260,9 +275,11 @@ class Runtime:
                         format_credits(swept.expired),
                         swept.accounts,
                     )
+                SWEEPER_RUNS.labels(result="ok").inc()
             except asyncio.CancelledError:
                 raise
             except Exception:
+                SWEEPER_RUNS.labels(result="error").inc()
                 log.exception("litellm-credits: hold sweeper failed; will retry")
 
     async def _dispatch(self, ledger: Ledger) -> None:
@@ -324,7 +341,7 @@ class Runtime:
             await client.aclose()
         state = self._loops.pop(asyncio.get_running_loop(), None)
         if state is not None:  # (its dispatcher uses them: stopped first, below)
-            for task in (state.sweeper, state.openrouter_sync, state.dispatcher):
+            for task in (state.sweeper, state.openrouter_sync, state.dispatcher, state.sampler):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

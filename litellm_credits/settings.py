@@ -152,6 +152,15 @@ class CacheConfig(_Strict):
     max_entries: int = Field(100_000, gt=0, description="entries kept in each process's memory")
 
 
+class MetricsConfig(_Strict):
+    """Prometheus metrics (``metrics.py``), served at ``GET /api/v1/admin/credits/metrics``."""
+
+    # serve them without a key (a scraper on a private network); else only to admins
+    public: bool = False
+    # how often each process reads open holds and accounts from the database for the gauges
+    sample_seconds: float = Field(15.0, ge=1)
+
+
 def _default_power_levels() -> dict[PowerLevel, Decimal]:
     return {"eco": Decimal("0.5"), "balanced": Decimal(1), "precision": Decimal(2)}
 
@@ -189,6 +198,7 @@ class CreditsConfig(_Strict):
     topups: TopupConfig = Field(default_factory=TopupConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     max_amount: CreditsAmount = Decimal(1_000_000_000)
     # other origins (scheme://host[:port]) whose pages may change credits with a browser session
     allowed_origins: tuple[str, ...] = ()
@@ -290,6 +300,7 @@ __all__ = [
     "CacheConfig",
     "CreditsConfig",
     "HoldConfig",
+    "MetricsConfig",
     "ModelPriceConfig",
     "PowerLevel",
     "RateLimit",

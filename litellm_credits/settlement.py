@@ -19,6 +19,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from . import metrics
 from .claims import HoldClaim
 from .deployments import deployment_prices
 from .errors import CreditsError, ServiceUnavailable
@@ -214,6 +215,13 @@ class Settler:
                 "litellm-credits: hold %s was already resolved; usage not charged again", claim.hold_id
             )
             return
+        metrics.count_charge(
+            self.runtime.labels,
+            result.charged,
+            tier=claim.tier,
+            model_group=model_group,
+            service=claim.service,
+        )
         await self._count_tokens(claim, usage)
 
     def _image_cost(

@@ -42,6 +42,7 @@ import httpx
 
 from .crypto import EncryptionNotConfigured, SecretBox
 from .errors import CreditsError, InvalidRequest, WebhookTargetRefused
+from .metrics import WEBHOOK_DELIVERED, WEBHOOK_FAILED
 
 log = logging.getLogger("litellm_credits.webhooks")
 
@@ -244,12 +245,14 @@ class Dispatcher:
             status = response.status_code
             if 200 <= status < 300:
                 await self.pool.execute(SQL_DELIVERED, row["id"], status)
+                WEBHOOK_DELIVERED.inc()
                 return
             error = f"HTTP {status}"
         except CreditsError as exc:
             error = exc.message
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:1000]
+        WEBHOOK_FAILED.inc()
         retry_seconds = self.policy.retry_hours * 3600
         state = await self.pool.fetchval(
             SQL_FAILED, row["id"], status, error, retry_seconds, self.policy.delay(row["attempts"])

@@ -13,6 +13,7 @@ from .alert_routes import add_alert_routes
 from .charges import add_charge_routes
 from .coupon_routes import add_coupon_routes
 from .grant_routes import add_grant_routes
+from .metrics_routes import add_metrics_routes
 from .openrouter_routes import add_openrouter_routes
 from .routes import ERROR_RESPONSES, SECURITY_HEADERS, CreditsRoute, add_fallback_routes
 from .team_routes import add_team_routes
@@ -35,6 +36,7 @@ def build_router(runtime: Runtime, price_of: Callable[[str], ModelPrice] | None 
     add_alert_routes(router, runtime)
     add_topup_routes(router, runtime)
     add_openrouter_routes(router, runtime)
+    add_metrics_routes(router, runtime)
     add_fallback_routes(router)  # last: only what no route above matched
     return router
 
