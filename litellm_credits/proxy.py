@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from .api import build_router
+from .dashboard import mount_dashboard
 from .process import process_handler, process_runtime
 
 
@@ -45,6 +46,7 @@ def mount(app: object | None = None) -> None:
     routes = app.router.routes  # type: ignore[attr-defined]
     before = len(routes)
     app.include_router(build_router(runtime, handler.group_price))  # type: ignore[attr-defined]
+    mount_dashboard(app)  # type: ignore[arg-type]  # /credits/: the web dashboard
     # first in line: the proxy has hundreds of routes, and matching a request against them in
     # order took a quarter of a credits request's time; no other route shares these paths
     ours = routes[before:]
