@@ -15,16 +15,20 @@ from .records import Account
 
 _UNSET: Any = object()
 
-# $1 search text (NULL = all), $2 tier, $3 status, $4 limit, $5 offset
+# $1 search text (NULL = all), $2 tier, $3 status, $4 team (its members), $5 minimum and
+# $6 maximum balance (micro-credits), $7 limit, $8 offset
 _WHERE = """($1::text IS NULL OR a.subject_id ILIKE '%' || $1 || '%' ESCAPE '\\'
                               OR a.display_name ILIKE '%' || $1 || '%' ESCAPE '\\')
   AND ($2::text IS NULL OR a.tier = $2)
-  AND ($3::text IS NULL OR a.status = $3)"""
+  AND ($3::text IS NULL OR a.status = $3)
+  AND ($4::text IS NULL OR a.parent_id = $4)
+  AND ($5::bigint IS NULL OR a.balance >= $5)
+  AND ($6::bigint IS NULL OR a.balance <= $6)"""
 SQL_LIST = f"""
 SELECT {ACCOUNT_COLUMNS} FROM credits.credit_accounts a
 WHERE {_WHERE}
 ORDER BY a.created_at DESC, a.subject_id
-LIMIT $4 OFFSET $5
+LIMIT $7 OFFSET $8
 """
 SQL_COUNT = f"SELECT count(*) FROM credits.credit_accounts a WHERE {_WHERE}"
 SQL_UPDATE = f"""
@@ -84,10 +88,15 @@ class Accounts:
         text: str | None = None,
         tier: str | None = None,
         status: str | None = None,
+        team: str | None = None,
+        min_balance: int | None = None,
+        max_balance: int | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> tuple[list[Account], int]:
-        args = (like_escape(text) if text else None, tier, status)
+        """Accounts, newest first, and how many match; ``team``: its members; balances in
+        micro-credits, inclusive."""
+        args = (like_escape(text) if text else None, tier, status, team, min_balance, max_balance)
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(SQL_LIST, *args, limit, offset)
             total = await conn.fetchval(SQL_COUNT, *args)

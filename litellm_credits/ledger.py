@@ -22,7 +22,7 @@ import asyncpg
 
 from . import metrics
 from .accounts import joining_error
-from .bulk_credits import credit_many
+from .bulk_credits import BulkItem, credit_each
 from .errors import (
     AccountExists,
     AccountIsMember,
@@ -343,18 +343,23 @@ class Ledger:
         idempotency_key: str | None = None,
         terms: GrantTerms = DEFAULT_TERMS,
     ) -> list[Transaction]:
-        """Credit several accounts in one transaction: all of them, or (on any error) none
-        (:func:`~litellm_credits.bulk_credits.credit_many`)."""
-        rows = await credit_many(
-            self.pool,
-            grants,
-            type=type,
-            description=description,
-            idempotency_key=idempotency_key,
-            terms=terms,
-        )
-        metrics.CREDITED.labels(type=type).inc(sum(a for a in grants.values() if a > 0))
-        await self.changed(*sorted(grants))
+        """Credit several accounts in one transaction, all with one description and grant terms:
+        all of them, or (on any error) none (:func:`~litellm_credits.bulk_credits.credit_many`)."""
+        items = {s: BulkItem(a, description, terms) for s, a in grants.items()}
+        return await self.credit_each(items, type=type, idempotency_key=idempotency_key)
+
+    async def credit_each(
+        self,
+        items: Mapping[str, BulkItem],
+        *,
+        type: CreditType = "allocation",
+        idempotency_key: str | None = None,
+    ) -> list[Transaction]:
+        """Credit several accounts in one transaction, each with its own amount, description and
+        grant terms: all of them, or none (:func:`~litellm_credits.bulk_credits.credit_each`)."""
+        rows = await credit_each(self.pool, items, type=type, idempotency_key=idempotency_key)
+        metrics.CREDITED.labels(type=type).inc(sum(i.amount for i in items.values() if i.amount > 0))
+        await self.changed(*sorted(items))
         return [_transaction(r) for r in rows]
 
     # holds -------------------------------------------------------------------------------

@@ -7,17 +7,22 @@ and those the model-based test (tests/test_ledger_model.py) found after their fi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
+from datetime import datetime, timezone
 from typing import Any, cast
 
 import asyncpg
 import pytest
 
 from litellm_credits import charges
+from litellm_credits.bulk_credits import BulkItem, request_hash
 from litellm_credits.errors import IdempotencyConflict
 from litellm_credits.ledger import Ledger, Quote, UsageRecord
 from litellm_credits.ledger_sql import SQL_HOLD, SQL_RESOLVE
 from litellm_credits.money import parse_credits as c
+from litellm_credits.records import GrantTerms
 
 from .conftest import AccountFactory
 from .test_ledger import assert_sound
@@ -225,6 +230,35 @@ async def test_bulk_credit_replayed_with_another_type_is_a_conflict(
     await ledger.credit_many({a: c("1")}, idempotency_key="promo-9")
     with pytest.raises(IdempotencyConflict):  # returned the allocation before the fix
         await ledger.credit_many({a: c("1")}, type="bonus", idempotency_key="promo-9")
+
+
+async def test_bulk_credit_each_keeps_credit_many_request_hashes(
+    ledger: Ledger, account: AccountFactory
+) -> None:
+    """Bulk grants with their own terms per account share credit_many's code: a key credit_many
+    stored before still matches its replay (same hash), through either function."""
+
+    def stored(*asked: Any) -> str:  # what credit_many stored: sha256 of [type, amounts(, terms)]
+        return hashlib.sha256(json.dumps(list(asked)).encode()).hexdigest()
+
+    terms = GrantTerms("promotional", 3, datetime(2031, 1, 1, tzinfo=timezone.utc))
+    amounts = [["a", 1], ["b", 2]]
+    assert request_hash("allocation", {"b": BulkItem(2), "a": BulkItem(1, "x")}) == stored(
+        "allocation", amounts
+    )
+    assert request_hash("bonus", {"a": BulkItem(1, None, terms), "b": BulkItem(2, "y", terms)}) == stored(
+        "bonus", amounts, ["promotional", 3, "2031-01-01T00:00:00+00:00"]
+    )
+    a, b = await account("0"), await account("0")
+    key = "promo-" + uuid.uuid4().hex
+    first = await ledger.credit_many({a: c("1"), b: c("2")}, idempotency_key=key, terms=terms)
+    items = {a: BulkItem(c("1"), None, terms), b: BulkItem(c("2"), None, terms)}
+    assert [t.id for t in await ledger.credit_each(items, idempotency_key=key)] == [t.id for t in first]
+    with pytest.raises(IdempotencyConflict):
+        await ledger.credit_each(
+            {**items, b: BulkItem(c("2"), None, GrantTerms("paid"))}, idempotency_key=key
+        )
+    assert [(await ledger.require_account(s)).balance for s in (a, b)] == [c("1"), c("2")]
 
 
 # found by the model: a bulk key is kept on each account's row, so a request for other accounts

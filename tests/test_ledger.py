@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import pytest
 
+from litellm_credits.bulk_credits import BulkItem
 from litellm_credits.errors import (
     AccountDisabled,
     AccountNotFound,
     Conflict,
+    IdempotencyConflict,
     InsufficientCredits,
     InvalidRequest,
     MonthlyCapExceeded,
@@ -20,6 +23,7 @@ from litellm_credits.errors import (
 )
 from litellm_credits.ledger import Ledger, UsageRecord
 from litellm_credits.money import parse_credits as c
+from litellm_credits.records import GrantTerms
 
 from .conftest import AccountFactory
 
@@ -400,6 +404,38 @@ async def test_bulk_credit_is_all_or_nothing(ledger: Ledger, account: AccountFac
     again = await ledger.credit_many({a: c("1"), b: c("2")}, idempotency_key="promo-1")
     assert {t.id for t in again} == {t.id for t in txs}
     assert (await ledger.require_account(b)).balance == c("2")
+    await assert_sound(ledger, a)
+
+
+async def test_bulk_credit_each_with_its_own_description_and_terms(
+    ledger: Ledger, account: AccountFactory
+) -> None:
+    a, b = await account("0"), await account("0")
+    soon = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=30)
+    items = {
+        a: BulkItem(c("1"), "promo", GrantTerms("promotional", 7, soon)),
+        b: BulkItem(c("2"), "refill", GrantTerms("paid")),
+    }
+    with pytest.raises(AccountNotFound):
+        await ledger.credit_each({**items, "ghost-" + uuid.uuid4().hex: BulkItem(c("3"))})
+    assert [(await ledger.require_account(s)).balance for s in (a, b)] == [0, 0]  # nothing credited
+    key = "promo-" + uuid.uuid4().hex
+    txs = await ledger.credit_each(items, idempotency_key=key)
+    assert [(t.subject_id, t.amount, t.description) for t in txs] == sorted(
+        [(a, c("1"), "promo"), (b, c("2"), "refill")]
+    )
+    grants = await ledger.pool.fetch(
+        "SELECT subject_id, category, priority, expires_at FROM credits.grants WHERE subject_id = ANY($1)",
+        [a, b],
+    )
+    assert sorted(tuple(g) for g in grants) == sorted([(a, "promotional", 7, soon), (b, "paid", 0, None)])
+    again = await ledger.credit_each(items, idempotency_key=key)
+    assert [t.id for t in again] == [t.id for t in txs]
+    with pytest.raises(IdempotencyConflict):
+        await ledger.credit_each(
+            {**items, b: BulkItem(c("2"), "refill", GrantTerms("paid", 1))}, idempotency_key=key
+        )
+    assert [(await ledger.require_account(s)).balance for s in (a, b)] == [c("1"), c("2")]
     await assert_sound(ledger, a)
 
 

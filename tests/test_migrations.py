@@ -120,12 +120,12 @@ def test_cli_migrate_and_check(fresh_database: Callable[[], str]) -> None:
 
 def test_cli_accounts_allocate_balance_verify(fresh_database: Callable[[], str]) -> None:
     dsn = fresh_database()
-    created = _cli(dsn, "accounts", "create", "carol", "--monthly-cap", "25")
+    created = _cli(dsn, "accounts", "create", "carol", "--monthly-cap", "25", "--json")
     assert created.returncode == 0, created.stderr
     assert '"api_key": "sk-cr-' in created.stdout
-    allocated = _cli(dsn, "allocate", "carol", "12.5", "--reason", "top-up")
+    allocated = _cli(dsn, "allocate", "carol", "12.5", "--reason", "top-up", "--json")
     assert allocated.returncode == 0 and '"balance_after": "12.500000"' in allocated.stdout
-    balance = _cli(dsn, "balance", "carol")
+    balance = _cli(dsn, "balance", "carol", "--json")
     assert '"balance": "12.500000"' in balance.stdout and '"monthly_cap": "25.000000"' in balance.stdout
     assert _cli(dsn, "verify").returncode == 0
     bad = _cli(dsn, "allocate", "carol", "1.0000001")
@@ -149,18 +149,18 @@ def test_cli_grants_alerts_and_topups(fresh_database: Callable[[], str]) -> None
     )
     assert promo.returncode == 0, promo.stderr
     assert _cli(dsn, "allocate", "dora", "4").returncode == 0
-    grants = json.loads(_cli(dsn, "grants", "dora").stdout)
+    grants = json.loads(_cli(dsn, "grants", "dora", "--json").stdout)
     assert (grants["paid"], grants["promotional"]) == ("4.000000", "3.000000")
     assert grants["next_expiry"]["amount"] == "3.000000"
     assert [g["category"] for g in grants["grants"]] == ["paid", "promotional"]
     naive = _cli(dsn, "allocate", "dora", "1", "--expires-at", "2099-01-01T00:00:00")
     assert naive.returncode == 2 and "UTC offset" in naive.stderr
 
-    assert json.loads(_cli(dsn, "alerts", "dora").stdout)["own"] is False
-    set_ = json.loads(_cli(dsn, "alerts", "dora", "--balance-below", "1", "2.5").stdout)
+    assert json.loads(_cli(dsn, "alerts", "dora", "--json").stdout)["own"] is False
+    set_ = json.loads(_cli(dsn, "alerts", "dora", "--balance-below", "1", "2.5", "--json").stdout)
     assert set_ == {"balance_below": ["2.500000", "1.000000"], "monthly_cap_percent": [80, 100], "own": True}
-    assert json.loads(_cli(dsn, "alerts", "dora", "--tier-defaults").stdout)["own"] is False
-    assert json.loads(_cli(dsn, "topups", "dora").stdout) == []
+    assert json.loads(_cli(dsn, "alerts", "dora", "--tier-defaults", "--json").stdout)["own"] is False
+    assert json.loads(_cli(dsn, "topups", "dora", "--json").stdout) == []
     assert _cli(dsn, "verify").returncode == 0
 
 
