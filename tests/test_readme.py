@@ -75,6 +75,7 @@ def served(
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.3)
         printed = log_path.read_text()
+        assert f"Web dashboard: {url}/credits/" in printed, printed[-2000:]
         key = re.search(r"export LITELLM_MASTER_KEY=(\S+)", printed)
         assert key, printed[-2000:]
         assert key.group(1) == (data_dir / "master_key").read_text().strip()
@@ -150,3 +151,13 @@ def test_readme_topups_example_runs(served: tuple[str, str]) -> None:
     checkout, paid = run_example(served, "topups")
     assert checkout == "pay 1.50 usd at https://checkout.stripe.test"
     assert paid == "credited balance 1500.000000 paid 1500.000000"
+
+
+def test_readme_metrics_example_runs(served: tuple[str, str]) -> None:
+    lines = run_example(served, "metrics")
+    counts = {name: int(value) for name, value in (line.split() for line in lines)}
+    # at least the example's own request (an earlier example's settlement may land meanwhile)
+    assert counts["holds_taken_total"] >= 1
+    assert counts["settlements_total"] >= 1
+    # the demo model's mock usage at gpt-4o-mini's price: 0.0135 credits
+    assert counts["charged_microcredits_total"] >= 13500
