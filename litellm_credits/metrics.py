@@ -23,19 +23,20 @@ from typing import Any
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
-    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
 
 from .money import PLACES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # read once, as prometheus_client does when it is imported: it decides where values are kept
-MULTIPROC_DIR = os.environ.get(MULTIPROC_ENV) or None
+# (and, like it and LiteLLM, also under the older lower-case name)
+MULTIPROC_DIR = os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()) or None
 if MULTIPROC_DIR is not None:
     os.makedirs(MULTIPROC_DIR, exist_ok=True)  # each metric made below opens its file there
 OTHER = "other"
@@ -57,7 +58,11 @@ HOLDS_REFUSED = Counter(
     ["reason"],
 )
 SETTLEMENTS = Counter("litellm_credits_settlements", "Holds settled with their actual cost")
-VOIDS = Counter("litellm_credits_voids", "Holds released without a charge (a failed call)")
+VOIDS = Counter(
+    "litellm_credits_voids",
+    "Holds released without a charge: a failed call, or a request refused after its hold "
+    "(a rate limit, a team mismatch)",
+)
 EXPIRIES = Counter(
     "litellm_credits_expiries", "Holds the sweeper resolved past their TTL, by expiry policy", ["policy"]
 )
@@ -141,6 +146,12 @@ ACCOUNTS = Gauge(
     "Credit accounts by status (sampled from the database)",
     ["status"],
     multiprocess_mode="livemostrecent",
+)
+
+SAMPLED_AT = Gauge(
+    "litellm_credits_gauges_sampled_timestamp_seconds",
+    "When the gauges above were last read from the database (Unix time): alert when it lags",
+    multiprocess_mode="livemax",
 )
 
 # children made once: the hot path only increments
@@ -242,14 +253,29 @@ def count_charge(bounds: LabelBounds, amount: int, *, tier: str, model_group: st
 # -- exposition --------------------------------------------------------------------------------
 
 
+PREFIX = "litellm_credits_"
+
+
+class _Ours:
+    """Only this plugin's metric families of ``source``: the process (or the multiprocess
+    directory) also holds LiteLLM's, whose labels name keys, users and teams, and which LiteLLM
+    serves under its own access rule. A scrape of this route must not publish them."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        return (family for family in self._source.collect() if family.name.startswith(PREFIX))
+
+
 def render() -> tuple[bytes, str]:
-    """The text exposition of every metric (every worker's, in multiprocess mode), and its
-    content type. Blocking: call it in a thread."""
+    """The text exposition of this plugin's metrics (every worker's, in multiprocess mode), and
+    its content type. Blocking: call it in a thread."""
     if MULTIPROC_DIR is None:
-        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=MULTIPROC_DIR)
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+        source: Any = REGISTRY
+    else:
+        source = multiprocess.MultiProcessCollector(None, path=MULTIPROC_DIR)
+    return generate_latest(_Ours(source)), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
 
 
 # -- this process's counters, for the health route ----------------------------------------------

@@ -3,21 +3,27 @@
 Each process samples them every ``credits.metrics.sample_seconds`` in the background, never on a
 scrape or a request; in multiprocess mode a scrape shows the most recent sample of a live worker
 (``multiprocess_mode="livemostrecent"``), not the sum of every worker's copy of the same figure.
+That is two short statements per interval per worker (the open holds by their partial index, the
+accounts by a count over the table): with many workers and hosts, raise the interval, or set it
+to 0 on all but a few. ``litellm_credits_gauges_sampled_timestamp_seconds`` says when the figures
+were last read, so a sampler that stopped (the database down) is seen, not taken for zero holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import asyncpg
 
-from .metrics import ACCOUNTS, HELD_MICROCREDITS, OPEN_HOLDS
+from .metrics import ACCOUNTS, HELD_MICROCREDITS, OPEN_HOLDS, SAMPLED_AT
 
 log = logging.getLogger("litellm_credits.metrics")
 
+# debiting holds only, as the accounts' ``held`` (an unlimited tier's holds take nothing)
 SQL_OPEN_HOLDS = """
-SELECT count(*) AS holds, coalesce(sum(amount), 0)::bigint AS held
+SELECT count(*) AS holds, coalesce(sum(amount) FILTER (WHERE debits), 0)::bigint AS held
 FROM credits.holds WHERE status = 'open'
 """
 SQL_ACCOUNTS = "SELECT status, count(*) AS n FROM credits.credit_accounts GROUP BY status"
@@ -32,6 +38,7 @@ async def sample(pool: asyncpg.Pool) -> None:
     HELD_MICROCREDITS.set(holds["held"])
     for status in ACCOUNT_STATUSES:
         ACCOUNTS.labels(status=status).set(accounts.get(status, 0))
+    SAMPLED_AT.set(time.time())
 
 
 async def sample_forever(pool: asyncpg.Pool, interval: float) -> None:

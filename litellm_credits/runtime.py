@@ -240,11 +240,12 @@ class Runtime:
             state = _LoopState(ready=loop.create_task(self._start()))
             self._loops[loop] = state
         ledger = await asyncio.shield(state.ready)
+        interval = self.settings.credits.metrics.sample_seconds
+        if interval > 0 and state.sampler is None:  # (whether or not this process sweeps)
+            state.sampler = loop.create_task(sample_forever(ledger.pool, interval))
         if self.settings.sweeper and state.sweeper is None:
             state.sweeper = loop.create_task(self._sweep(ledger))
             state.dispatcher = loop.create_task(self._dispatch(ledger))
-            interval = self.settings.credits.metrics.sample_seconds
-            state.sampler = loop.create_task(sample_forever(ledger.pool, interval))
             if self.settings.openrouter_provisioning_key and self.settings.encryption_keys:
                 state.openrouter_sync = loop.create_task(self._sync_openrouter())
         return ledger

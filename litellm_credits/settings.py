@@ -16,7 +16,15 @@ from typing import Annotated, Any, Literal
 
 import platformdirs
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .money import PLACES, parse_credits, to_decimal
@@ -157,8 +165,16 @@ class MetricsConfig(_Strict):
 
     # serve them without a key (a scraper on a private network); else only to admins
     public: bool = False
-    # how often each process reads open holds and accounts from the database for the gauges
-    sample_seconds: float = Field(15.0, ge=1)
+    # how often each process reads open holds and accounts from the database for the gauges;
+    # 0: never (the gauges stay unset in this process)
+    sample_seconds: float = Field(15.0, ge=0)
+
+    @field_validator("sample_seconds")
+    @classmethod
+    def _at_least_a_second(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError("sample_seconds is 0 (off) or at least 1")
+        return value
 
 
 def _default_power_levels() -> dict[PowerLevel, Decimal]:

@@ -1,7 +1,8 @@
 """The web dashboard at /credits/: its static serving, and, in a real Chromium against the real
 proxy, what a user and an admin see (figures equal to the API's, charts drawn, data shown as text,
-no CSP violation, usable at 375 px). Screenshots go to test-artifacts/screenshots/ and the user and
-admin ones to docs/images/ (shown in the README)."""
+no CSP violation, usable at 375 px). Screenshots go to test-artifacts/screenshots/; with
+CREDITS_UPDATE_SCREENSHOTS=1 the user and admin ones also replace docs/images/ (the README's), so
+an ordinary run leaves the checkout as it found it."""
 
 from __future__ import annotations
 
@@ -182,7 +183,7 @@ class Session:
         SHOTS.mkdir(parents=True, exist_ok=True)
         path = SHOTS / name
         self.page.screenshot(path=str(path), full_page=True)
-        if docs:
+        if docs and os.environ.get("CREDITS_UPDATE_SCREENSHOTS") == "1":
             DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, DOCS_IMAGES / docs)
 

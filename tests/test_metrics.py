@@ -18,17 +18,21 @@ import pytest
 import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from litellm_credits import metrics
 from litellm_credits.api import build_router
+from litellm_credits.ledger import Ledger
 from litellm_credits.metrics import COUNTERS, MAX_MODEL_GROUPS, OTHER, LabelBounds
+from litellm_credits.metrics_sampler import sample
 from litellm_credits.money import parse_credits
 from litellm_credits.runtime import Runtime
 from litellm_credits.settings import MetricsConfig, Settings
 
-from .conftest import CREDITS_TEST_CONFIG, TESTS, Proxy, proxy_env, start_proxy, stop_proxy
+from .conftest import CREDITS_TEST_CONFIG, TESTS, AccountFactory, Proxy, proxy_env, start_proxy, stop_proxy
 from .fake_upstream import FakeUpstream
 
 PATH = "/api/v1/admin/credits/metrics"
@@ -99,11 +103,60 @@ def test_refusal_reasons(error_type: str, reason: str) -> None:
 
 
 def test_no_account_label_anywhere() -> None:
-    """One series per account would grow without end, and a scrape would publish who spends what."""
-    for family in metrics.REGISTRY.collect():
-        if family.name.startswith("litellm_credits_"):
-            for sample in family.samples:
-                assert not {"user", "user_id", "account", "subject", "subject_id"} & set(sample.labels)
+    """One series per account would grow without end, and a scrape would publish who spends what.
+    Every metric's declared label names, whether or not it has a sample yet."""
+    ours = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+    assert len(ours) >= 20
+    allowed = {
+        "kind",
+        "reason",
+        "policy",
+        "tier",
+        "model_group",
+        "service",
+        "type",
+        "result",
+        "deferred",
+        "status",
+    }
+    for metric in ours:
+        assert set(metric._labelnames) <= allowed, (metric._name, metric._labelnames)
+
+
+def test_the_route_shows_only_the_plugins_metrics() -> None:
+    """LiteLLM's own metrics in the same process label keys, users and teams: not ours to publish."""
+    foreign = Counter("litellm_spend_review_test", "LiteLLM-like", ["end_user", "hashed_api_key"])
+    try:
+        foreign.labels("alice@example.com", "88dc28d0").inc()
+        text = metrics.render()[0].decode()
+        assert "alice@example.com" not in text and "litellm_spend_review_test" not in text
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert names and all(name.startswith("litellm_credits_") for name in names)
+        assert "litellm_credits_holds_taken" in names
+    finally:
+        REGISTRY.unregister(foreign)
+
+
+async def test_held_gauge_counts_only_debiting_holds(ledger: Ledger, account: AccountFactory) -> None:
+    """An unlimited tier's hold takes nothing from a balance: the gauge agrees with the accounts."""
+    paying, sponsored = await account("10"), await account("0", tier="sponsored")
+    held = [
+        await ledger.hold(paying, parse_credits("2"), ttl_seconds=60),
+        await ledger.hold(sponsored, parse_credits("3"), ttl_seconds=60, debits=False),
+    ]
+    try:
+        before = time.time()
+        await sample(ledger.pool)
+        accounts_held = await ledger.pool.fetchval(
+            "SELECT coalesce(sum(held), 0) FROM credits.credit_accounts"
+        )
+        open_holds = await ledger.pool.fetchval("SELECT count(*) FROM credits.holds WHERE status = 'open'")
+        assert metrics.HELD_MICROCREDITS._value.get() == accounts_held >= parse_credits("2")
+        assert metrics.OPEN_HOLDS._value.get() == open_holds >= 2
+        assert metrics.SAMPLED_AT._value.get() >= before
+    finally:
+        await ledger.void(paying, held[0].id)
+        await ledger.void(sponsored, held[1].id)
 
 
 def test_health_counters_keep_their_names() -> None:
@@ -335,3 +388,11 @@ def test_litellm_prometheus_metrics_route_shows_ours(
         assert any(name.startswith("litellm_") and "credits" not in name for name, _, _ in samples)
     finally:
         stop_proxy(proc)
+
+
+def test_sampling_is_off_or_at_least_a_second() -> None:
+    assert MetricsConfig(sample_seconds=0).sample_seconds == 0
+    assert MetricsConfig(sample_seconds=1).sample_seconds == 1
+    for wrong in (0.5, -1):
+        with pytest.raises(ValueError):
+            MetricsConfig(sample_seconds=wrong)
