@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 
+from . import metrics
 from .errors import AccountIsMember, AccountNotFound, IdempotencyConflict, InvalidRequest
 from .ledger_sql import (
     SQL_APPLY_BONUS,
@@ -22,6 +23,21 @@ from .ledger_sql import (
     SQL_TX_REQUEST,
 )
 from .records import DEFAULT_TERMS, GrantTerms
+
+
+@dataclass(frozen=True)
+class Credited:
+    """A bulk grant's ledger rows in account order; ``fresh`` when this call wrote them (a replay
+    returns the first run's), and ``bonus``, the percent-coupon bonuses it paid beside them."""
+
+    rows: list[asyncpg.Record]
+    fresh: bool
+    bonus: int = 0
+
+    def count(self, type: str) -> None:
+        """Count what this call credited (nothing for a replay); after the commit."""
+        if self.fresh:
+            metrics.count_credited(type, sum(r["amount"] for r in self.rows), self.bonus)
 
 
 @dataclass(frozen=True)
@@ -42,7 +58,7 @@ async def credit_many(
     description: str | None,
     idempotency_key: str | None,
     terms: GrantTerms = DEFAULT_TERMS,
-) -> list[asyncpg.Record]:
+) -> Credited:
     """Credit several accounts in one transaction, all with one description and grant terms
     (:func:`credit_each`)."""
     items = {s: BulkItem(a, description, terms) for s, a in grants.items()}
@@ -73,13 +89,13 @@ async def credit_each(
     *,
     type: str,
     idempotency_key: str | None,
-) -> list[asyncpg.Record]:
+) -> Credited:
     """Credit several accounts in one transaction, each with its own amount, description and grant
     terms: all of them, or (on any error) none; returns their ledger rows in account order.
 
     Accounts are locked in sorted order, so concurrent bulk grants cannot deadlock. With an
-    idempotency key, a replay returns the first run's rows, and the key used for any other request
-    (other amounts, accounts, type or grant terms) is ``IdempotencyConflict``.
+    idempotency key, a replay returns the first run's rows (``fresh`` false), and the key used for
+    any other request (other amounts, accounts, type or grant terms) is ``IdempotencyConflict``.
     """
     if not items or any(i.amount <= 0 for i in items.values()):
         raise InvalidRequest("every amount must be positive", param="items")
@@ -92,7 +108,7 @@ async def credit_each(
                 first = await conn.fetchrow(SQL_BULK_REQUEST, idempotency_key)
                 if first is None or first["request_hash"] != request:
                     raise IdempotencyConflict()
-                return [await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s]) for s in subjects]
+                return Credited([await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s]) for s in subjects], False)
             # a key used before bulk grants were recorded (migration 0008) has only its rows
             done = [await conn.fetchrow(SQL_TX_REQUEST, s, keys[s]) for s in subjects]
             if any(done):
@@ -103,8 +119,8 @@ async def credit_each(
                     for s, r in zip(subjects, done, strict=True)
                 ):
                     raise IdempotencyConflict()
-                return [await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s]) for s in subjects]
-        rows, missing = [], []
+                return Credited([await conn.fetchrow(SQL_TX_BY_KEY, s, keys[s]) for s in subjects], False)
+        rows, missing, bonus = [], [], 0
         for subject in subjects:
             item = items[subject]
             row = await conn.fetchrow(
@@ -123,7 +139,7 @@ async def credit_each(
                 continue
             rows.append(row)
             if type == "allocation":
-                await conn.execute(SQL_APPLY_BONUS, subject, item.amount, row["id"])
+                bonus += await conn.fetchval(SQL_APPLY_BONUS, subject, item.amount, row["id"]) or 0
         if missing:
             members = [s for s in missing if await conn.fetchval(SQL_PARENT, s) is not None]
             if members:
@@ -138,7 +154,13 @@ async def credit_each(
                 param="items",
                 missing=missing,
             )
-    return rows
+    return Credited(rows, True, bonus)
 
 
-__all__ = ["BulkItem", "credit_each", "credit_many", "request_hash"]
+__all__ = [
+    "BulkItem",
+    "Credited",
+    "credit_each",
+    "credit_many",
+    "request_hash",
+]

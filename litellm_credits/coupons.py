@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from . import metrics
 from .errors import (
     AccountIsMember,
     AccountNotFound,
@@ -162,6 +163,7 @@ class Coupons:
     async def redeem(self, subject_id: str, code: str) -> Redemption:
         """Redeem ``code`` for the account, all in one transaction (nothing happens on an error)."""
         redeemed = await self._redeem(subject_id, normalize(code))
+        metrics.count_credited("coupon", redeemed.credited)  # committed (a repeat raised instead)
         if redeemed.credited and self.on_change is not None:
             await self.on_change(subject_id)
         return redeemed

@@ -108,8 +108,11 @@ class Ledger:
         retries: int = 3,
         retry_delay: float = 0.05,
         on_change: ChangeHook | None = None,
+        labels: metrics.LabelBounds | None = None,
     ) -> None:
         self.pool = pool
+        # the label values the sweeper's captured charges may use (without: all ``other``)
+        self.labels = labels or metrics.LabelBounds((), lambda: ())
         self.retries = retries
         self.retry_delay = retry_delay
         # told which accounts changed, after the commit (the cache invalidates them)
@@ -215,6 +218,7 @@ class Ledger:
         if amount == 0:
             raise InvalidRequest("amount cannot be zero", param="amount")
         key = idempotency_key or f"{type}:{uuid.uuid4()}"
+        bonus = None
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await conn.fetchrow(
@@ -230,7 +234,7 @@ class Ledger:
                 )
                 if row is not None and type == "allocation":
                     # a redeemed percent coupon pays its bonus on the next allocation
-                    await conn.execute(SQL_APPLY_BONUS, subject_id, amount, row["id"])
+                    bonus = await conn.fetchval(SQL_APPLY_BONUS, subject_id, amount, row["id"])
         except asyncpg.UniqueViolationError:
             return await self._replayed(subject_id, key, amount, type, terms)
         if row is None:
@@ -239,8 +243,7 @@ class Ledger:
             if idempotency_key is not None and await self.pool.fetchrow(SQL_TX_BY_KEY, subject_id, key):
                 return await self._replayed(subject_id, key, amount, type, terms)
             raise await self._not_credited(subject_id)
-        if amount > 0:
-            metrics.CREDITED.labels(type=type).inc(amount)
+        metrics.count_credited(type, amount, bonus or 0)  # committed, and not a replay
         await self.changed(subject_id)
         return _transaction(row)
 
@@ -285,6 +288,7 @@ class Ledger:
         other and the second sees the first.
         """
         key = idempotency_key or f"refund:{uuid.uuid4()}"
+        refunded = 0
         async with self.pool.acquire() as conn, conn.transaction():
             if await conn.fetchval(SQL_LOCK_ACCOUNT, subject_id) is None:
                 raise AccountNotFound(f"no credit account {subject_id!r}", param="user_id")
@@ -300,8 +304,8 @@ class Ledger:
                 row = await conn.fetchrow(SQL_TX_BY_KEY, subject_id, key)
             else:
                 row = await self._refund(conn, subject_id, transaction_id, amount, key, description)
-                if row is not None:
-                    metrics.CREDITED.labels(type="refund").inc(row["amount"])
+                refunded = row["amount"]
+        metrics.count_credited("refund", refunded)  # once committed
         # a replay too: the first attempt's announcement may have been lost
         await self.changed(subject_id)
         return _transaction(row)
@@ -357,10 +361,10 @@ class Ledger:
     ) -> list[Transaction]:
         """Credit several accounts in one transaction, each with its own amount, description and
         grant terms: all of them, or none (:func:`~litellm_credits.bulk_credits.credit_each`)."""
-        rows = await credit_each(self.pool, items, type=type, idempotency_key=idempotency_key)
-        metrics.CREDITED.labels(type=type).inc(sum(i.amount for i in items.values() if i.amount > 0))
+        done = await credit_each(self.pool, items, type=type, idempotency_key=idempotency_key)
+        done.count(type)  # a replay counts nothing: the first run did
         await self.changed(*sorted(items))
-        return [_transaction(r) for r in rows]
+        return [_transaction(r) for r in done.rows]
 
     # holds -------------------------------------------------------------------------------
 
@@ -451,7 +455,8 @@ class Ledger:
                 request_hash=row["request_hash"],
                 quoted=row["quoted"],
             )
-            if not hold.replayed:
+            # a retry that finds an id it minted found its own first attempt's hold (the reply lost)
+            if not hold.replayed or (minted and attempts > 1):
                 (metrics.HELD_CLAMPED if hold.clamped else metrics.HELD_FULL).inc()
             return hold
         account = await self.get_account(subject_id)
@@ -558,8 +563,12 @@ class Ledger:
                     "expired",
                     UsageRecord(cost=0, metadata={"expired": True}),
                 )
-            done += result is not None
-        metrics.EXPIRIES.labels(policy=policy).inc(done)
+            if result is None:
+                continue
+            done += 1  # counted one by one: a later hold's error leaves this one counted
+            metrics.EXPIRIES.labels(policy=policy).inc()
+            labels = {"tier": row["tier"], "model_group": row["model"], "service": metrics.OTHER}
+            metrics.count_charge(self.labels, result.charged, **labels)  # what a capture debited
         return done
 
     # reads -------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ WITH r AS (
 )
 UPDATE credits.coupon_redemptions SET applied_at = now(), transaction_id = (SELECT id FROM t)
 WHERE subject_id = $1 AND code = (SELECT code FROM a)
+RETURNING (SELECT bonus FROM a)
 """
 SQL_PARENT = "SELECT parent_id FROM credits.credit_accounts WHERE subject_id = $1"
 SQL_LOCK_ACCOUNT = "SELECT balance FROM credits.credit_accounts WHERE subject_id = $1 FOR UPDATE"
@@ -151,11 +152,11 @@ FROM credits.holds h JOIN credits.credit_accounts a ON a.subject_id = h.subject_
 WHERE h.id = $2 AND (h.subject_id = $1 OR h.member_id = $1)
 """
 
+# holds past their expiry, with the labels a captured one's charge counts under
 SQL_EXPIRED_HOLDS = """
-SELECT subject_id, id FROM credits.holds
-WHERE status = 'open' AND expires_at < now()
-ORDER BY expires_at
-LIMIT $1
+SELECT h.subject_id, h.id, h.model, a.tier
+FROM credits.holds h JOIN credits.credit_accounts a ON a.subject_id = h.subject_id
+WHERE h.status = 'open' AND h.expires_at < now() ORDER BY h.expires_at LIMIT $1
 """
 
 SQL_SET_CAP = f"""

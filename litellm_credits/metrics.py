@@ -250,6 +250,15 @@ def count_charge(bounds: LabelBounds, amount: int, *, tier: str, model_group: st
         CHARGED.labels(*labels).inc(amount)
 
 
+def count_credited(type: str, amount: int, bonus: int = 0) -> None:
+    """Count credits a committed write added: ``amount`` of ``type``, and the bonus of a percent
+    coupon it paid (a ``coupon`` row). Never for a replay: the first run counted them."""
+    if amount > 0:
+        CREDITED.labels(type=type).inc(amount)
+    if bonus > 0:
+        CREDITED.labels(type="coupon").inc(bonus)
+
+
 # -- exposition --------------------------------------------------------------------------------
 
 
@@ -314,6 +323,7 @@ __all__ = [
     "LabelBounds",
     "ProcessCounters",
     "count_charge",
+    "count_credited",
     "count_refusal",
     "metrics",
     "render",

@@ -21,6 +21,7 @@ tests talk to a local fake Stripe, never the network).
 from __future__ import annotations
 
 import json
+from collections.abc import MutableSequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import asyncpg
 import stripe
 
+from . import metrics
 from .errors import (
     AccountIsMember,
     AccountNotFound,
@@ -330,22 +332,24 @@ class Topups:
     async def handle(self, payload: bytes, signature: str | None) -> Handled:
         event = self.verify(payload, signature)
         kind, obj = str(event.get("type", "")), event["data"]["object"]
+        credited: list[int] = []  # what the event credited, counted once it is committed
         async with self.pool.acquire() as conn, conn.transaction():
             if await conn.fetchval(SQL_EVENT, event["id"], kind) is None:
                 return Handled(event["id"], True, "duplicate")
-            outcome, subject = await self._apply(conn, kind, obj)
+            outcome, subject = await self._apply(conn, kind, obj, credited)
             await conn.execute(SQL_OUTCOME, event["id"], outcome)
+        metrics.count_credited("topup", sum(credited))
         return Handled(event["id"], False, outcome, subject)
 
     async def _apply(
-        self, conn: asyncpg.Connection, kind: str, obj: dict[str, Any]
+        self, conn: asyncpg.Connection, kind: str, obj: dict[str, Any], credited: MutableSequence[int]
     ) -> tuple[str, str | None]:
         if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
             if kind == "checkout.session.completed" and obj.get("payment_status") != "paid":
                 return "awaiting payment", None
             topup = await conn.fetchrow(SQL_BY_SESSION, obj.get("id"))
             return await self._credit(
-                conn, topup, obj.get("payment_intent"), {"checkout_session": obj.get("id")}
+                conn, topup, obj.get("payment_intent"), {"checkout_session": obj.get("id")}, credited
             )
         if kind in ("payment_intent.succeeded", "payment_intent.payment_failed", "payment_intent.canceled"):
             # a recharge's (a Checkout's own PaymentIntent may fail and be retried in its session)
@@ -356,7 +360,8 @@ class Topups:
             if topup["payment_intent_id"] not in (None, obj.get("id")):
                 return "unknown payment", None
             if kind == "payment_intent.succeeded":
-                return await self._credit(conn, topup, obj.get("id"), {"payment_intent": obj.get("id")})
+                payment = {"payment_intent": obj.get("id")}
+                return await self._credit(conn, topup, obj.get("id"), payment, credited)
             failed = await conn.fetchrow(SQL_FAILED, topup["id"])
             if failed is not None:
                 await self._alert(conn, "topup.failed", failed)
@@ -409,9 +414,15 @@ class Topups:
         return "ignored", None
 
     async def _credit(
-        self, conn: asyncpg.Connection, topup: Any, payment_intent: str | None, metadata: dict[str, Any]
+        self,
+        conn: asyncpg.Connection,
+        topup: Any,
+        payment_intent: str | None,
+        metadata: dict[str, Any],
+        credited: MutableSequence[int],
     ) -> tuple[str, str | None]:
-        """Credit a paid top-up once, as a paid grant (a ``topup`` row keyed by the top-up)."""
+        """Credit a paid top-up once, as a paid grant (a ``topup`` row keyed by the top-up); the
+        amount is appended to ``credited``."""
         if topup is None:
             return "unknown top-up", None
         if topup["status"] == "paid":
@@ -432,6 +443,7 @@ class Topups:
         if tx is None:  # the account joined a team since: its credits are the team's
             return "account is a member", topup["subject_id"]
         await conn.execute(SQL_PAID, topup["id"], payment_intent, tx["id"])
+        credited.append(tx["amount"])
         await self._alert(conn, "topup.succeeded", topup, balance=tx["balance_after"])
         return "credited", topup["subject_id"]
 
