@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -30,14 +31,27 @@ SQL_ACCOUNTS = "SELECT status, count(*) AS n FROM credits.credit_accounts GROUP 
 ACCOUNT_STATUSES = ("active", "disabled")
 
 
-async def sample(pool: asyncpg.Pool) -> None:
-    """Read the figures once and set the gauges."""
+@dataclass(frozen=True)
+class Figures:
+    open_holds: int
+    held: int  # micro-credits
+    accounts: dict[str, int]  # by status
+
+
+async def read(pool: asyncpg.Pool) -> Figures:
+    """The gauges' figures, read from the database."""
     holds = await pool.fetchrow(SQL_OPEN_HOLDS)
     accounts = {r["status"]: r["n"] for r in await pool.fetch(SQL_ACCOUNTS)}
-    OPEN_HOLDS.set(holds["holds"])
-    HELD_MICROCREDITS.set(holds["held"])
-    for status in ACCOUNT_STATUSES:
-        ACCOUNTS.labels(status=status).set(accounts.get(status, 0))
+    return Figures(holds["holds"], holds["held"], {s: accounts.get(s, 0) for s in ACCOUNT_STATUSES})
+
+
+async def sample(pool: asyncpg.Pool) -> None:
+    """Read the figures once and set the gauges."""
+    figures = await read(pool)
+    OPEN_HOLDS.set(figures.open_holds)
+    HELD_MICROCREDITS.set(figures.held)
+    for status, n in figures.accounts.items():
+        ACCOUNTS.labels(status=status).set(n)
     SAMPLED_AT.set(time.time())
 
 
@@ -53,4 +67,4 @@ async def sample_forever(pool: asyncpg.Pool, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-__all__ = ["sample", "sample_forever"]
+__all__ = ["Figures", "read", "sample", "sample_forever"]
