@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
+from . import metrics
 from .errors import IdempotencyConflict
 from .ledger import Ledger
 from .ledger_sql import SQL_TX_BY_KEY
@@ -83,6 +84,10 @@ async def charge(
     # the hold, its ledger row and the balance are the paying account's: a member's team's
     payer = hold.subject_id
     settled = await ledger.settle(payer, hold_id, hold.amount, usage)
+    if settled is not None:  # settled by this request (a replay was counted by the first)
+        metrics.count_charge(
+            ledger.labels, settled.charged, tier=hold.tier, model_group=usage.model, service=usage.service
+        )
     row = await ledger.pool.fetchrow(SQL_TX_BY_KEY, payer, f"hold:{hold_id}")
     account = await ledger.require_account(payer)
     return Charge(

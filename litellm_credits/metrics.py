@@ -15,6 +15,7 @@ Amounts are integer micro-credits (1 credit = 1,000,000), as in the ledger.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +33,8 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 
 from .money import PLACES
+
+log = logging.getLogger("litellm_credits.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # read once, as prometheus_client does when it is imported: it decides where values are kept
@@ -243,11 +246,18 @@ class LabelBounds:
         return name if name is not None and name in self._groups else OTHER
 
 
-def count_charge(bounds: LabelBounds, amount: int, *, tier: str, model_group: str, service: str) -> None:
-    """Count ``amount`` micro-credits charged for an LLM call."""
-    if amount > 0:
+def count_charge(
+    bounds: LabelBounds, amount: int, *, tier: str | None, model_group: str | None, service: str | None
+) -> None:
+    """Count ``amount`` micro-credits charged for a call. Called after the charge committed: it
+    never raises (a metric must not turn a committed charge into an error, nor a retry)."""
+    if amount <= 0:
+        return
+    try:
         labels = bounds.tier(tier), bounds.model_group(model_group), bounds.service(service)
         CHARGED.labels(*labels).inc(amount)
+    except Exception:
+        log.debug("litellm-credits: counting a charge failed", exc_info=True)
 
 
 def count_credited(type: str, amount: int, bonus: int = 0) -> None:

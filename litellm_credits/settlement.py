@@ -215,16 +215,13 @@ class Settler:
                 "litellm-credits: hold %s was already resolved; usage not charged again", claim.hold_id
             )
             return
-        try:
-            metrics.count_charge(
-                self.runtime.labels,
-                result.charged,
-                tier=claim.tier,
-                model_group=model_group,
-                service=claim.service,
-            )
-        except Exception:  # a metric must never break (nor retry) a committed settlement
-            log.debug("litellm-credits: counting the charge of hold %s failed", claim.hold_id, exc_info=True)
+        metrics.count_charge(
+            self.runtime.labels,
+            result.charged,
+            tier=claim.tier,
+            model_group=model_group,
+            service=claim.service,
+        )
         await self._count_tokens(claim, usage)
 
     def _image_cost(

@@ -332,11 +332,12 @@ async def test_a_settlement_survives_a_failing_metric(
     async def count_tokens(claim: HoldClaim, usage: Any) -> None:
         counted.append(usage.prompt_tokens + usage.completion_tokens)
 
-    def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("a metric failed")
+    class Broken:
+        def labels(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("a metric failed")
 
     monkeypatch.setattr(settler, "_count_tokens", count_tokens)
-    monkeypatch.setattr(metrics, "count_charge", broken)
+    monkeypatch.setattr(metrics, "CHARGED", Broken())
     claim = HoldClaim(hold.id, subject, Decimal(1000), "balanced", "chat", tier="free", held=hold.amount)
     response = {"usage": {"prompt_tokens": 100, "completion_tokens": 50}}
     await settler.settle(claim, {"model": "made-up"}, response, start=None, end=None, model_group="made-up")

@@ -6,13 +6,12 @@ idempotency key; the charge goes through the same hold machinery as proxy traffi
 
 from __future__ import annotations
 
-import logging
 from decimal import Decimal
 from typing import Any
 
 from fastapi import APIRouter
 
-from .. import charges, metrics
+from .. import charges
 from ..money import format_credits
 from ..pricing import Usage, transcription_usage, usd_cost
 from ..records import Quote, UsageRecord
@@ -20,20 +19,6 @@ from ..runtime import Runtime
 from . import schemas
 from .routes import CHARGE_ROUTE, Caller, ServiceDep, limit_account
 from .user import PriceLookup
-
-log = logging.getLogger("litellm_credits.api.charges")
-
-
-async def count_charged(runtime: Runtime, charged: int, payer: str, usage: UsageRecord) -> None:
-    """Count a committed charge of ``charged`` micro-credits to ``payer`` (the account debited: a
-    member's team) under its tier, the usage's model and service; never failing the charge."""
-    try:
-        account = await runtime.account(payer)
-        tier = account.tier if account is not None else metrics.OTHER
-        group = usage.model or metrics.OTHER
-        metrics.count_charge(runtime.labels, charged, tier=tier, model_group=group, service=usage.service)
-    except Exception:  # the charge is committed: a metric must not turn it into an error
-        log.debug("litellm-credits: counting a charge to %s failed", payer, exc_info=True)
 
 
 def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup) -> None:
@@ -59,9 +44,6 @@ def add_charge_routes(router: APIRouter, runtime: Runtime, price_of: PriceLookup
             # a retry is the same request when the client sent the same body
             request={"route": type(request).__name__, **request.model_dump(exclude={"idempotency_key"})},
         )
-        if not result.replayed and result.charged > 0 and result.transaction is not None:
-            # settled by this request (a replay was counted by the first); the row is the payer's
-            await count_charged(runtime, result.charged, result.transaction.subject_id, usage)
         return {
             "user_id": user_id,
             "service": usage.service,
