@@ -134,6 +134,45 @@ async def measure(
     return phase
 
 
+async def measure_rate(
+    label: str, op: Callable[[], Awaitable[object]], *, rate: float, seconds: float, warmup: float
+) -> Phase:
+    """Start ``op`` at a fixed ``rate`` per second (an open loop: arrivals do not wait for answers,
+    as requests reaching a proxy do not), and time each from the moment it was due to start, so a
+    stall counts against every call it delayed (no coordinated omission)."""
+    phase = Phase(label)
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+    begin = loop.time()
+    measured_from, until = begin + warmup, begin + warmup + seconds
+
+    async def one(due: float) -> None:
+        try:
+            await op()
+        except Exception as exc:
+            phase.errors += 1
+            phase.first_error = phase.first_error or repr(exc)[:200]
+            return
+        if due >= measured_from:
+            phase.ops += 1
+            phase.latencies.append(loop.time() - due)
+
+    meter: CpuMeter | None = None
+    n = 0
+    while (due := begin + n / rate) < until:
+        if meter is None and due >= measured_from:
+            meter = CpuMeter()
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        task = asyncio.create_task(one(due))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        n += 1
+    phase.seconds = seconds
+    phase.cpu = meter.read() if meter else {}
+    await asyncio.gather(*pending)
+    return phase
+
+
 def with_database(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 

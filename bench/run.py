@@ -210,6 +210,18 @@ async def main(args: argparse.Namespace) -> None:
             print(phase.line("calls"))
             hook_phases.append(phase)
 
+        # the same hook at half the peak rate just measured, arrivals at a steady pace: the
+        # latency a request sees on a proxy that is busy, not saturated
+        half = await h.measure_rate(
+            f"[3] pre-call hook at half the peak rate ({hook_phases[1].rate / 2:,.0f}/s)",
+            pre_call,
+            rate=hook_phases[1].rate / 2,
+            seconds=seconds,
+            warmup=warmup,
+        )
+        print(half.line("calls"))
+        hook_phases.append(half)
+
         async def hook_and_release(subject: str, max_tokens: int | None) -> float:
             """The pre-call hook, timed, then its hold released (so nearly empty accounts can go on)."""
             data: dict[str, object] = {"model": "bench-model", "messages": MESSAGES}
@@ -254,6 +266,11 @@ async def main(args: argparse.Namespace) -> None:
             f"its {hot_cycles:,} settled cycles (balance {account.balance}, expected {expected}, "
             f"held {account.held})"
         )
+        for kind, batcher in (("holds", ledger.hold_batches), ("resolutions", ledger.resolve_batches)):
+            print(
+                f"group commit: {batcher.items:,} {kind} in {batcher.batches:,} statements "
+                f"({batcher.items / max(1, batcher.batches):.1f} a statement, at most {ledger.batch_size})"
+            )
         await runtime.close()  # free the connections before pgbench opens its own
         runtime = None
 
@@ -293,6 +310,12 @@ async def main(args: argparse.Namespace) -> None:
                 f"ratio, {new.label[4:]} ÷ {base.label[4:]}: rate {new.rate / base.rate:.3f}, "
                 f"p50 {new.pct(0.5) / base.pct(0.5):.3f}, p99 {new.pct(0.99) / base.pct(0.99):.3f}"
             )
+        for p in cycles:  # what one cycle costs the database server, whatever the client does
+            if p.cpu.get("postgres") and p.rate:
+                print(
+                    f"PostgreSQL CPU per cycle, {p.label[4:]}: {1000 * p.cpu['postgres'] / p.rate:.3f} ms "
+                    f"({p.cpu['postgres']:.2f} cores busy)"
+                )
         if tps:
             print(f"| pgbench -N, {clients} clients | {tps:,.1f} tps | | |")
             for p in (spread, hot):
@@ -300,6 +323,19 @@ async def main(args: argparse.Namespace) -> None:
                     f"ratio, {p.label[4:]}: cycles/s ÷ pgbench tps = {p.rate / tps:.3f}; "
                     f"transactions/s (2 per cycle) ÷ pgbench tps = {2 * p.rate / tps:.3f}"
                 )
+            bars = (
+                (
+                    "hold+settle, 1,000 accounts ≥ 1.0× pgbench -N",
+                    spread.rate / tps,
+                    spread.rate / tps >= 1.0,
+                ),
+                ("one account ≥ 0.5× the above", hot.rate / spread.rate, hot.rate / spread.rate >= 0.5),
+                ("one account p99 < 100 ms", hot.pct(0.99), hot.pct(0.99) < 100),
+                ("pre-call hook p99 ≤ 5 ms at half the peak rate", half.pct(0.99), half.pct(0.99) <= 5),
+            )
+            print("\n== bars (issue 13)")
+            for what, figure, met in bars:
+                print(f"{'meets' if met else 'MISSES'}: {what} ({figure:,.3f})")
     finally:
         if runtime is not None:
             await runtime.close()

@@ -35,6 +35,7 @@ from .errors import (
     RefundTooLarge,
     ServiceUnavailable,
 )
+from .ledger_batch import DEFAULT_BATCH_LANES, DEFAULT_BATCH_SIZE, HoldItem, LedgerBatches, ResolveItem
 from .ledger_sql import (
     SQL_APPLY_BONUS,
     SQL_CREATE_ACCOUNT,
@@ -42,11 +43,8 @@ from .ledger_sql import (
     SQL_DISCREPANCIES,
     SQL_EXPIRED_HOLDS,
     SQL_GET_ACCOUNT,
-    SQL_HOLD,
-    SQL_HOLD_AGAIN,
     SQL_LOCK_ACCOUNT,
     SQL_REFUNDABLE,
-    SQL_RESOLVE,
     SQL_RESOLVED,
     SQL_SET_CAP,
     SQL_TX_BY_KEY,
@@ -98,8 +96,10 @@ def _transaction(row: asyncpg.Record) -> Transaction:
     return Transaction(**dict(row))
 
 
-class Ledger:
-    """Accounts, credits, holds and history on one asyncpg pool."""
+class Ledger(LedgerBatches):
+    """Accounts, credits, holds and history on one asyncpg pool; holds and resolutions issued
+    concurrently go to PostgreSQL in batches of up to ``batch_size`` (:mod:`.ledger_batch`). A
+    ledger belongs to one event loop: :meth:`close` it there."""
 
     def __init__(
         self,
@@ -109,8 +109,11 @@ class Ledger:
         retry_delay: float = 0.05,
         on_change: ChangeHook | None = None,
         labels: metrics.LabelBounds | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_lanes: int = DEFAULT_BATCH_LANES,
     ) -> None:
         self.pool = pool
+        self._init_batches(batch_size, batch_lanes)
         # the label values the sweeper's captured charges may use (without: all ``other``)
         self.labels = labels or metrics.LabelBounds((), lambda: ())
         self.retries = retries
@@ -421,26 +424,12 @@ class Ledger:
         ]
         debits = [q.debits for q in quotes.values()]
 
-        attempts = 0
-
-        async def take() -> asyncpg.Record:
-            nonlocal attempts
-            attempts += 1
-            fresh = minted and attempts == 1  # a retry may follow a commit whose reply was lost
-            try:
-                return await self.pool.fetchrow(
-                    SQL_HOLD, subject_id, hold_id, tiers, amounts, minimums, debits, default_tier,
-                    int(ttl_seconds), model, power_level, request_hash, fresh,
-                )  # fmt: skip
-            except asyncpg.UniqueViolationError:
-                # the same id taken at the same moment by another attempt, which committed first
-                row = await self.pool.fetchrow(SQL_HOLD_AGAIN, subject_id, hold_id)
-                if row is None:
-                    raise
-                return row
-
+        item = HoldItem(
+            subject_id, hold_id, tiers, amounts, minimums, debits, default_tier, int(ttl_seconds), model,
+            power_level, request_hash, fresh=minted,
+        )  # fmt: skip
         with metrics.HOLD_SECONDS.time():
-            row = await self._retry(take)
+            row, attempts = await self.hold_batches.submit(item)
         if row["outcome"] in ("held", "replayed"):
             # a replay too: the first attempt's reply (and its announcement) may have been lost
             await self.changed(*{subject_id, row["payer_id"]}, wait=False)
@@ -475,31 +464,8 @@ class Ledger:
         usage_status: str,
         usage: UsageRecord,
     ) -> Settlement | None:
-        attempts = 0
-
-        async def resolve() -> asyncpg.Record | None:
-            nonlocal attempts
-            attempts += 1
-            return await self.pool.fetchrow(
-                SQL_RESOLVE,
-                subject_id,
-                hold_id,
-                charge,
-                hold_status,
-                usage_status,
-                usage.service,
-                usage.model,
-                usage.provider,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.cached_tokens,
-                usage.reasoning_tokens,
-                usage.cost,
-                usage.latency_ms,
-                usage.metadata or {},
-            )
-
-        row = await self._retry(resolve)
+        item = ResolveItem(subject_id, hold_id, charge, hold_status, usage_status, usage)
+        row, attempts = await self.resolve_batches.submit(item)
         if row is None:
             # tried again after a failure: the first attempt may have committed with its reply
             # lost; a hold that ended exactly as asked is that attempt's settlement
@@ -543,32 +509,26 @@ class Ledger:
     async def expire(self, *, policy: Literal["void", "capture"], batch: int = 500) -> int:
         """Resolve holds past their expiry (database clock) by policy; returns how many."""
         rows = await self.pool.fetch(SQL_EXPIRED_HOLDS, batch)
+        if policy == "capture":
+            usage, charge, status = UsageRecord(metadata={"expired": True}), None, "captured"
+        else:
+            usage, charge, status = UsageRecord(cost=0, metadata={"expired": True}), 0, "expired"
+        # all at once: they go to the database in batches (group commit)
+        results = await asyncio.gather(
+            *(self._resolve(r["subject_id"], r["id"], charge, status, "expired", usage) for r in rows),
+            return_exceptions=True,
+        )
         done = 0
-        for row in rows:
-            if policy == "capture":
-                result = await self._resolve(
-                    row["subject_id"],
-                    row["id"],
-                    None,
-                    "captured",
-                    "expired",
-                    UsageRecord(metadata={"expired": True}),
-                )
-            else:
-                result = await self._resolve(
-                    row["subject_id"],
-                    row["id"],
-                    0,
-                    "expired",
-                    "expired",
-                    UsageRecord(cost=0, metadata={"expired": True}),
-                )
-            if result is None:
+        for row, result in zip(rows, results, strict=True):
+            if result is None or isinstance(result, BaseException):
                 continue
-            done += 1  # counted one by one: a later hold's error leaves this one counted
+            done += 1  # counted one by one: another hold's error leaves this one counted
             metrics.EXPIRIES.labels(policy=policy).inc()
             labels = {"tier": row["tier"], "model_group": row["model"], "service": metrics.OTHER}
             metrics.count_charge(self.labels, result.charged, **labels)  # what a capture debited
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return done
 
     # reads -------------------------------------------------------------------------------

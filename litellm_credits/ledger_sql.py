@@ -131,6 +131,14 @@ SQL_RESOLVE = (
     "SELECT * FROM credits.resolve_hold($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
 )
 
+# Group commit (migration 0014): a batch of holds, or of resolutions, in one statement and one
+# commit. $1 is a jsonb array of items, each with the single-item function's parameters by name
+# (ledger_batch.HoldItem.json, ResolveItem.json); one row per item with its index (idx, from 0),
+# none for a resolution whose hold had already ended. Every account the batch touches is locked
+# first, in one order (members, then the rest, each sorted by id), then the items run in order.
+SQL_TAKE_BATCH = "SELECT * FROM credits.take_holds($1)"
+SQL_RESOLVE_BATCH = "SELECT * FROM credits.resolve_holds($1)"
+
 # How a hold ended, and the settlement it made: what a resolution retried after a lost reply
 # answers, when the hold ended exactly as it asked ($1 subject, $2 hold id)
 SQL_RESOLVED = """
@@ -187,7 +195,9 @@ __all__ = [
     "SQL_REFUNDABLE",
     "SQL_RESOLVE",
     "SQL_RESOLVED",
+    "SQL_RESOLVE_BATCH",
     "SQL_SET_CAP",
+    "SQL_TAKE_BATCH",
     "SQL_TX_BY_KEY",
     "SQL_TX_REQUEST",
     "TEAM_LEVELS",

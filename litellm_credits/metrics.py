@@ -96,6 +96,12 @@ PRE_CALL_SECONDS = Histogram(
 LEDGER_RETRIES = Counter(
     "litellm_credits_ledger_retries", "Ledger statements run again after a transient database error"
 )
+LEDGER_BATCH_SIZE = Histogram(
+    "litellm_credits_ledger_batch_size",
+    "Items per ledger statement under group commit, by kind: hold, or resolve (settle, void, expiry)",
+    ["kind"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 LEDGER_ERRORS = Counter(
     "litellm_credits_ledger_errors", "Ledger statements given up on: the database stayed unavailable"
 )

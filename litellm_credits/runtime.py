@@ -230,7 +230,7 @@ class Runtime:
             await Alerts(pool).sync_defaults(tiers, cfg.default_tier)
         except asyncpg.UndefinedTableError:  # not migrated yet (auto_migrate off)
             log.warning("litellm-credits: alert defaults not written: migration 0011 is not applied")
-        return Ledger(pool, on_change=self.accounts_changed, labels=self.labels)
+        return Ledger(pool, on_change=self.accounts_changed, labels=self.labels, batch_size=s.db_batch_size)
 
     async def ledger(self) -> Ledger:
         """The ledger for the running loop, starting it on first use."""
@@ -353,7 +353,9 @@ class Runtime:
         if state is None:
             return
         if state.ready.done() and state.ready.exception() is None:
-            await state.ready.result().pool.close()
+            ledger = state.ready.result()
+            await ledger.close()  # what is queued for the database goes first
+            await ledger.pool.close()
 
 
 ACCOUNT_CODEC: Codec[Account] = Codec(Account.to_cache, Account.from_cache)

@@ -297,6 +297,8 @@ class Settings(BaseSettings):
     auto_migrate: bool = True
     db_pool_min: int = Field(2, ge=1)
     db_pool_max: int = Field(20, ge=1)
+    # holds (and settlements) issued concurrently go to PostgreSQL in batches of at most this many
+    db_batch_size: int = Field(64, ge=1, le=10_000)
     sweeper: bool = True
     credits: CreditsConfig = Field(default_factory=CreditsConfig, exclude=True)
 

@@ -81,13 +81,14 @@ def _admin(dsn: str, sql: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def fresh_database(pg_server_dsn: str) -> Iterator[Callable[[], str]]:
-    """Makes empty databases on the server; all are dropped at the end of the run."""
+def fresh_database(pg_server_dsn: str) -> Iterator[Callable[..., str]]:
+    """Makes empty databases on the server (``options``: CREATE DATABASE's, a collation for
+    example); all are dropped at the end of the run."""
     made: list[str] = []
 
-    def make() -> str:
+    def make(options: str = "") -> str:
         name = f"credits_test_{os.getpid()}_{secrets.token_hex(4)}"
-        _admin(pg_server_dsn, f'CREATE DATABASE "{name}"')
+        _admin(pg_server_dsn, f'CREATE DATABASE "{name}" {options}')
         made.append(name)
         return with_database(pg_server_dsn, name)
 

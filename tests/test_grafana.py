@@ -90,6 +90,7 @@ def test_every_expression_reads_exported_metrics() -> None:
         "litellm_credits_open_holds",
         "litellm_credits_cache_reads_total",
         "litellm_credits_redis_faults_total",
+        "litellm_credits_ledger_batch_size_bucket",
     ):
         assert name in read
 
