@@ -302,6 +302,12 @@ class Settings(BaseSettings):
     sweeper: bool = True
     credits: CreditsConfig = Field(default_factory=CreditsConfig, exclude=True)
 
+    @field_validator("database_url", "redis_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """``CREDITS_REDIS_URL=`` (set, but empty) means unset, as a shell user expects."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
         base = cls(**overrides)

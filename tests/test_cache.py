@@ -18,6 +18,7 @@ from litellm_credits.money import parse_credits as c
 from litellm_credits.records import UsageRecord
 from litellm_credits.redis_link import Keys, RedisLink
 from litellm_credits.runtime import ACCOUNT_CODEC, Runtime
+from litellm_credits.settings import Settings
 
 from .conftest import REDIS_PREFIX, AccountFactory
 from .redis_server import RedisServer
@@ -160,6 +161,14 @@ async def test_without_redis_one_process_caches_and_invalidates() -> None:
     assert await cache.get(Keys().account("nobody"), nothing.load, JSON_CODEC) is None
     assert await cache.get(Keys().account("nobody"), nothing.load, JSON_CODEC) is None
     assert nothing.reads == 2  # absence is not cached: an account created later is seen at once
+
+
+def test_an_empty_redis_url_means_no_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``CREDITS_REDIS_URL=`` in a shell clears it: in-process, not a URL that fails at each use."""
+    monkeypatch.setenv("CREDITS_REDIS_URL", "")
+    monkeypatch.setenv("CREDITS_DATABASE_URL", " ")
+    settings = Settings()
+    assert settings.redis_url is None and settings.database_url is None
 
 
 async def test_short_ttl_expires() -> None:
