@@ -200,8 +200,9 @@ class Cache:
             CACHE_BYPASS.inc()
             return await load()
         kind, version = int(found[0]), _text(found[1])
-        if kind == 2 and entry is not None:  # Redis confirmed the version memory holds
-            self._memory.move_to_end(key)
+        if kind == 2 and entry is not None:  # Redis confirmed the version memory held
+            if self._memory.get(key) is entry:  # (others may have dropped it while Redis answered)
+                self._memory.move_to_end(key)
             CACHE_HIT_LOCAL.inc()
             return entry[2]  # type: ignore[no-any-return]
         if kind == 1:

@@ -147,6 +147,29 @@ async def test_a_read_that_raced_an_invalidation_is_not_kept(instances: Callable
     assert await instances().get(key, fresh.load, JSON_CODEC) == {"balance": 2}
 
 
+async def test_an_entry_dropped_from_memory_during_the_check_is_still_answered(
+    instances: Callable[[], Cache],
+) -> None:
+    """Redis confirms the version memory held; meanwhile another request dropped the entry from
+    memory (a flush after a Redis timeout, an invalidation, eviction). The read answers what
+    Redis confirmed; it once raised KeyError, which LiteLLM's auth turned into a 500."""
+    cache = instances()
+    source = Source({"subject": "alice"})
+    key = cache.keys.api_key(secrets.token_hex(32))
+    assert await cache.get(key, source.load, JSON_CODEC, consistent=True) == source.value
+    await until(lambda: key in cache._memory)  # filled behind the first answer
+    check = cache._script
+
+    async def racing(*args: object) -> object:
+        found = await check(*args)  # type: ignore[arg-type]
+        cache._memory.clear()  # what a concurrent request did while this one waited for Redis
+        return found
+
+    cache._script = racing  # type: ignore[method-assign]
+    assert await cache.get(key, source.load, JSON_CODEC, consistent=True) == source.value
+    assert source.reads == 1
+
+
 async def test_without_redis_one_process_caches_and_invalidates() -> None:
     cache = Cache(RedisLink(None), ttl=60)
     source = Source("v1")
