@@ -35,10 +35,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-bench: install  ## ledger throughput, reads on a 1M-row ledger and 10M usage events, cache and rate limits
+bench: install  ## ledger throughput, reads on a 1M-row ledger and 10M usage events, cache and rate limits, proxy A/B and soak
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/reads.py
 	$(BIN)/python bench/cache.py
+	$(BIN)/python bench/proxy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
