@@ -12,6 +12,7 @@ import hmac
 import json
 import secrets
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -71,8 +72,12 @@ def _encode(value: Any) -> Any:
 class HoldSigner:
     """Signs hold claims so that only this process's pre-call hook can mint them."""
 
-    def __init__(self, key: bytes | None = None) -> None:
+    def __init__(self, key: bytes | None = None, *, remember: int = 4096) -> None:
         self._key = key or secrets.token_bytes(32)
+        # a request's claim is read by several hooks (the stream guard, success, failure): the
+        # claims verified last are kept by their token, so each is checked and parsed once
+        self._verified: OrderedDict[str, HoldClaim] = OrderedDict()
+        self._remember = remember
 
     def sign(self, claim: HoldClaim) -> str:
         # field by field, not astuple (which deep-copies every value: a third of this call's time)
@@ -83,6 +88,16 @@ class HoldSigner:
     def verify(self, token: Any) -> HoldClaim | None:
         if not isinstance(token, str) or "." not in token:
             return None
+        claim = self._verified.get(token)  # only a token that was verified is found here
+        if claim is None:
+            claim = self._check(token)
+            if claim is not None:
+                self._verified[token] = claim
+                if len(self._verified) > self._remember:
+                    self._verified.popitem(last=False)
+        return claim
+
+    def _check(self, token: str) -> HoldClaim | None:
         try:
             body_b64, mac_b64 = token.split(".", 1)
             body = base64.urlsafe_b64decode(body_b64)

@@ -6,7 +6,9 @@ import datetime as dt
 import json
 import logging
 import secrets
+import uuid
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
 
@@ -428,3 +430,16 @@ async def test_a_bad_output_limit_on_a_free_model_leaves_no_hold(settings: Setti
         )
     finally:
         await rt.close()
+
+
+def test_a_verified_claim_is_remembered_and_a_forged_one_never_is() -> None:
+    signer = HoldSigner(remember=2)
+    claims = [HoldClaim(uuid.uuid4(), f"acct-{i}", Decimal(1), "balanced", "chat") for i in range(3)]
+    tokens = [signer.sign(c) for c in claims]
+    assert signer.verify(tokens[0]) == claims[0]
+    assert signer.verify(tokens[0]) is signer.verify(tokens[0])  # parsed once
+    body, mac = tokens[0].split(".")
+    assert signer.verify(body[:-2] + "AA." + mac) is None  # a changed body
+    assert HoldSigner().verify(tokens[0]) is None  # another process's key
+    assert [signer.verify(t) for t in tokens] == claims
+    assert len(signer._verified) == 2  # bounded
