@@ -72,7 +72,7 @@ def _encode(value: Any) -> Any:
 class HoldSigner:
     """Signs hold claims so that only this process's pre-call hook can mint them."""
 
-    def __init__(self, key: bytes | None = None, *, remember: int = 4096) -> None:
+    def __init__(self, key: bytes | None = None, *, remember: int = 512) -> None:
         self._key = key or secrets.token_bytes(32)
         # a request's claim is read by several hooks (the stream guard, success, failure): the
         # claims verified last are kept by their token, so each is checked and parsed once
