@@ -118,8 +118,7 @@ CACHE_INVALIDATIONS = Counter(
 )
 REDIS_FAULTS = Counter(
     "litellm_credits_redis_faults",
-    "Redis calls skipped: kind=error (failed or timed out), kind=busy (every pooled connection in use),"
-    " kind=slow (a reply this busy process read too late while Redis answered other calls)",
+    "Redis calls skipped: kind=error (failed or timed out), kind=busy (every pooled connection in use)",
     ["kind"],
 )
 RATE_LIMITED = Counter("litellm_credits_rate_limited", "Requests refused with a 429 by a rate limit")
@@ -175,7 +174,6 @@ CACHE_INVALIDATED = CACHE_INVALIDATIONS.labels(deferred="false")
 CACHE_INVALIDATION_DEFERRED = CACHE_INVALIDATIONS.labels(deferred="true")
 REDIS_ERRORS = REDIS_FAULTS.labels(kind="error")
 REDIS_BUSY = REDIS_FAULTS.labels(kind="busy")
-REDIS_SLOW = REDIS_FAULTS.labels(kind="slow")
 WEBHOOK_DELIVERED = WEBHOOK_DELIVERIES.labels(result="delivered")
 WEBHOOK_FAILED = WEBHOOK_DELIVERIES.labels(result="failed")
 

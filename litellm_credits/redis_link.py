@@ -24,9 +24,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .metrics import REDIS_BUSY, REDIS_ERRORS, REDIS_SLOW
+from .metrics import REDIS_BUSY, REDIS_ERRORS
 
 log = logging.getLogger("litellm_credits.redis")
 
@@ -86,7 +85,6 @@ class RedisLink:
         self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
         self._open_until = 0.0  # monotonic time until which calls fail fast
         self._down_since: float | None = None
-        self._answered_at = 0.0  # when a call last succeeded
 
     @property
     def configured(self) -> bool:
@@ -124,25 +122,15 @@ class RedisLink:
             raise RedisDown("no Redis configured")
         if time.monotonic() < self._open_until:
             raise RedisDown("Redis is unavailable (retrying shortly)")
-        started = time.monotonic()
         try:
             result = await asyncio.wait_for(op(self.client()), self.timeout * 2)
-        except (RedisTimeoutError, asyncio.TimeoutError) as exc:
-            if self._answered_at > started:
-                # Redis answered other calls meanwhile: this one was late because this process
-                # was (an event loop too busy to read the reply in time), not Redis; this call
-                # goes around Redis, the others go on using it
-                REDIS_SLOW.inc()
-                raise RedisDown("a Redis reply came too late for this busy process") from None
-            self.failed(exc)
-            raise RedisDown(type(exc).__name__) from None
         except RedisConnectionError as exc:
             if str(exc) == "No connection available.":  # our pool is busy, Redis is not down
                 REDIS_BUSY.inc()
                 raise RedisDown("every Redis connection of this process is busy") from None
             self.failed(exc)
             raise RedisDown(type(exc).__name__) from None
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self.failed(exc)
             raise RedisDown(type(exc).__name__) from None
         self.succeeded()
@@ -161,7 +149,6 @@ class RedisLink:
             )
 
     def succeeded(self) -> None:
-        self._answered_at = time.monotonic()
         if self._down_since is not None:
             log.warning(
                 "litellm-credits: Redis answers again after %.1f s", time.monotonic() - self._down_since
