@@ -53,6 +53,7 @@ class GroupCommit(Generic[I, R]):
         lanes: int = 1,
         key: Callable[[I], str] | None = None,
         on_batch: Callable[[int], None] | None = None,
+        on_orphan: Callable[[I, R], None] | None = None,
     ) -> None:
         if max_size < 1 or lanes < 1:
             raise ValueError("max_size and lanes must be at least 1")
@@ -62,6 +63,9 @@ class GroupCommit(Generic[I, R]):
         self.max_size = max_size
         self.key = key
         self.on_batch = on_batch  # told each batch's size as it leaves
+        # told an item's result when its caller was cancelled after the item left (what the
+        # batch did for it is done, and nobody will read the answer)
+        self.on_orphan = on_orphan
         self.batches = 0  # batches sent, and the items in them (for tests and benchmarks)
         self.items = 0
         self._queues: list[deque[tuple[I, asyncio.Future[R]]]] = [deque() for _ in range(lanes)]
@@ -81,7 +85,9 @@ class GroupCommit(Generic[I, R]):
         future: asyncio.Future[R] = loop.create_future()
         lane = self._lane(item)
         self._queues[lane].append((item, future))
-        if self._tasks[lane] is None:
+        task = self._tasks[lane]
+        # (a drain task cancelled before its first step never ran its clean-up: replace it)
+        if task is None or task.done():
             self._tasks[lane] = loop.create_task(self._drain(lane))
         return await future
 
@@ -123,8 +129,13 @@ class GroupCommit(Generic[I, R]):
                 except Exception as exc:  # run answers per item; this is a bug: fail the batch, go on
                     log.exception("group commit: a batch of %d failed", len(batch))
                     results = [exc] * len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
+                for (item, future), result in zip(batch, results, strict=True):
                     if future.done():  # its caller was cancelled meanwhile
+                        if self.on_orphan is not None and not isinstance(result, BaseException):
+                            try:
+                                self.on_orphan(item, result)
+                            except Exception:
+                                log.exception("group commit: on_orphan failed")
                         continue
                     if isinstance(result, BaseException):
                         future.set_exception(result)

@@ -429,7 +429,7 @@ class Ledger(LedgerBatches):
             power_level, request_hash, fresh=minted,
         )  # fmt: skip
         with metrics.HOLD_SECONDS.time():
-            row, attempts = await self.hold_batches.submit(item)
+            row, attempts = await self.take(item)
         if row["outcome"] in ("held", "replayed"):
             # a replay too: the first attempt's reply (and its announcement) may have been lost
             await self.changed(*{subject_id, row["payer_id"]}, wait=False)
@@ -465,7 +465,7 @@ class Ledger(LedgerBatches):
         usage: UsageRecord,
     ) -> Settlement | None:
         item = ResolveItem(subject_id, hold_id, charge, hold_status, usage_status, usage)
-        row, attempts = await self.resolve_batches.submit(item)
+        row, attempts = await self.resolve(item)
         if row is None:
             # tried again after a failure: the first attempt may have committed with its reply
             # lost; a hold that ended exactly as asked is that attempt's settlement

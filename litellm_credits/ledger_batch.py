@@ -14,6 +14,14 @@ then run one by one through the single-item statements, so each caller gets its 
 database without migration 0014 (``auto_migrate`` off, not migrated yet) has no batch functions:
 the ledger then sends every item on its own statement, as before group commit, until restarted.
 
+Lock order: the batch functions lock accounts members first, then the rest, each in code-point
+order, as the single statements and bulk grants do. Two rare cases fall outside that order: an
+account that moves into a team (the move locks it, then the team) and a batch of holds that
+includes an account which left its team with holds still open (ranked by its current place).
+PostgreSQL detects such a deadlock after ``deadlock_timeout`` and the batch runs again; a retry
+after a deadlock (or a serialization failure) is known not to follow a commit, so it does not
+make the batch's resolutions look for a lost reply.
+
 Two resolutions of one hold in one batch (a callback that fired twice) are one resolution: the
 first ends the hold, the later ones find it ended and answer None, even after a retry (where a
 resolution that finds its hold ended asks whether it ended exactly as asked: the first attempt's
@@ -40,6 +48,10 @@ from .records import UsageRecord
 log = logging.getLogger("litellm_credits.ledger")
 T = TypeVar("T")
 Item = TypeVar("Item", "HoldItem", "ResolveItem")
+
+# errors after which the server has rolled the statement back: a retry after one of them cannot
+# follow a commit whose reply was lost (a lost connection can)
+ROLLED_BACK = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 
 DEFAULT_BATCH_SIZE = 64
 # batches of each kind in flight at once (lanes by account): one backend per batch, so one lane
@@ -152,7 +164,9 @@ class LedgerBatches:
             lanes=lanes,
             key=lambda item: item.subject_id,
             on_batch=size.labels(kind="hold").observe,
+            on_orphan=self._orphaned,
         )
+        self._voiding: set[asyncio.Task[Any]] = set()
         self.resolve_batches: GroupCommit[ResolveItem, Resolved] = GroupCommit(
             self._resolve_batch,
             max_size=batch_size,
@@ -164,12 +178,40 @@ class LedgerBatches:
     async def close(self) -> None:
         """Send what is queued, then refuse holds and resolutions (the pool is the caller's)."""
         await self.hold_batches.close()
+        if self._voiding:
+            await asyncio.gather(*self._voiding, return_exceptions=True)
         await self.resolve_batches.close()
+
+    async def take(self, item: HoldItem) -> Taken:
+        """The hold's row, in a batch (or on its own statement when batching is off)."""
+        if not self.batched:
+            return await self._take_one(item)
+        return await self.hold_batches.submit(item)
+
+    async def resolve(self, item: ResolveItem) -> Resolved:
+        if not self.batched:
+            return await self._resolve_one(item)
+        return await self.resolve_batches.submit(item)
+
+    def _orphaned(self, item: HoldItem, taken: Taken) -> None:
+        """A hold taken for a caller that was cancelled while its batch was at the database: no
+        request will end it, so it is voided now rather than held until its TTL (and charged,
+        under the capture policy). Only an id minted for that call: nobody else can know it."""
+        row = taken[0]
+        if not item.fresh or row["outcome"] != "held":
+            return
+        void = getattr(self, "void", None)
+        if void is None:
+            return
+        task = asyncio.get_running_loop().create_task(void(row["payer_id"], item.hold_id))
+        self._voiding.add(task)
+        task.add_done_callback(self._voiding.discard)
 
     # holds -----------------------------------------------------------------------------------
 
     async def _take_one(self, item: HoldItem, tried: int = 0) -> Taken:
-        """One hold on its own statement; ``tried``: attempts a batch made with it already."""
+        """One hold on its own statement; ``tried``: attempts a batch made with it that may have
+        committed (their replies lost)."""
         attempts = tried
 
         async def take() -> asyncpg.Record:
@@ -178,6 +220,9 @@ class LedgerBatches:
             try:
                 # a retry may follow a commit whose reply was lost: never fresh then
                 return await self.pool.fetchrow(SQL_HOLD, *item.args(item.fresh and attempts == 1))
+            except ROLLED_BACK:
+                attempts -= 1  # the server rolled it back: it did not commit
+                raise
             except asyncpg.UniqueViolationError:
                 # the same id taken at the same moment by another attempt, which committed first
                 row = await self.pool.fetchrow(SQL_HOLD_AGAIN, item.subject_id, item.hold_id)
@@ -196,7 +241,13 @@ class LedgerBatches:
         async def take() -> list[asyncpg.Record]:
             nonlocal attempts
             attempts += 1
-            return await self.pool.fetch(SQL_TAKE_BATCH, [i.json(i.fresh and attempts == 1) for i in items])
+            try:
+                return await self.pool.fetch(
+                    SQL_TAKE_BATCH, [i.json(i.fresh and attempts == 1) for i in items]
+                )
+            except ROLLED_BACK:
+                attempts -= 1
+                raise
 
         try:
             rows = await self._retry(take)
@@ -228,7 +279,11 @@ class LedgerBatches:
         async def resolve() -> asyncpg.Record | None:
             nonlocal attempts
             attempts += 1
-            return await self.pool.fetchrow(SQL_RESOLVE, *item.args())
+            try:
+                return await self.pool.fetchrow(SQL_RESOLVE, *item.args())
+            except ROLLED_BACK:
+                attempts -= 1
+                raise
 
         row = await self._retry(resolve)
         return row, attempts
@@ -248,7 +303,11 @@ class LedgerBatches:
         async def resolve() -> list[asyncpg.Record]:
             nonlocal attempts
             attempts += 1
-            return await self.pool.fetch(SQL_RESOLVE_BATCH, [i.json() for i in items])
+            try:
+                return await self.pool.fetch(SQL_RESOLVE_BATCH, [i.json() for i in items])
+            except ROLLED_BACK:
+                attempts -= 1
+                raise
 
         try:
             rows = await self._retry(resolve)

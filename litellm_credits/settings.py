@@ -302,11 +302,20 @@ class Settings(BaseSettings):
     sweeper: bool = True
     credits: CreditsConfig = Field(default_factory=CreditsConfig, exclude=True)
 
-    @field_validator("database_url", "redis_url", mode="before")
+    @field_validator("redis_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
-        """``CREDITS_REDIS_URL=`` (set, but empty) means unset, as a shell user expects."""
+        """``CREDITS_REDIS_URL=`` (set, but empty) means unset: the cache in process."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _empty_is_a_mistake(cls, value: Any) -> Any:
+        """An empty database URL is refused: a deployment whose secret did not render would
+        otherwise run an embedded database of its own on each host (a ledger per host)."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("CREDITS_DATABASE_URL is set but empty; unset it for the embedded database")
+        return value
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+from pydantic import ValidationError
 
 from litellm_credits.cache import JSON_CODEC, Cache
 from litellm_credits.metrics import metrics
@@ -186,12 +187,17 @@ async def test_without_redis_one_process_caches_and_invalidates() -> None:
     assert nothing.reads == 2  # absence is not cached: an account created later is seen at once
 
 
-def test_an_empty_redis_url_means_no_redis(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``CREDITS_REDIS_URL=`` in a shell clears it: in-process, not a URL that fails at each use."""
+def test_an_empty_redis_url_means_no_redis_an_empty_database_url_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``CREDITS_REDIS_URL=`` in a shell clears it: in-process, not a URL that fails at each use.
+    An empty database URL is a deployment mistake, not a wish for a private embedded ledger."""
     monkeypatch.setenv("CREDITS_REDIS_URL", "")
+    monkeypatch.delenv("CREDITS_DATABASE_URL", raising=False)
+    assert Settings().redis_url is None
     monkeypatch.setenv("CREDITS_DATABASE_URL", " ")
-    settings = Settings()
-    assert settings.redis_url is None and settings.database_url is None
+    with pytest.raises(ValidationError, match="set but empty"):
+        Settings()
 
 
 async def test_short_ttl_expires() -> None:

@@ -5,6 +5,7 @@ migration 0014)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import secrets
@@ -479,6 +480,104 @@ async def test_a_former_members_account_is_locked_before_its_old_team(ledger: Le
         await ledger.pool.release(conn)
         await one_lane.close()
     await assert_sound(ledger, team)
+
+
+async def test_a_drain_task_cancelled_before_it_ran_is_replaced() -> None:
+    async def run(items: list[int]) -> list[int | BaseException]:
+        return items
+
+    batcher: GroupCommit[int, int] = GroupCommit(run, max_size=4)
+    first = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0)
+    task = batcher._tasks[0]
+    assert task is not None
+    task.cancel()  # before its first step: its clean-up never runs
+    await asyncio.sleep(0)
+    assert await asyncio.wait_for(batcher.submit(2), 5) == 2  # a new drain serves the lane
+    with contextlib.suppress(ServiceUnavailable, asyncio.CancelledError):
+        await asyncio.wait_for(first, 5)  # answered (or refused), never left waiting
+
+
+async def test_with_batching_off_holds_go_side_by_side(ledger: Ledger, account: AccountFactory) -> None:
+    subjects = [await account("5") for _ in range(4)]
+    single = Ledger(ledger.pool, batch_size=1)
+    holds = await asyncio.gather(*(single.hold(s, c("1"), ttl_seconds=60) for s in subjects))
+    settled = await asyncio.gather(*(single.settle(h.subject_id, h.id, c("0.5"), USAGE) for h in holds))
+    assert all(s is not None for s in settled)
+    assert single.hold_batches.batches == 0 and single.resolve_batches.batches == 0  # no batcher
+    await single.close()
+
+
+class RolledBackOnce(LossyBatches):
+    """A pool whose next batch statement fails with a deadlock: the server rolled it back."""
+
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        if query in self.pending:
+            self.pending.remove(query)
+            self.lost += 1
+            raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+        return await self.pool.fetch(query, *args, **kwargs)
+
+
+async def test_a_batch_retried_after_a_deadlock_does_not_take_earlier_ends_for_its_own(
+    ledger: Ledger, account: AccountFactory
+) -> None:
+    """A retry after a deadlock cannot follow a lost commit: a resolution that then finds its
+    hold ended earlier (a second callback, a replayed charge) is answered None, not as the
+    settlement of its first attempt."""
+    subject = await account("5")
+    pool = RolledBackOnce(ledger.pool)
+    flaky = Ledger(cast(asyncpg.Pool, pool), retry_delay=0, batch_lanes=1)
+    done, fresh = [await ledger.hold(subject, c("1"), ttl_seconds=60) for _ in range(2)]
+    assert await ledger.settle(subject, done.id, c("0.5"), USAGE) is not None  # ended before
+    pool.pending.append(SQL_RESOLVE_BATCH)
+    again, first = await asyncio.gather(
+        flaky.settle(subject, done.id, c("0.5"), USAGE), flaky.settle(subject, fresh.id, c("0.5"), USAGE)
+    )
+    assert pool.lost == 1
+    assert again is None and first is not None and first.charged == c("0.5")
+    await flaky.close()
+    await assert_sound(ledger, subject)
+
+
+class HeldUp(LossyBatches):
+    """A pool whose batch statements wait for ``release`` after they ran (a reply in flight)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        super().__init__(pool)
+        self.release = asyncio.Event()
+        self.ran = asyncio.Event()
+
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        rows = await self.pool.fetch(query, *args, **kwargs)
+        if query == SQL_TAKE_BATCH:
+            self.ran.set()
+            await self.release.wait()
+        return rows
+
+
+async def test_a_hold_whose_caller_left_while_its_batch_was_out_is_voided(
+    ledger: Ledger, account: AccountFactory
+) -> None:
+    subject = await account("5")
+    pool = HeldUp(ledger.pool)
+    slow = Ledger(cast(asyncpg.Pool, pool), batch_lanes=1)
+    callers = [asyncio.create_task(slow.hold(subject, c("1"), ttl_seconds=600)) for _ in range(2)]
+    await asyncio.wait_for(pool.ran.wait(), 10)  # the batch of two committed, its reply held up
+    callers[0].cancel()  # the request went away meanwhile
+    pool.release.set()
+    kept = await callers[1]
+    with pytest.raises(asyncio.CancelledError):
+        await callers[0]
+    await slow.close()  # waits for the void
+    statuses = await ledger.pool.fetch(
+        "SELECT id, status FROM credits.holds WHERE subject_id = $1 ORDER BY status", subject
+    )
+    assert {r["id"]: r["status"] for r in statuses}[kept.id] == "open"
+    assert sorted(r["status"] for r in statuses) == ["open", "voided"]
+    assert (await ledger.require_account(subject)).held == c("1")
+    assert await ledger.void(subject, kept.id)
+    await assert_sound(ledger, subject)
 
 
 @pytest.mark.proxy
