@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -133,18 +132,6 @@ async def main(args: argparse.Namespace) -> None:
             f"{clients} callers, {seconds} s per phase after {warmup} s warm-up"
         )
 
-        async def tidy() -> None:
-            """Each phase from the same state: the dead rows of the phases before it vacuumed and
-            their pages written out first (as pgbench vacuums before its run), so that autovacuum
-            and a checkpoint set off by one phase do not land in the next one's figures."""
-            conn = await asyncpg.connect(dsn)
-            try:
-                await conn.execute("VACUUM (ANALYZE)")
-                with contextlib.suppress(asyncpg.InsufficientPrivilegeError):  # not a superuser
-                    await conn.execute("CHECKPOINT")
-            finally:
-                await conn.close()
-
         hot_cycles = 0
 
         async def cycle(subject: str, quote: Quote = Quote(HOLD)) -> None:
@@ -155,7 +142,6 @@ async def main(args: argparse.Namespace) -> None:
                 raise RuntimeError(f"hold {hold.id} was already resolved")
             hot_cycles += subject == "bench-hot"
 
-        await tidy()
         spread = await h.measure(
             f"[1] ledger hold+settle, {SUBJECTS} subjects, {clients} callers",
             lambda: cycle(random.choice(subjects)),
@@ -164,7 +150,6 @@ async def main(args: argparse.Namespace) -> None:
             warmup=warmup,
         )
         print(spread.line("cycles"))
-        await tidy()
         hot = await h.measure(
             f"[2] ledger hold+settle, 1 subject, {clients} callers",
             lambda: cycle("bench-hot"),
@@ -174,7 +159,6 @@ async def main(args: argparse.Namespace) -> None:
         )
         print(hot.line("cycles"))
         # every hold asks for more than its account has: clamped to what is left (the slow path)
-        await tidy()
         clamped = await h.measure(
             f"[5] clamped hold+settle, {SUBJECTS} subjects, {clients} callers",
             lambda: cycle(random.choice(subjects), Quote(10 * OPENING, True, 1)),
@@ -183,7 +167,6 @@ async def main(args: argparse.Namespace) -> None:
             warmup=warmup,
         )
         print(clamped.line("cycles"))
-        await tidy()
         team_spread = await h.measure(
             f"[6] team hold+settle, {SUBJECTS} members of {TEAMS} teams, {clients} callers",
             lambda: cycle(random.choice(members)),
@@ -192,7 +175,6 @@ async def main(args: argparse.Namespace) -> None:
             warmup=warmup,
         )
         print(team_spread.line("cycles"))
-        await tidy()
         team_hot = await h.measure(
             f"[7] team hold+settle, {SUBJECTS} members of 1 team, {clients} callers",
             lambda: cycle(random.choice(hot_members)),
@@ -201,7 +183,6 @@ async def main(args: argparse.Namespace) -> None:
             warmup=warmup,
         )
         print(team_hot.line("cycles"))
-        await tidy()
         graded_spread = await h.measure(
             f"[9] ledger hold+settle, {SUBJECTS} subjects of three grants each, {clients} callers",
             lambda: cycle(random.choice(graded)),
@@ -219,7 +200,6 @@ async def main(args: argparse.Namespace) -> None:
 
         hook_phases = []
         for n in (1, clients):
-            await tidy()
             phase = await h.measure(
                 f"[3] pre-call hook (one hold statement), {n} caller(s)",
                 pre_call,
@@ -232,7 +212,6 @@ async def main(args: argparse.Namespace) -> None:
 
         # the same hook at half the peak rate just measured, arrivals at a steady pace: the
         # latency a request sees on a proxy that is busy, not saturated
-        await tidy()
         half = await h.measure_rate(
             f"[3] pre-call hook at half the peak rate ({hook_phases[1].rate / 2:,.0f}/s)",
             pre_call,
@@ -268,7 +247,6 @@ async def main(args: argparse.Namespace) -> None:
             ("1 account", lambda: hook_and_release("bench-hot", 100)),
             (f"{SUBJECTS} members of 1 team", lambda: hook_and_release(random.choice(hot_members), 100)),
         ):
-            await tidy()
             phase = await h.measure(
                 f"[8] pre-call hook then release, {label}, {clients} callers",
                 op,
