@@ -654,6 +654,17 @@ def test_a_proxy_killed_amid_batches_charges_nothing_twice(
                 user,
             )
             assert all(r["charges"] == (1 if r["status"] == "settled" else 0) for r in rows)
+            # the balance fell by exactly what the settled holds charged, each with one usage event
+            settled, spent = await pool.fetchrow(
+                "SELECT count(*), coalesce(sum(settled_amount), 0) FROM credits.holds"
+                " WHERE subject_id = $1 AND status = 'settled'",
+                user,
+            )
+            assert (await ledger.require_account(user)).balance == c("1000") - spent
+            events = await pool.fetchval(
+                "SELECT count(*) FROM credits.usage_events WHERE subject_id = $1 AND status = 'success'", user
+            )
+            assert events == settled
             await assert_sound(ledger, user)
             # what the dead proxy left open, the sweeper of the next one releases
             await pool.execute(
