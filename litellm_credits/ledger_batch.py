@@ -35,7 +35,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import asyncpg
 
@@ -146,13 +146,43 @@ Taken = tuple[asyncpg.Record, int]
 Resolved = tuple[asyncpg.Record | None, int]
 
 
+class Attempts:
+    """The attempts of one statement (or batch) that may have committed with their reply lost:
+    a retry after one of them must not take a minted hold id for fresh, and a resolution that
+    then finds its hold ended asks whether that attempt ended it. An attempt the server rolled
+    back (a deadlock, a serialization failure) is not counted."""
+
+    def __init__(self, tried: int = 0) -> None:
+        self.count = tried  # attempts made before (a batch's, for one of its items)
+
+    async def run(
+        self, retry: Callable[[Callable[[], Awaitable[T]]], Awaitable[T]], op: Callable[[bool], Awaitable[T]]
+    ) -> T:
+        """``op(first)`` under ``retry``; ``first``: no earlier attempt can have committed."""
+
+        async def attempt() -> T:
+            self.count += 1
+            try:
+                return await op(self.count == 1)
+            except ROLLED_BACK:
+                self.count -= 1
+                raise
+
+        return await retry(attempt)
+
+
 class LedgerBatches:
     """The group-commit half of :class:`~litellm_credits.ledger.Ledger`: its holds and resolutions."""
 
     pool: asyncpg.Pool
 
-    async def _retry(self, op: Callable[[], Awaitable[T]]) -> T:  # the Ledger's
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the Ledger's
+
+        async def _retry(self, op: Callable[[], Awaitable[T]]) -> T: ...
+
+        async def void(
+            self, subject_id: str, hold_id: uuid.UUID, usage: UsageRecord | None = None
+        ) -> bool: ...
 
     def _init_batches(self, batch_size: int, lanes: int) -> None:
         self.batch_size = batch_size
@@ -200,10 +230,7 @@ class LedgerBatches:
         row = taken[0]
         if not item.fresh or row["outcome"] != "held":
             return
-        void = getattr(self, "void", None)
-        if void is None:
-            return
-        task = asyncio.get_running_loop().create_task(void(row["payer_id"], item.hold_id))
+        task = asyncio.get_running_loop().create_task(self.void(row["payer_id"], item.hold_id))
         self._voiding.add(task)
         task.add_done_callback(self._voiding.discard)
 
@@ -212,17 +239,12 @@ class LedgerBatches:
     async def _take_one(self, item: HoldItem, tried: int = 0) -> Taken:
         """One hold on its own statement; ``tried``: attempts a batch made with it that may have
         committed (their replies lost)."""
-        attempts = tried
+        attempts = Attempts(tried)
 
-        async def take() -> asyncpg.Record:
-            nonlocal attempts
-            attempts += 1
+        async def take(first: bool) -> asyncpg.Record:
             try:
                 # a retry may follow a commit whose reply was lost: never fresh then
-                return await self.pool.fetchrow(SQL_HOLD, *item.args(item.fresh and attempts == 1))
-            except ROLLED_BACK:
-                attempts -= 1  # the server rolled it back: it did not commit
-                raise
+                return await self.pool.fetchrow(SQL_HOLD, *item.args(item.fresh and first))
             except asyncpg.UniqueViolationError:
                 # the same id taken at the same moment by another attempt, which committed first
                 row = await self.pool.fetchrow(SQL_HOLD_AGAIN, item.subject_id, item.hold_id)
@@ -230,38 +252,30 @@ class LedgerBatches:
                     raise
                 return row
 
-        row = await self._retry(take)
-        return row, attempts
+        row = await attempts.run(self._retry, take)
+        return row, attempts.count
 
     async def _take_batch(self, items: list[HoldItem]) -> list[Taken | BaseException]:
         if len(items) == 1 or not self.batched:
             return await _each(items, self._take_one)
-        attempts = 0
+        attempts = Attempts()
 
-        async def take() -> list[asyncpg.Record]:
-            nonlocal attempts
-            attempts += 1
-            try:
-                return await self.pool.fetch(
-                    SQL_TAKE_BATCH, [i.json(i.fresh and attempts == 1) for i in items]
-                )
-            except ROLLED_BACK:
-                attempts -= 1
-                raise
+        async def take(first: bool) -> list[asyncpg.Record]:
+            return await self.pool.fetch(SQL_TAKE_BATCH, [i.json(i.fresh and first) for i in items])
 
         try:
-            rows = await self._retry(take)
+            rows = await attempts.run(self._retry, take)
         except ServiceUnavailable:
             return [ServiceUnavailable("the credit ledger is unavailable; try again") for _ in items]
         except asyncpg.UndefinedFunctionError:
             self._unbatched()
-            return await _each(items, lambda i: self._take_one(i, attempts - 1))
+            return await _each(items, lambda i: self._take_one(i, attempts.count - 1))
         except Exception as exc:
             log.warning("ledger: a batch of %d holds failed (%s); taking them one by one", len(items), exc)
-            # fresh only if no attempt of the batch can have committed
-            return [await _outcome(self._take_one(i, attempts - 1)) for i in items]
+            # fresh only if no attempt of the batch can have committed (the last one failed)
+            return [await _outcome(self._take_one(i, attempts.count - 1)) for i in items]
         by_index = {r["idx"]: r for r in rows}
-        return [_answer(by_index.get(n), attempts) for n in range(len(items))]
+        return [_answer(by_index.get(n), attempts.count) for n in range(len(items))]
 
     def _unbatched(self) -> None:
         if self.batched:
@@ -274,19 +288,13 @@ class LedgerBatches:
     # resolutions -----------------------------------------------------------------------------
 
     async def _resolve_one(self, item: ResolveItem, tried: int = 0) -> Resolved:
-        attempts = tried
+        attempts = Attempts(tried)
 
-        async def resolve() -> asyncpg.Record | None:
-            nonlocal attempts
-            attempts += 1
-            try:
-                return await self.pool.fetchrow(SQL_RESOLVE, *item.args())
-            except ROLLED_BACK:
-                attempts -= 1
-                raise
+        async def resolve(first: bool) -> asyncpg.Record | None:
+            return await self.pool.fetchrow(SQL_RESOLVE, *item.args())
 
-        row = await self._retry(resolve)
-        return row, attempts
+        row = await attempts.run(self._retry, resolve)
+        return row, attempts.count
 
     async def _resolve_batch(self, items: list[ResolveItem]) -> list[Resolved | BaseException]:
         if len(items) == 1 or not self.batched:
@@ -298,33 +306,27 @@ class LedgerBatches:
         for item in items:
             repeats.append((item.subject_id, item.hold_id) in seen)
             seen.add((item.subject_id, item.hold_id))
-        attempts = 0
+        attempts = Attempts()
 
-        async def resolve() -> list[asyncpg.Record]:
-            nonlocal attempts
-            attempts += 1
-            try:
-                return await self.pool.fetch(SQL_RESOLVE_BATCH, [i.json() for i in items])
-            except ROLLED_BACK:
-                attempts -= 1
-                raise
+        async def resolve(first: bool) -> list[asyncpg.Record]:
+            return await self.pool.fetch(SQL_RESOLVE_BATCH, [i.json() for i in items])
 
         try:
-            rows = await self._retry(resolve)
+            rows = await attempts.run(self._retry, resolve)
         except ServiceUnavailable:
             return [ServiceUnavailable("the credit ledger is unavailable; try again") for _ in items]
         except asyncpg.UndefinedFunctionError:
             self._unbatched()
             tried_by = {
-                id(i): 0 if repeat else attempts - 1 for i, repeat in zip(items, repeats, strict=True)
+                id(i): 0 if repeat else attempts.count - 1 for i, repeat in zip(items, repeats, strict=True)
             }
             return await _each(items, lambda i: self._resolve_one(i, tried_by[id(i)]))
         except Exception as exc:
             log.warning("ledger: a batch of %d resolutions failed (%s); one by one", len(items), exc)
-            tried = [0 if repeat else attempts - 1 for repeat in repeats]
+            tried = [0 if repeat else attempts.count - 1 for repeat in repeats]
             return [await _outcome(self._resolve_one(i, t)) for i, t in zip(items, tried, strict=True)]
         by_index = {r["idx"]: r for r in rows}
-        return [(by_index.get(n), 1 if repeats[n] else attempts) for n in range(len(items))]
+        return [(by_index.get(n), 1 if repeats[n] else attempts.count) for n in range(len(items))]
 
 
 def _answer(row: asyncpg.Record | None, attempts: int) -> Taken | BaseException:
