@@ -79,12 +79,12 @@ async def seed(dsn: str, ledger_rows: int, events: int) -> None:
         print(f"seeded {ledger_rows:,} ledger rows in {time.monotonic() - t:.0f} s", flush=True)
         # the rollup trigger is off while seeding; the rollup is then built once, as the
         # migration builds it for an existing database
-        await conn.execute("ALTER TABLE credits.usage_events DISABLE TRIGGER usage_events_daily")
+        await conn.execute("ALTER TABLE credits.usage_events DISABLE TRIGGER usage_events_daily_insert")
         t = time.monotonic()
         batch = 1_000_000
         for start in range(1, events + 1, batch):
             await conn.execute(SEED_EVENTS, start, min(start + batch - 1, events), ACCOUNTS, DAYS)
-        await conn.execute("ALTER TABLE credits.usage_events ENABLE TRIGGER usage_events_daily")
+        await conn.execute("ALTER TABLE credits.usage_events ENABLE TRIGGER usage_events_daily_insert")
         print(f"seeded {events:,} usage events in {time.monotonic() - t:.0f} s", flush=True)
         t = time.monotonic()
         await conn.execute(BACKFILL)
