@@ -496,9 +496,9 @@ class CreditsHandler(CustomLogger):
 
 
 def _token_counter() -> Any:
-    import litellm
+    from .token_count import token_counter
 
-    return litellm.token_counter
+    return token_counter
 
 
 __all__ = [

@@ -71,9 +71,9 @@ class Quoter:
             if service == "audio_transcription":
                 seconds = audio_seconds(data.get("file")) or Decimal(cfg.max_audio_seconds)
             return estimate_units(data, price, service=service, image_price=image, audio_seconds=seconds)
-        import litellm
+        from .token_count import token_counter  # (imports LiteLLM: not at module load)
 
-        prompt = count_prompt_tokens(data, model_group, service, litellm.token_counter)
+        prompt = count_prompt_tokens(data, model_group, service, token_counter)
         return estimate_tokens(
             data,
             price,

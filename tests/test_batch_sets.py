@@ -363,3 +363,22 @@ async def test_what_a_batch_cannot_take_as_a_set_goes_one_by_one(ledger: Ledger)
     assert (await ledger.require_account(due)).balance == c("5")
     for subject in (due, plain):
         await assert_sound(ledger, subject)
+
+
+async def test_a_batch_locks_every_account_it_touches_and_their_teams(ledger: Ledger) -> None:
+    """credits.lock_accounts: the accounts, members or not, and the members' teams, all locked
+    before anything is decided (an account left unlocked here breaks the lock order: deadlocks)."""
+    tag = secrets.token_hex(4)
+    team, member, alone = f"lk-t-{tag}", f"lk-m-{tag}", f"lk-a-{tag}"
+    for subject, parent in ((team, None), (member, team), (alone, None)):
+        await ledger.create_account(subject, tier="free", parent_id=parent)
+    async with ledger.pool.acquire() as conn, ledger.pool.acquire() as other:
+        async with conn.transaction():
+            await conn.execute("SELECT credits.lock_accounts($1)", [member, alone])
+            for subject in (team, member, alone):
+                with pytest.raises(asyncpg.LockNotAvailableError):
+                    await other.execute(
+                        "SELECT 1 FROM credits.credit_accounts WHERE subject_id = $1"
+                        " FOR NO KEY UPDATE NOWAIT",
+                        subject,
+                    )

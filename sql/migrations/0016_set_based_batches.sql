@@ -22,15 +22,11 @@
 -- The results are the single-item functions' results, row for row.
 --
 -- Every row a batch touches is found by its key: the functions run with sequential scans, hash
--- and merge joins off, so the plans stay probes by key whatever the tables' size when planned.
+-- and merge joins off, so the plans stay probes by key whatever the tables' size when planned,
+-- and with generic plans (planned once per session, not per call: the plan is the same anyway).
 --
 -- The daily usage rollup becomes statement-level (transition tables): one upsert per account and
 -- day per statement, instead of a function call and an upsert per usage event.
-
-CREATE TYPE credits.batch_hold AS (
-    idx integer, outcome text, payer_id text, tier text, amount bigint, debits boolean,
-    expires_at timestamptz, request_hash bytea, room bigint, quoted bigint, seen jsonb
-);
 
 -- A hold ended by a batch, with what it moves (spent: what the account pays; release: what it
 -- held that it gives back).
@@ -41,22 +37,55 @@ CREATE TYPE credits.batch_ended AS (
     latency integer, metadata jsonb
 );
 
+-- Locks the accounts p_subjects and their teams (replaces migration 0014's, same order and rules):
+-- the accounts and teams as last committed, locked in the order; under its lock a row is as it
+-- is now, and a team that an account joined since the read is locked next (out of the order,
+-- once, and only then). Two statements where 0014's took three.
+CREATE OR REPLACE FUNCTION credits.lock_accounts(p_subjects text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_locked text[] := '{}';
+    v_want   text[];
+    v_joined text[];
+BEGIN
+    SELECT coalesce(array_agg(DISTINCT s.id), '{}') INTO v_want
+    FROM credits.credit_accounts a
+    CROSS JOIN LATERAL (VALUES (a.subject_id), (a.parent_id)) AS s(id)
+    WHERE a.subject_id = ANY (p_subjects) AND s.id IS NOT NULL;
+    WHILE cardinality(v_want) > 0 LOOP
+        -- (a FILTER, not a WHERE: PostgreSQL pushes an outer WHERE down into a FOR UPDATE
+        -- subquery, and the rows it filters out would not be locked)
+        SELECT coalesce(array_agg(DISTINCT l.parent_id) FILTER (
+                   WHERE l.parent_id IS NOT NULL AND NOT l.parent_id = ANY (v_locked || v_want)), '{}')
+        INTO v_joined
+        FROM (SELECT a.parent_id FROM credits.credit_accounts a
+              WHERE a.subject_id = ANY (v_want)
+              ORDER BY a.parent_id IS NULL, a.subject_id COLLATE "C"
+              FOR NO KEY UPDATE) l;
+        v_locked := v_locked || v_want;
+        v_want := v_joined;
+    END LOOP;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION credits.take_holds(p_items jsonb) RETURNS TABLE (
     idx integer, outcome text, payer_id text, tier text, amount bigint, debits boolean,
     expires_at timestamptz, request_hash bytea, room bigint, quoted bigint, seen jsonb
 )
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_month date := date_trunc('month', now() AT TIME ZONE 'UTC')::date;
     v_day   date := (now() AT TIME ZONE 'UTC')::date;
-    v_taken text[];                 -- the accounts whose holds were taken as a set
-    v_rows  credits.batch_hold[];   -- their answers
+    v_taken integer;  -- items taken as a set
+    v_rest  text[];   -- the accounts whose items were not
     r       record;
 BEGIN
     PERFORM credits.lock_accounts(ARRAY(SELECT DISTINCT x->>'subject' FROM jsonb_array_elements(p_items) x));
 
+    RETURN QUERY
     WITH item AS (
         -- each item with its account's quote (take_hold's choice: the account's tier, if quoted,
         -- else the default tier)
@@ -106,14 +135,22 @@ BEGIN
         ORDER BY item.i
         RETURNING h.subject_id, h.id, h.expires_at
     )
-    SELECT (SELECT array_agg(taken.subject_id) FROM taken),
-           (SELECT array_agg(ROW(item.i, 'held', item.subject, item.tier, item.amount, item.debits,
-                                 held.expires_at, item.request_hash, NULL, item.amount, NULL)::credits.batch_hold)
-            FROM item JOIN held ON held.subject_id = item.subject AND held.id = item.hold)
-    INTO v_taken, v_rows;
-    RETURN QUERY SELECT * FROM unnest(v_rows);
+    SELECT item.i, 'held'::text, item.subject, item.tier, item.amount, item.debits, held.expires_at,
+           item.request_hash, NULL::bigint, item.amount, NULL::jsonb
+    FROM item JOIN held ON held.subject_id = item.subject AND held.id = item.hold;
+    GET DIAGNOSTICS v_taken = ROW_COUNT;
+    IF v_taken = jsonb_array_length(p_items) THEN
+        RETURN;
+    END IF;
 
-    -- the rest, one by one in arrival order (an account's items all here or all above)
+    -- The rest, one by one in arrival order: the accounts not taken above (all of an account's
+    -- items were, or none; a fresh id has a hold now only if it was taken above).
+    SELECT array_agg(s.subject) INTO v_rest
+    FROM (SELECT q.subject
+          FROM jsonb_to_recordset(p_items) AS q(subject text, hold uuid, fresh boolean)
+          LEFT JOIN credits.holds h ON h.subject_id = q.subject AND h.id = q.hold
+          GROUP BY q.subject
+          HAVING NOT bool_and(q.fresh AND h.id IS NOT NULL)) s;
     FOR r IN
         SELECT (e.o - 1)::integer AS i, q.*
         FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(item, o),
@@ -121,7 +158,7 @@ BEGIN
                  subject text, hold uuid, tiers text[], amounts bigint[], minimums bigint[],
                  debits boolean[], default_tier text, ttl integer, model text, power_level text,
                  request_hash bytea, fresh boolean)
-        WHERE v_taken IS NULL OR NOT q.subject = ANY (v_taken)
+        WHERE q.subject = ANY (v_rest)
         ORDER BY e.o
     LOOP
         RETURN QUERY SELECT r.i, t.* FROM credits.take_hold(
@@ -136,35 +173,46 @@ CREATE OR REPLACE FUNCTION credits.resolve_holds(p_items jsonb) RETURNS TABLE (
 )
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_month    date := date_trunc('month', now() AT TIME ZONE 'UTC')::date;
     v_day      date := (now() AT TIME ZONE 'UTC')::date;
     v_accounts text[];
     v_members  text[];
-    v_teams    text[];  -- payers of a member's hold in the batch
-    v_sets     text[];  -- the accounts resolved as a set
+    v_sets     text[];   -- the accounts resolved as a set
+    v_all      boolean;  -- every item's account is one of them
     v_ended    credits.batch_ended[];
-    v_balances jsonb;   -- {account: its balance after the batch}
-    v_grants   jsonb;   -- {account: the grant that paid all its charges}
-    v_tx       jsonb;   -- {hold: its ledger row}
+    v_balances jsonb;    -- {account: its balance after the batch}
+    v_grants   jsonb;    -- {account: the grant that paid all its charges}
+    v_unpaid   integer;  -- accounts with charges their first grant does not cover
+    v_tx       jsonb := '{}';  -- {"account hold": ledger row} for those
     v_id       bigint;
     r          record;
 BEGIN
-    -- the holds' rows first, in (subject, id) order, each found by its key; then the payers and
-    -- the members whose holds they are (see migration 0014)
-    SELECT array_agg(DISTINCT s.id),
-           coalesce(array_agg(DISTINCT l.member_id) FILTER (WHERE l.member_id IS NOT NULL), '{}'),
-           coalesce(array_agg(DISTINCT l.subject_id) FILTER (WHERE l.member_id IS NOT NULL), '{}')
-    INTO v_accounts, v_members, v_teams
-    FROM (SELECT h.subject_id, h.member_id
-          FROM (SELECT DISTINCT x->>'subject' AS subject, (x->>'hold')::uuid AS hold
-                FROM jsonb_array_elements(p_items) x) q
-          JOIN credits.holds h ON h.subject_id = q.subject AND h.id = q.hold
-          ORDER BY h.subject_id COLLATE "C", h.id
-          FOR NO KEY UPDATE OF h) l
-    CROSS JOIN LATERAL (VALUES (l.subject_id), (l.member_id)) AS s(id)
-    WHERE s.id IS NOT NULL;
+    -- The holds' rows first, in (subject, id) order, each found by its key; then the payers and
+    -- the members whose holds they are (see migration 0014). The accounts resolved as a set: none
+    -- of their holds in the batch a member's, none twice.
+    WITH locked AS (
+        SELECT h.subject_id, h.member_id
+        FROM (SELECT DISTINCT x->>'subject' AS subject, (x->>'hold')::uuid AS hold
+              FROM jsonb_array_elements(p_items) x) q
+        JOIN credits.holds h ON h.subject_id = q.subject AND h.id = q.hold
+        ORDER BY h.subject_id COLLATE "C", h.id
+        FOR NO KEY UPDATE OF h
+    ), account AS (
+        SELECT x->>'subject' AS subject, count(*) = count(DISTINCT x->>'hold') AS once
+        FROM jsonb_array_elements(p_items) x
+        GROUP BY 1
+    )
+    SELECT (SELECT array_agg(DISTINCT s.id) FROM locked l
+            CROSS JOIN LATERAL (VALUES (l.subject_id), (l.member_id)) AS s(id) WHERE s.id IS NOT NULL),
+           (SELECT coalesce(array_agg(DISTINCT l.member_id) FILTER (WHERE l.member_id IS NOT NULL), '{}')
+            FROM locked l),
+           array_agg(a.subject) FILTER (WHERE a.once AND NOT EXISTS (
+               SELECT 1 FROM locked l WHERE l.subject_id = a.subject AND l.member_id IS NOT NULL))
+    INTO v_accounts, v_members, v_sets
+    FROM account a;
     IF v_accounts IS NULL THEN
         RETURN;  -- no hold of the batch exists: nothing to resolve
     END IF;
@@ -173,15 +221,10 @@ BEGIN
     ORDER BY a.parent_id IS NULL AND NOT a.subject_id = ANY (v_members), a.subject_id COLLATE "C"
     FOR NO KEY UPDATE;
 
-    SELECT array_agg(s.subject) INTO v_sets
-    FROM (SELECT x.subject
-          FROM (SELECT x->>'subject' AS subject, x->>'hold' AS hold FROM jsonb_array_elements(p_items) x) x
-          WHERE NOT x.subject = ANY (v_teams)
-          GROUP BY x.subject
-          HAVING count(*) = count(DISTINCT x.hold)) s;
-
     IF v_sets IS NOT NULL THEN
-        -- their holds end: an open one, or an expired one settled late (see resolve_hold)
+        -- Their holds end (an open one, or an expired one settled late: see resolve_hold); each
+        -- account's balance and counters move once by the sum of its items; its first grant in
+        -- burn order pays all its charges when it covers them (see credits.burn_first_grant).
         WITH item AS (
             SELECT (e.o - 1)::integer AS i, q.*
             FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(item, o)
@@ -201,25 +244,19 @@ BEGIN
             FROM prior p
             WHERE x.subject_id = p.subject AND x.id = p.hold
             RETURNING p.*
-        )
-        SELECT array_agg(ROW(
-                   e.i, e.subject, e.hold, c.charge,
-                   CASE WHEN e.hold_debits THEN c.charge ELSE 0 END,
-                   CASE WHEN e.hold_debits AND e.was = 'open' THEN e.held_amount ELSE 0 END,
-                   e.hold_debits, e.hold_power, e.usage_status, e.service, e.model, e.provider,
-                   e.prompt, e.completion, e.cached, e.reasoning, e.cost, e.latency, e.metadata
-               )::credits.batch_ended ORDER BY e.i)
-        INTO v_ended
-        FROM ended e CROSS JOIN LATERAL (SELECT coalesce(e.charge, e.held_amount)) AS c(charge);
-    END IF;
-
-    IF v_ended IS NOT NULL THEN
-        -- each account once, with the sum of its items; its first grant in burn order pays
-        -- them all when it covers them all (see credits.burn_first_grant)
-        WITH account AS (
-            SELECT d.subject, sum(d.spent) AS spent, sum(d.release) AS release
-            FROM unnest(v_ended) d
-            GROUP BY d.subject
+        ), e AS (
+            SELECT ROW(
+                       n.i, n.subject, n.hold, c.charge,
+                       CASE WHEN n.hold_debits THEN c.charge ELSE 0 END,
+                       CASE WHEN n.hold_debits AND n.was = 'open' THEN n.held_amount ELSE 0 END,
+                       n.hold_debits, n.hold_power, n.usage_status, n.service, n.model, n.provider,
+                       n.prompt, n.completion, n.cached, n.reasoning, n.cost, n.latency, n.metadata
+                   )::credits.batch_ended AS d
+            FROM ended n CROSS JOIN LATERAL (SELECT coalesce(n.charge, n.held_amount)) AS c(charge)
+        ), account AS (
+            SELECT (e.d).subject, sum((e.d).spent) AS spent, sum((e.d).release) AS release
+            FROM e
+            GROUP BY 1
         ), moved AS (
             UPDATE credits.credit_accounts a SET
                 balance     = a.balance - s.spent,
@@ -244,76 +281,83 @@ BEGIN
             WHERE s.spent > 0 AND g.subject_id = s.subject AND g.id = first.id AND g.remaining >= s.spent
             RETURNING g.subject_id, g.id
         )
-        SELECT (SELECT jsonb_object_agg(moved.subject_id, moved.balance) FROM moved),
-               (SELECT coalesce(jsonb_object_agg(burnt.subject_id, burnt.id), '{}') FROM burnt)
-        INTO v_balances, v_grants;
+        SELECT (SELECT array_agg(e.d ORDER BY (e.d).idx) FROM e),
+               (SELECT jsonb_object_agg(moved.subject_id, moved.balance) FROM moved),
+               (SELECT coalesce(jsonb_object_agg(burnt.subject_id, burnt.id), '{}') FROM burnt),
+               (SELECT count(*) FROM account WHERE account.spent > 0) - (SELECT count(*) FROM burnt),
+               cardinality(v_sets) = (SELECT count(DISTINCT x->>'subject') FROM jsonb_array_elements(p_items) x)
+        INTO v_ended, v_balances, v_grants, v_unpaid, v_all;
+    END IF;
 
-        -- the ledger rows: balance_after is the account's balance after the batch plus what its
-        -- later items charged
-        WITH row_ AS (
-            SELECT d.*, (v_balances ->> d.subject)::bigint
-                        + coalesce(sum(d.spent) OVER (PARTITION BY d.subject ORDER BY d.idx
-                                                      ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING), 0)::bigint
-                        AS balance_after,
-                   (v_grants ->> d.subject)::bigint AS grant_id
-            FROM unnest(v_ended) d
-            WHERE d.spent > 0
+    IF v_ended IS NOT NULL THEN
+        -- An account whose first grant does not cover its charges: each ledger row on its own, in
+        -- order, through the grant triggers (they burn across grants, then the overrun).
+        IF v_unpaid > 0 THEN
+            FOR r IN
+                SELECT d.*, (v_balances ->> d.subject)::bigint
+                            + coalesce(sum(d.spent) OVER (PARTITION BY d.subject ORDER BY d.idx
+                                       ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING), 0)::bigint
+                            AS balance_after
+                FROM unnest(v_ended) d
+                WHERE d.spent > 0 AND NOT v_grants ? d.subject
+                ORDER BY d.idx
+            LOOP
+                INSERT INTO credits.credit_transactions
+                    (subject_id, amount, balance_after, type, idempotency_key, hold_id, model, provider,
+                     power_level, prompt_tokens, completion_tokens, metadata)
+                VALUES (r.subject, -r.spent, r.balance_after, 'usage', 'hold:' || r.hold::text, r.hold,
+                        r.model, r.provider, r.power_level, r.prompt, r.completion, r.metadata)
+                RETURNING id INTO v_id;
+                v_tx := v_tx || jsonb_build_object(r.subject || ' ' || r.hold::text, v_id);
+            END LOOP;
+        END IF;
+
+        -- The other ledger rows and every usage event, and the answers: an item's balance is its
+        -- account's after the batch plus what the account's later items charged (so is a ledger
+        -- row's balance_after).
+        RETURN QUERY
+        WITH d AS (
+            SELECT x.*, (v_balances ->> x.subject)::bigint
+                        + coalesce(sum(x.spent) OVER (PARTITION BY x.subject ORDER BY x.idx
+                                   ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING), 0)::bigint
+                        AS balance_after
+            FROM unnest(v_ended) x
         ), written AS (
             INSERT INTO credits.credit_transactions AS t
                 (subject_id, amount, balance_after, type, idempotency_key, hold_id, model, provider,
                  power_level, prompt_tokens, completion_tokens, metadata, grant_id)
-            SELECT w.subject, -w.spent, w.balance_after, 'usage', 'hold:' || w.hold::text, w.hold,
-                   w.model, w.provider, w.power_level, w.prompt, w.completion, w.metadata, w.grant_id
-            FROM row_ w
-            WHERE w.grant_id IS NOT NULL
-            ORDER BY w.idx
-            RETURNING t.hold_id, t.id
-        )
-        SELECT coalesce(jsonb_object_agg(written.hold_id, written.id), '{}') INTO v_tx FROM written;
-
-        -- an account whose first grant does not cover its items: each row on its own, in order,
-        -- through the grant triggers (they burn across grants, then the overrun)
-        FOR r IN
-            SELECT d.*, (v_balances ->> d.subject)::bigint
-                        + coalesce(sum(d.spent) OVER (PARTITION BY d.subject ORDER BY d.idx
-                                                      ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING), 0)::bigint
-                        AS balance_after
-            FROM unnest(v_ended) d
-            WHERE d.spent > 0 AND NOT v_grants ? d.subject
+            SELECT d.subject, -d.spent, d.balance_after, 'usage', 'hold:' || d.hold::text, d.hold,
+                   d.model, d.provider, d.power_level, d.prompt, d.completion, d.metadata,
+                   (v_grants ->> d.subject)::bigint
+            FROM d
+            WHERE d.spent > 0 AND v_grants ? d.subject
             ORDER BY d.idx
-        LOOP
-            INSERT INTO credits.credit_transactions
-                (subject_id, amount, balance_after, type, idempotency_key, hold_id, model, provider,
-                 power_level, prompt_tokens, completion_tokens, metadata)
-            VALUES (r.subject, -r.spent, r.balance_after, 'usage', 'hold:' || r.hold::text, r.hold,
-                    r.model, r.provider, r.power_level, r.prompt, r.completion, r.metadata)
-            RETURNING id INTO v_id;
-            v_tx := v_tx || jsonb_build_object(r.hold::text, v_id);
-        END LOOP;
-
-        INSERT INTO credits.usage_events AS e
-            (subject_id, request_id, service, model, provider, power_level, prompt_tokens,
-             completion_tokens, cached_tokens, reasoning_tokens, cost, charged, latency_ms, status,
-             transaction_id, metadata)
-        SELECT d.subject, d.hold::text, d.service, d.model, d.provider, d.power_level, d.prompt,
-               d.completion, d.cached, d.reasoning, coalesce(d.cost, d.charge), d.spent, d.latency,
-               d.usage_status, (v_tx ->> d.hold::text)::bigint, d.metadata
-        FROM unnest(v_ended) d
-        ORDER BY d.idx
-        ON CONFLICT (subject_id, request_id) DO UPDATE SET
-            status = EXCLUDED.status, model = EXCLUDED.model, provider = EXCLUDED.provider,
-            prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
-            cached_tokens = EXCLUDED.cached_tokens, reasoning_tokens = EXCLUDED.reasoning_tokens,
-            cost = EXCLUDED.cost, charged = EXCLUDED.charged, latency_ms = EXCLUDED.latency_ms,
-            transaction_id = EXCLUDED.transaction_id, metadata = e.metadata || EXCLUDED.metadata;
-
-        RETURN QUERY
-        SELECT d.idx,
-               (v_balances ->> d.subject)::bigint
-                   + coalesce(sum(d.spent) OVER (PARTITION BY d.subject ORDER BY d.idx
-                                                 ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING), 0)::bigint,
-               d.charge, d.debits, (v_tx ->> d.hold::text)::bigint, NULL::text
-        FROM unnest(v_ended) d;
+            RETURNING t.subject_id, t.hold_id, t.id
+        ), tx AS (
+            SELECT d.idx, coalesce(w.id, (v_tx ->> (d.subject || ' ' || d.hold::text))::bigint) AS id
+            FROM d LEFT JOIN written w ON w.subject_id = d.subject AND w.hold_id = d.hold
+        ), events AS (
+            INSERT INTO credits.usage_events AS e
+                (subject_id, request_id, service, model, provider, power_level, prompt_tokens,
+                 completion_tokens, cached_tokens, reasoning_tokens, cost, charged, latency_ms, status,
+                 transaction_id, metadata)
+            SELECT d.subject, d.hold::text, d.service, d.model, d.provider, d.power_level, d.prompt,
+                   d.completion, d.cached, d.reasoning, coalesce(d.cost, d.charge), d.spent, d.latency,
+                   d.usage_status, tx.id, d.metadata
+            FROM d JOIN tx ON tx.idx = d.idx
+            ORDER BY d.idx
+            ON CONFLICT (subject_id, request_id) DO UPDATE SET
+                status = EXCLUDED.status, model = EXCLUDED.model, provider = EXCLUDED.provider,
+                prompt_tokens = EXCLUDED.prompt_tokens, completion_tokens = EXCLUDED.completion_tokens,
+                cached_tokens = EXCLUDED.cached_tokens, reasoning_tokens = EXCLUDED.reasoning_tokens,
+                cost = EXCLUDED.cost, charged = EXCLUDED.charged, latency_ms = EXCLUDED.latency_ms,
+                transaction_id = EXCLUDED.transaction_id, metadata = e.metadata || EXCLUDED.metadata
+        )
+        SELECT d.idx, d.balance_after, d.charge, d.debits, tx.id, NULL::text
+        FROM d JOIN tx ON tx.idx = d.idx;
+    END IF;
+    IF v_all THEN
+        RETURN;
     END IF;
 
     -- the rest, one by one in arrival order
