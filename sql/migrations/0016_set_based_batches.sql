@@ -28,6 +28,18 @@
 -- The daily usage rollup becomes statement-level (transition tables): one upsert per account and
 -- day per statement, instead of a function call and an upsert per usage event.
 
+-- A batch's items as the client sends them (ledger_batch.HoldItem.json, ResolveItem.json): the
+-- parameters of take_hold and resolve_hold, by name.
+CREATE TYPE credits.hold_item AS (
+    subject text, hold uuid, tiers text[], amounts bigint[], minimums bigint[], debits boolean[],
+    default_tier text, ttl integer, model text, power_level text, request_hash bytea, fresh boolean
+);
+CREATE TYPE credits.resolve_item AS (
+    subject text, hold uuid, charge bigint, status text, usage_status text, service text, model text,
+    provider text, prompt bigint, completion bigint, cached bigint, reasoning bigint, cost bigint,
+    latency integer, metadata jsonb
+);
+
 -- A hold ended by a batch, with what it moves (spent: what the account pays; release: what it
 -- held that it gives back).
 CREATE TYPE credits.batch_ended AS (
@@ -92,10 +104,7 @@ BEGIN
         SELECT (e.o - 1)::integer AS i, q.subject, q.hold, q.ttl, q.model, q.power_level,
                q.request_hash, q.fresh, a.tier, q.amounts[t.n] AS amount, q.debits[t.n] AS debits
         FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(item, o)
-        CROSS JOIN LATERAL jsonb_to_record(e.item) AS q(
-            subject text, hold uuid, tiers text[], amounts bigint[], debits boolean[],
-            default_tier text, ttl integer, model text, power_level text, request_hash bytea,
-            fresh boolean)
+        CROSS JOIN LATERAL jsonb_populate_record(NULL::credits.hold_item, e.item) AS q
         CROSS JOIN LATERAL (SELECT a.tier FROM credits.credit_accounts a WHERE a.subject_id = q.subject) a
         CROSS JOIN LATERAL (
             SELECT array_position(q.tiers, CASE WHEN a.tier = ANY (q.tiers) THEN a.tier ELSE q.default_tier END)
@@ -147,17 +156,14 @@ BEGIN
     -- items were, or none; a fresh id has a hold now only if it was taken above).
     SELECT array_agg(s.subject) INTO v_rest
     FROM (SELECT q.subject
-          FROM jsonb_to_recordset(p_items) AS q(subject text, hold uuid, fresh boolean)
+          FROM jsonb_populate_recordset(NULL::credits.hold_item, p_items) AS q
           LEFT JOIN credits.holds h ON h.subject_id = q.subject AND h.id = q.hold
           GROUP BY q.subject
           HAVING NOT bool_and(q.fresh AND h.id IS NOT NULL)) s;
     FOR r IN
         SELECT (e.o - 1)::integer AS i, q.*
-        FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(item, o),
-             jsonb_to_record(e.item) AS q(
-                 subject text, hold uuid, tiers text[], amounts bigint[], minimums bigint[],
-                 debits boolean[], default_tier text, ttl integer, model text, power_level text,
-                 request_hash bytea, fresh boolean)
+        FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(item, o)
+        CROSS JOIN LATERAL jsonb_populate_record(NULL::credits.hold_item, e.item) AS q
         WHERE q.subject = ANY (v_rest)
         ORDER BY e.o
     LOOP
@@ -228,10 +234,7 @@ BEGIN
         WITH item AS (
             SELECT (e.o - 1)::integer AS i, q.*
             FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(item, o)
-            CROSS JOIN LATERAL jsonb_to_record(e.item) AS q(
-                subject text, hold uuid, charge bigint, status text, usage_status text,
-                service text, model text, provider text, prompt bigint, completion bigint,
-                cached bigint, reasoning bigint, cost bigint, latency integer, metadata jsonb)
+            CROSS JOIN LATERAL jsonb_populate_record(NULL::credits.resolve_item, e.item) AS q
             WHERE q.subject = ANY (v_sets)
         ), prior AS (
             SELECT item.*, y.status AS was, y.amount AS held_amount, y.debits AS hold_debits,
@@ -363,11 +366,8 @@ BEGIN
     -- the rest, one by one in arrival order
     FOR r IN
         SELECT (e.o - 1)::integer AS i, q.*
-        FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(item, o),
-             jsonb_to_record(e.item) AS q(
-                 subject text, hold uuid, charge bigint, status text, usage_status text,
-                 service text, model text, provider text, prompt bigint, completion bigint,
-                 cached bigint, reasoning bigint, cost bigint, latency integer, metadata jsonb)
+        FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(item, o)
+        CROSS JOIN LATERAL jsonb_populate_record(NULL::credits.resolve_item, e.item) AS q
         WHERE v_sets IS NULL OR NOT q.subject = ANY (v_sets)
         ORDER BY e.o
     LOOP
