@@ -239,7 +239,10 @@ class Runtime:
         if state is None or (state.ready.done() and state.ready.exception() is not None):
             state = _LoopState(ready=loop.create_task(self._start()))
             self._loops[loop] = state
-        ledger = await asyncio.shield(state.ready)
+        if state.ready.done():  # the common case: no shield (a future and callbacks per call)
+            ledger = state.ready.result()
+        else:
+            ledger = await asyncio.shield(state.ready)
         interval = self.settings.credits.metrics.sample_seconds
         if interval > 0 and state.sampler is None:  # (whether or not this process sweeps)
             state.sampler = loop.create_task(sample_forever(ledger.pool, interval))
