@@ -42,6 +42,8 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
+from redis.exceptions import NoScriptError
+
 from .metrics import (
     CACHE_BYPASS,
     CACHE_HIT_LOCAL,
@@ -347,11 +349,22 @@ class Cache:
         version_ttl, version = self._version_ttl_ms, _new_version()
 
         async def run(client: Any) -> None:
-            script = self._registered(LUA_INVALIDATE, client)
-            async with client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    await script(keys=[key, self.keys.version(key)], args=[version_ttl, version], client=pipe)
-                await pipe.execute()
+            # EVALSHA by hand: a pipeline given the script object asks Redis whether it has the
+            # script (SCRIPT EXISTS, a round trip) before every batch; here only a Redis that
+            # lost it (restarted, flushed) answers NOSCRIPT, and the batch is sent again after
+            # loading it (each invalidation may run twice: it only deletes and sets)
+            sha = self._registered(LUA_INVALIDATE, client).sha
+            for attempt in range(2):
+                async with client.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.evalsha(sha, 2, key, self.keys.version(key), version_ttl, version)
+                    try:
+                        await pipe.execute()
+                        return
+                    except NoScriptError:
+                        if attempt:
+                            raise
+                await client.script_load(LUA_INVALIDATE)
 
         await self.link.call(run)
 

@@ -11,9 +11,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+import redis.asyncio
 from pydantic import ValidationError
 
-from litellm_credits.cache import JSON_CODEC, Cache
+from litellm_credits.cache import JSON_CODEC, LUA_INVALIDATE, Cache
 from litellm_credits.metrics import metrics
 from litellm_credits.money import parse_credits as c
 from litellm_credits.records import UsageRecord
@@ -90,6 +91,32 @@ async def test_hits_come_from_memory_then_redis_and_invalidation_reaches_every_i
     # no message to wait for: b's memory entry is refused at b's next read (its version is stale)
     assert key in b._memory
     assert await b.get(key, source.load, JSON_CODEC) == {"balance": 2}
+
+
+async def test_invalidation_reaches_a_redis_that_lost_its_scripts(
+    instances: Callable[[], Cache], redis_url: str
+) -> None:
+    """Invalidations go as EVALSHA in a pipeline, without asking first whether Redis has the
+    script: a Redis whose scripts were flushed (or that restarted) answers NOSCRIPT, and the batch
+    is sent again with the script loaded."""
+    a, b = instances(), instances()
+    source = Source({"balance": 1})
+    key = a.keys.account("acct-flushed")
+    assert await b.get(key, source.load, JSON_CODEC) == {"balance": 1}
+    await b.drain()
+    await a.invalidate([key])  # the script is loaded now
+    await b.get(key, source.load, JSON_CODEC)
+    await b.drain()
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await raw.script_flush()
+        source.value = {"balance": 2}
+        await a.invalidate([key])  # NOSCRIPT, loaded, sent again
+        assert await raw.script_exists(a._scripts[LUA_INVALIDATE].sha) == [True]
+    finally:
+        await raw.aclose()
+    assert a.status()["invalidations_pending"] == 0  # not deferred: it reached Redis
+    assert await b.get(key, source.load, JSON_CODEC) == {"balance": 2}  # b's entry refused
 
 
 async def test_read_your_writes_across_instances_every_time(instances: Callable[[], Cache]) -> None:
