@@ -263,7 +263,7 @@ TAKES_4 = [Take("0.8"), Take("0.8"), Take("0.8"), Take("0.8")]
             Setup(grants=(("1", GrantTerms()),)),
             [Take("0.5"), Take("0.4")],
             [End(0, "0.9"), End(1, "0.8")],
-            (0, 0),
+            (0, 2),  # (settlements that could take the balance to zero go one by one)
             id="overrun",
         ),
         pytest.param(  # the sum does not fit: in order, held, held, clamped, refused
@@ -277,7 +277,7 @@ TAKES_4 = [Take("0.8"), Take("0.8"), Take("0.8"), Take("0.8")]
             Setup(monthly_cap="2", request_cap="0.9"),
             [Take("0.8"), Take("1"), Take("0.8"), Take("0.8")],
             [End(0, "0.8"), End(2, "0.8")],
-            (4, 0),
+            (4, 2),  # (an account with a monthly cap is settled one by one: its alerts)
             id="caps",
         ),
         pytest.param(  # a per-request cap alone: the sum fits, one item does not

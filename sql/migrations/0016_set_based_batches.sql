@@ -22,8 +22,9 @@
 -- The results are the single-item functions' results, row for row.
 --
 -- Every row a batch touches is found by its key: the functions run with sequential scans, hash
--- and merge joins off, so the plans stay probes by key whatever the tables' size when planned,
--- and with generic plans (planned once per session, not per call: the plan is the same anyway).
+-- and merge joins off, so the plans stay probes by key whatever the tables' size when planned
+-- (the setting reaches the functions and triggers they call too, whose statements all look rows
+-- up by account).
 --
 -- The daily usage rollup becomes statement-level (transition tables): one upsert per account and
 -- day per statement, instead of a function call and an upsert per usage event.
@@ -86,7 +87,6 @@ CREATE OR REPLACE FUNCTION credits.take_holds(p_items jsonb) RETURNS TABLE (
 )
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_month date := date_trunc('month', now() AT TIME ZONE 'UTC')::date;
@@ -102,17 +102,23 @@ BEGIN
         -- each item with its account's quote (take_hold's choice: the account's tier, if quoted,
         -- else the default tier)
         SELECT (e.o - 1)::integer AS i, q.subject, q.hold, q.ttl, q.model, q.power_level,
-               q.request_hash, q.fresh, a.tier, q.amounts[t.n] AS amount, q.debits[t.n] AS debits
+               q.request_hash, q.fresh, a.tier, a.parent_id, q.amounts[t.n] AS amount,
+               q.debits[t.n] AS debits
         FROM jsonb_array_elements(p_items) WITH ORDINALITY AS e(item, o)
         CROSS JOIN LATERAL jsonb_populate_record(NULL::credits.hold_item, e.item) AS q
-        CROSS JOIN LATERAL (SELECT a.tier FROM credits.credit_accounts a WHERE a.subject_id = q.subject) a
+        CROSS JOIN LATERAL (
+            SELECT a.tier, a.parent_id FROM credits.credit_accounts a WHERE a.subject_id = q.subject
+        ) a
         CROSS JOIN LATERAL (
             SELECT array_position(q.tiers, CASE WHEN a.tier = ANY (q.tiers) THEN a.tier ELSE q.default_tier END)
         ) AS t(n)
     ), account AS (
+        -- (not a team whose member has an item in the batch too: a member's hold takes the
+        -- team's credit, so their items are decided together, one by one in arrival order)
         SELECT item.subject, coalesce(sum(item.amount) FILTER (WHERE item.debits), 0) AS total,
                max(item.amount) FILTER (WHERE item.debits) AS biggest
         FROM item
+        WHERE NOT EXISTS (SELECT 1 FROM item m WHERE m.parent_id = item.subject)
         GROUP BY item.subject
         HAVING bool_and(item.fresh AND item.amount IS NOT NULL)
     ), taken AS (
@@ -179,7 +185,6 @@ CREATE OR REPLACE FUNCTION credits.resolve_holds(p_items jsonb) RETURNS TABLE (
 )
 LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_month    date := date_trunc('month', now() AT TIME ZONE 'UTC')::date;
@@ -197,9 +202,12 @@ DECLARE
     r          record;
 BEGIN
     -- The holds' rows first, in (subject, id) order, each found by its key; then the payers and
-    -- the members whose holds they are (see migration 0014). The accounts resolved as a set: none
-    -- of their holds in the batch a member's, none twice.
-    WITH locked AS (
+    -- the members whose holds they are (see migration 0014). The accounts that may be resolved as
+    -- a set: none of their holds in the batch a member's, none twice, and not themselves the
+    -- member of a hold in the batch (a hold it made in a team, or that its member made, changes
+    -- its row on the one-by-one path: arrival order would be lost). (MATERIALIZED: the lock is
+    -- taken on every hold whatever the statement reads of it.)
+    WITH locked AS MATERIALIZED (
         SELECT h.subject_id, h.member_id
         FROM (SELECT DISTINCT x->>'subject' AS subject, (x->>'hold')::uuid AS hold
               FROM jsonb_array_elements(p_items) x) q
@@ -207,7 +215,7 @@ BEGIN
         ORDER BY h.subject_id COLLATE "C", h.id
         FOR NO KEY UPDATE OF h
     ), account AS (
-        SELECT x->>'subject' AS subject, count(*) = count(DISTINCT x->>'hold') AS once
+        SELECT x->>'subject' AS subject, count(*) = count(DISTINCT (x->>'hold')::uuid) AS once
         FROM jsonb_array_elements(p_items) x
         GROUP BY 1
     )
@@ -216,7 +224,8 @@ BEGIN
            (SELECT coalesce(array_agg(DISTINCT l.member_id) FILTER (WHERE l.member_id IS NOT NULL), '{}')
             FROM locked l),
            array_agg(a.subject) FILTER (WHERE a.once AND NOT EXISTS (
-               SELECT 1 FROM locked l WHERE l.subject_id = a.subject AND l.member_id IS NOT NULL))
+               SELECT 1 FROM locked l
+               WHERE l.member_id IS NOT NULL AND a.subject IN (l.subject_id, l.member_id)))
     INTO v_accounts, v_members, v_sets
     FROM account a;
     IF v_accounts IS NULL THEN
@@ -226,6 +235,22 @@ BEGIN
     WHERE a.subject_id = ANY (v_accounts)
     ORDER BY a.parent_id IS NULL AND NOT a.subject_id = ANY (v_members), a.subject_id COLLATE "C"
     FOR NO KEY UPDATE;
+
+    -- Nor an account this batch could take across an alert threshold: an alert reports the
+    -- balance or the month's spend at its crossing, which one by one is each item's. So the set
+    -- path is for an account without a monthly cap whose balance, less the most its items can
+    -- charge, stays above zero and at or above its highest balance.low threshold (the alert
+    -- trigger then does not even run).
+    IF v_sets IS NOT NULL THEN
+        SELECT array_agg(a.subject_id) INTO v_sets
+        FROM credits.credit_accounts a
+        JOIN (SELECT q.subject, sum(coalesce(q.charge, h.amount)) AS most
+              FROM jsonb_populate_recordset(NULL::credits.resolve_item, p_items) q
+              JOIN credits.holds h ON h.subject_id = q.subject AND h.id = q.hold
+              WHERE q.subject = ANY (v_sets)
+              GROUP BY q.subject) c ON c.subject = a.subject_id
+        WHERE a.monthly_cap IS NULL AND a.balance - c.most >= greatest(a.alert_ceiling, 1);
+    END IF;
 
     IF v_sets IS NOT NULL THEN
         -- Their holds end (an open one, or an expired one settled late: see resolve_hold); each
