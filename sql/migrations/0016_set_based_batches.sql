@@ -112,13 +112,15 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT array_position(q.tiers, CASE WHEN a.tier = ANY (q.tiers) THEN a.tier ELSE q.default_tier END)
         ) AS t(n)
+    ), team AS (
+        SELECT DISTINCT item.parent_id AS subject FROM item WHERE item.parent_id IS NOT NULL
     ), account AS (
         -- (not a team whose member has an item in the batch too: a member's hold takes the
         -- team's credit, so their items are decided together, one by one in arrival order)
         SELECT item.subject, coalesce(sum(item.amount) FILTER (WHERE item.debits), 0) AS total,
                max(item.amount) FILTER (WHERE item.debits) AS biggest
         FROM item
-        WHERE NOT EXISTS (SELECT 1 FROM item m WHERE m.parent_id = item.subject)
+        WHERE NOT EXISTS (SELECT 1 FROM team WHERE team.subject = item.subject)
         GROUP BY item.subject
         HAVING bool_and(item.fresh AND item.amount IS NOT NULL)
     ), taken AS (
