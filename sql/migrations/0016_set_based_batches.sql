@@ -10,16 +10,21 @@
 -- Now each batch function takes the common case of a whole account in one step for every such
 -- account at once, and leaves the rest to the single-item functions (credits.take_hold,
 -- credits.resolve_hold), one item after another in arrival order, exactly as before:
--- - holds: an account paying for itself (not a team member), active, no credit due to expire,
---   every item a freshly minted id, and the sum of its items fitting every limit of the account
---   (then each item, taken in order, fits too: the amounts are never negative). One update of
---   its row with that sum, one insert of its holds.
--- - resolutions: an account none of whose holds in the batch a team member made, and no hold twice
---   in the batch. One update of its holds, one of its row with what they charge and release, one
---   burn of its first grant in burn order when that grant covers them all (else each ledger row
---   goes through the grant triggers on its own, in order, as before); its ledger rows and usage
---   events in one insert each. The ledger rows' balance_after follow the items' order.
--- The results are the single-item functions' results, row for row.
+-- - holds: an account paying for itself (not a team member, nor a team with a member's item in
+--   the batch), active, no credit due to expire, every item a freshly minted id, and the sum of
+--   its items fitting every limit of the account (then each item, taken in order, fits too: the
+--   amounts are never negative). One update of its row with that sum, one insert of its holds.
+-- - resolutions: an account none of whose holds in the batch a team member made, that is not the
+--   member of such a hold, with no hold twice in the batch, and that the batch cannot take across
+--   an alert threshold (no monthly cap; its balance less the most its items can charge stays at
+--   or above its highest balance.low threshold and above zero: an alert reports the figures at
+--   its own crossing). One update of its holds, one of its row with what they charge and
+--   release, one burn of its first grant in burn order when that grant covers them all (else
+--   each ledger row goes through the grant triggers on its own, in order, as before); its ledger
+--   rows and usage events in one insert each. The ledger rows' balance_after follow the items'
+--   order.
+-- The results are the single-item functions' results, row for row (tests/test_batch_sets.py and
+-- tests/test_batch_differential.py compare them, the latter against migration 0014's functions).
 --
 -- Every row a batch touches is found by its key: the functions run with sequential scans, hash
 -- and merge joins off, so the plans stay probes by key whatever the tables' size when planned
