@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from litellm_credits import migrations
 from litellm_credits.ledger import Ledger
 from litellm_credits.ledger_batch import HoldItem, ResolveItem
 from litellm_credits.ledger_sql import SQL_HOLD, SQL_RESOLVE, SQL_RESOLVE_BATCH, SQL_TAKE_BATCH
@@ -382,3 +384,38 @@ async def test_a_batch_locks_every_account_it_touches_and_their_teams(ledger: Le
                         " FOR NO KEY UPDATE NOWAIT",
                         subject,
                     )
+
+
+async def test_migration_0016_applies_on_0015_with_usage_recorded(fresh_database: Callable[[], str]) -> None:
+    """A database with holds settled before 0016 keeps an exact rollup after it (the rollup's
+    trigger is replaced), and the batch functions work on what was there."""
+    conn = await asyncpg.connect(fresh_database())
+    try:
+        every = migrations.load_migrations()
+        await migrations.migrate(conn, [m for m in every if m.version <= 15])
+        await conn.execute(
+            "INSERT INTO credits.credit_accounts (subject_id) VALUES ('old');"
+            "UPDATE credits.credit_accounts SET balance = 10000000 WHERE subject_id = 'old';"
+            "INSERT INTO credits.credit_transactions"
+            " (subject_id, amount, balance_after, type, idempotency_key)"
+            " VALUES ('old', 10000000, 10000000, 'allocation', 'init')"
+        )
+        before = [hold_item("old", Take("1"), uuid.uuid4()) for _ in range(2)]
+        await conn.fetch(SQL_TAKE_BATCH, json.dumps([h.json(True) for h in before]))
+        ends = [resolve_item("old", End(0, "0.5"), h.hold_id, n) for n, h in enumerate(before)]
+        await conn.fetch(SQL_RESOLVE_BATCH, json.dumps([e.json() for e in ends]))
+        applied = [m.version for m in await migrations.migrate(conn)]
+        assert applied[:1] == [16]
+        after = [hold_item("old", Take("1"), uuid.uuid4()) for _ in range(3)]
+        await conn.fetch(SQL_TAKE_BATCH, json.dumps([h.json(True) for h in after]))
+        ends = [resolve_item("old", End(0, "0.25"), h.hold_id, n) for n, h in enumerate(after)]
+        rows = await conn.fetch(SQL_RESOLVE_BATCH, json.dumps([e.json() for e in ends]))
+        assert sorted(r["balance"] for r in rows) == [c("8.25"), c("8.5"), c("8.75")]
+        daily = await conn.fetchrow(
+            "SELECT sum(requests) AS requests, sum(charged) AS charged FROM credits.usage_daily"
+            " WHERE subject_id = 'old'"
+        )
+        assert (daily["requests"], daily["charged"]) == (5, c("1.75"))
+        assert await conn.fetch("SELECT * FROM credits.v_ledger_discrepancies") == []
+    finally:
+        await conn.close()
