@@ -419,3 +419,27 @@ async def test_migration_0016_applies_on_0015_with_usage_recorded(fresh_database
         assert await conn.fetch("SELECT * FROM credits.v_ledger_discrepancies") == []
     finally:
         await conn.close()
+
+
+async def test_the_rollup_follows_events_updated_and_deleted(ledger: Ledger) -> None:
+    """Inserts reach usage_daily per statement, updates and deletes per row (usage_daily_apply):
+    both through one upsert, the rollup equal to the events after each."""
+    subject = await open_account(ledger, Setup())
+    taken = [hold_item(subject, Take("1"), uuid.uuid4()) for _ in range(2)]
+    await ledger.pool.fetch(SQL_TAKE_BATCH, [h.json(True) for h in taken])
+    ends = [resolve_item(subject, End(0, "0.5"), h.hold_id, n) for n, h in enumerate(taken)]
+    await ledger.pool.fetch(SQL_RESOLVE_BATCH, [e.json() for e in ends])
+    await state(ledger.pool, subject)  # (asserts the rollup equals the events)
+    await ledger.pool.execute(
+        "UPDATE credits.usage_events SET cost = cost + 7, prompt_tokens = prompt_tokens + 3,"
+        " status = 'failed' WHERE subject_id = $1 AND request_id = $2",
+        subject,
+        str(taken[0].hold_id),
+    )
+    await state(ledger.pool, subject)
+    await ledger.pool.execute(
+        "DELETE FROM credits.usage_events WHERE subject_id = $1 AND request_id = $2",
+        subject,
+        str(taken[1].hold_id),
+    )
+    await state(ledger.pool, subject)

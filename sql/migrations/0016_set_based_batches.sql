@@ -410,20 +410,15 @@ BEGIN
 END
 $$;
 
--- The daily rollup of inserted events, per statement: the rows a statement inserted, summed per
--- account and day, in one upsert (in key order: concurrent statements lock the rollup's rows in one
--- order). Updates and deletes (a late settlement's upsert of its event) keep the row trigger.
-CREATE FUNCTION credits.usage_daily_add() RETURNS trigger
+-- The rollup's upsert, in one place: rows of amounts to add (one per account and day), in key
+-- order (concurrent statements lock the rollup's rows in one order).
+CREATE FUNCTION credits.usage_daily_add_rows(p_rows credits.usage_daily[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO credits.usage_daily AS d
         (subject_id, day, requests, succeeded, failed, prompt_tokens, completion_tokens, cost, charged)
-    SELECT e.subject_id, (e.created_at AT TIME ZONE 'UTC')::date, count(*),
-           count(*) FILTER (WHERE e.status = 'success'), count(*) FILTER (WHERE e.status <> 'success'),
-           sum(e.prompt_tokens), sum(e.completion_tokens), sum(e.cost), sum(e.charged)
-    FROM inserted e
-    GROUP BY e.subject_id, 2
-    ORDER BY e.subject_id COLLATE "C", 2
+    SELECT r.* FROM unnest(p_rows) r
+    ORDER BY r.subject_id COLLATE "C", r.day
     ON CONFLICT (subject_id, day) DO UPDATE SET
         requests          = d.requests + EXCLUDED.requests,
         succeeded         = d.succeeded + EXCLUDED.succeeded,
@@ -432,6 +427,36 @@ BEGIN
         completion_tokens = d.completion_tokens + EXCLUDED.completion_tokens,
         cost              = d.cost + EXCLUDED.cost,
         charged           = d.charged + EXCLUDED.charged;
+END
+$$;
+
+-- One event in (sign 1) or out (-1) of the rollup: the row trigger's, for updates and deletes.
+CREATE OR REPLACE FUNCTION credits.usage_daily_apply(e credits.usage_events, sign integer) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM credits.usage_daily_add_rows(ARRAY[ROW(
+        e.subject_id, (e.created_at AT TIME ZONE 'UTC')::date, sign,
+        CASE WHEN e.status = 'success' THEN sign ELSE 0 END,
+        CASE WHEN e.status = 'success' THEN 0 ELSE sign END,
+        sign * e.prompt_tokens, sign * e.completion_tokens, sign * e.cost, sign * e.charged
+    )::credits.usage_daily]);
+END
+$$;
+
+-- The daily rollup of inserted events, per statement: the rows a statement inserted, summed per
+-- account and day, in one upsert. Updates and deletes (a late settlement's upsert of its event)
+-- keep the row trigger.
+CREATE FUNCTION credits.usage_daily_add() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM credits.usage_daily_add_rows(ARRAY(
+        SELECT ROW(e.subject_id, (e.created_at AT TIME ZONE 'UTC')::date, count(*),
+                   count(*) FILTER (WHERE e.status = 'success'),
+                   count(*) FILTER (WHERE e.status <> 'success'),
+                   sum(e.prompt_tokens), sum(e.completion_tokens), sum(e.cost), sum(e.charged)
+               )::credits.usage_daily
+        FROM inserted e
+        GROUP BY e.subject_id, (e.created_at AT TIME ZONE 'UTC')::date));
     RETURN NULL;
 END
 $$;
