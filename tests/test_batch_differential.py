@@ -23,6 +23,8 @@ import asyncpg
 import pytest
 
 from litellm_credits import migrations
+from litellm_credits.ledger_batch import HoldItem, ResolveItem
+from litellm_credits.records import UsageRecord
 
 SEEDS = 24
 STEPS = 10
@@ -93,21 +95,18 @@ async def conn(fresh_database: Callable[[], str]) -> AsyncIterator[asyncpg.Conne
 
 
 def hold_item(subject: str, amount: int, minimum: int | None, debits: bool) -> dict[str, Any]:
-    return {
-        "subject": subject, "hold": str(uuid.uuid4()), "tiers": ["free", "unlimited"],
-        "amounts": [amount, amount], "minimums": [minimum, minimum], "debits": [debits, False],
-        "default_tier": "free", "ttl": 600, "model": "m", "power_level": "balanced",
-        "request_hash": None, "fresh": True,
-    }  # fmt: skip
+    """A hold as the ledger sends it in a batch (the second tier is unlimited)."""
+    return HoldItem(
+        subject, uuid.uuid4(), ["free", "unlimited"], [amount, amount], [minimum, minimum],
+        [debits, False], "free", 600, "m", "balanced", None, fresh=True,
+    ).json(True)  # fmt: skip
 
 
 def resolve_item(subject: str, hold: uuid.UUID, charge: int | None, status: str) -> dict[str, Any]:
-    return {
-        "subject": subject, "hold": str(hold), "charge": charge, "status": status,
-        "usage_status": {"settled": "success", "captured": "success", "voided": "failed"}.get(status, status),
-        "service": "chat", "model": "m", "provider": "p", "prompt": 1, "completion": 2, "cached": 0,
-        "reasoning": 0, "cost": None, "latency": 1, "metadata": {},
-    }  # fmt: skip
+    """A resolution as the ledger sends it in a batch."""
+    usage_status = {"settled": "success", "captured": "success", "voided": "failed"}.get(status, status)
+    usage = UsageRecord(model="m", provider="p", prompt_tokens=1, completion_tokens=2, latency_ms=1)
+    return ResolveItem(subject, hold, charge, status, usage_status, usage).json()
 
 
 async def both_ways(
