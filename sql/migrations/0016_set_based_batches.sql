@@ -199,7 +199,7 @@ DECLARE
     v_accounts text[];
     v_members  text[];
     v_sets     text[];   -- the accounts resolved as a set
-    v_all      boolean;  -- every item's account is one of them
+    v_subjects integer;  -- the batch's accounts
     v_ended    credits.batch_ended[];
     v_balances jsonb;    -- {account: its balance after the batch}
     v_grants   jsonb;    -- {account: the grant that paid all its charges}
@@ -232,8 +232,9 @@ BEGIN
             FROM locked l),
            array_agg(a.subject) FILTER (WHERE a.once AND NOT EXISTS (
                SELECT 1 FROM locked l
-               WHERE l.member_id IS NOT NULL AND a.subject IN (l.subject_id, l.member_id)))
-    INTO v_accounts, v_members, v_sets
+               WHERE l.member_id IS NOT NULL AND a.subject IN (l.subject_id, l.member_id))),
+           count(*)
+    INTO v_accounts, v_members, v_sets, v_subjects
     FROM account a;
     IF v_accounts IS NULL THEN
         RETURN;  -- no hold of the batch exists: nothing to resolve
@@ -319,9 +320,8 @@ BEGIN
         SELECT (SELECT array_agg(e.d ORDER BY (e.d).idx) FROM e),
                (SELECT jsonb_object_agg(moved.subject_id, moved.balance) FROM moved),
                (SELECT coalesce(jsonb_object_agg(burnt.subject_id, burnt.id), '{}') FROM burnt),
-               (SELECT count(*) FROM account WHERE account.spent > 0) - (SELECT count(*) FROM burnt),
-               cardinality(v_sets) = (SELECT count(DISTINCT x->>'subject') FROM jsonb_array_elements(p_items) x)
-        INTO v_ended, v_balances, v_grants, v_unpaid, v_all;
+               (SELECT count(*) FROM account WHERE account.spent > 0) - (SELECT count(*) FROM burnt)
+        INTO v_ended, v_balances, v_grants, v_unpaid;
     END IF;
 
     IF v_ended IS NOT NULL THEN
@@ -391,8 +391,8 @@ BEGIN
         SELECT d.idx, d.balance_after, d.charge, d.debits, tx.id, NULL::text
         FROM d JOIN tx ON tx.idx = d.idx;
     END IF;
-    IF v_all THEN
-        RETURN;
+    IF cardinality(v_sets) = v_subjects THEN
+        RETURN;  -- every item's account was resolved as a set
     END IF;
 
     -- the rest, one by one in arrival order
