@@ -72,10 +72,13 @@ def _encode(value: Any) -> Any:
 class HoldSigner:
     """Signs hold claims so that only this process's pre-call hook can mint them."""
 
-    def __init__(self, key: bytes | None = None, *, remember: int = 512) -> None:
+    def __init__(self, key: bytes | None = None, *, remember: int = 4096) -> None:
         self._key = key or secrets.token_bytes(32)
-        # a request's claim is read by several hooks (the stream guard, success, failure): the
-        # claims verified last are kept by their token, so each is checked and parsed once
+        # a request's claim is read by several hooks (the headers, the stream guard, success,
+        # failure): the claims this process signed or verified last are kept by their token, so
+        # a claim is checked and parsed at most once, and not at all while its request is among
+        # the last ``remember`` this process held for (a token found here is one this signer
+        # made or checked: a forged one never is)
         self._verified: OrderedDict[str, HoldClaim] = OrderedDict()
         self._remember = remember
 
@@ -83,19 +86,24 @@ class HoldSigner:
         # field by field, not astuple (which deep-copies every value: a third of this call's time)
         body = json.dumps([_encode(getattr(claim, name)) for name in _FIELDS], separators=(",", ":")).encode()
         mac = hmac.new(self._key, body, hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(body).decode() + "." + base64.urlsafe_b64encode(mac).decode()
+        token = base64.urlsafe_b64encode(body).decode() + "." + base64.urlsafe_b64encode(mac).decode()
+        self._keep(token, claim)
+        return token
 
     def verify(self, token: Any) -> HoldClaim | None:
         if not isinstance(token, str) or "." not in token:
             return None
-        claim = self._verified.get(token)  # only a token that was verified is found here
+        claim = self._verified.get(token)  # only a token signed or verified here is found
         if claim is None:
             claim = self._check(token)
             if claim is not None:
-                self._verified[token] = claim
-                if len(self._verified) > self._remember:
-                    self._verified.popitem(last=False)
+                self._keep(token, claim)
         return claim
+
+    def _keep(self, token: str, claim: HoldClaim) -> None:
+        self._verified[token] = claim
+        if len(self._verified) > self._remember:
+            self._verified.popitem(last=False)
 
     def _check(self, token: str) -> HoldClaim | None:
         try:

@@ -432,11 +432,17 @@ async def test_a_bad_output_limit_on_a_free_model_leaves_no_hold(settings: Setti
         await rt.close()
 
 
-def test_a_verified_claim_is_remembered_and_a_forged_one_never_is() -> None:
+def test_a_verified_claim_is_remembered_and_a_forged_one_never_is(monkeypatch: pytest.MonkeyPatch) -> None:
     signer = HoldSigner(remember=2)
     claims = [HoldClaim(uuid.uuid4(), f"acct-{i}", Decimal(1), "balanced", "chat") for i in range(3)]
     tokens = [signer.sign(c) for c in claims]
-    assert signer.verify(tokens[0]) == claims[0]
+    checked: list[str] = []
+    check = signer._check
+    monkeypatch.setattr(signer, "_check", lambda token: checked.append(token) or check(token))
+    # the claims signed last are known by their token: no HMAC or parsing on the request's hooks
+    assert signer.verify(tokens[2]) is claims[2] and checked == []
+    assert signer.verify(tokens[0]) == claims[0]  # signed before the last two: checked again
+    assert checked == [tokens[0]]
     assert signer.verify(tokens[0]) is signer.verify(tokens[0])  # parsed once
     body, mac = tokens[0].split(".")
     assert signer.verify(body[:-2] + "AA." + mac) is None  # a changed body
