@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -26,6 +27,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .metrics import REDIS_BUSY, REDIS_ERRORS
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as deadline
+else:  # (redis-py installs it on these)
+    from async_timeout import timeout as deadline
 
 log = logging.getLogger("litellm_credits.redis")
 
@@ -123,7 +129,9 @@ class RedisLink:
         if time.monotonic() < self._open_until:
             raise RedisDown("Redis is unavailable (retrying shortly)")
         try:
-            result = await asyncio.wait_for(op(self.client()), self.timeout * 2)
+            # a deadline on this task, not wait_for's task per call (a fifth of a call's CPU)
+            async with deadline(self.timeout * 2):
+                result = await op(self.client())
         except RedisConnectionError as exc:
             if str(exc) == "No connection available.":  # our pool is busy, Redis is not down
                 REDIS_BUSY.inc()
