@@ -347,7 +347,7 @@ class CreditsHandler(CustomLogger):
         if models is self._provider_models:
             return  # already loaded
         self._provider_models = models
-        self.runtime.pricing.provider_prices.update(
+        self.runtime.pricing.set_provider_prices(
             {
                 f"openrouter/{m.id}": ModelPrice(
                     input_cost_per_token=m.prompt,

@@ -92,6 +92,11 @@ class ModelPrice:
     # by their standard key (``input_cost_per_token``, ``input_cost_per_token_above_272k_tokens``)
     service_tiers: tuple[tuple[str, tuple[tuple[str, Decimal], ...]], ...] = ()
     off_peak: OffPeak | None = None
+    # what ``at`` answered, by (service tier suffix, inside an off-peak window): the price is
+    # frozen, so its flat rates are worked out once, not on every request
+    _flat: dict[tuple[str, bool], ModelPrice] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str) -> ModelPrice | None:
@@ -126,8 +131,16 @@ class ModelPrice:
         that started at ``moment`` (None: peak rates), as ``litellm.cost_per_token`` resolves
         them: the tier's rate for each key it prices (else the standard one), long-prompt rates
         likewise, then the off-peak rates, which replace whatever they name for the whole call."""
+        suffix = tier_suffix(service_tier) or ""
+        night = self.off_peak is not None and moment is not None and self.off_peak.covers(moment)
+        flat = self._flat.get((suffix, night))
+        if flat is None:
+            flat = self._flat[(suffix, night)] = self._at(suffix, night)
+        return flat
+
+    def _at(self, suffix: str, off_peak: bool) -> ModelPrice:
         price = self
-        rates = dict(self.service_tiers).get(tier_suffix(service_tier) or "")
+        rates = dict(self.service_tiers).get(suffix)
         if rates:
             changes: dict[str, Any] = {k: v for k, v in rates if k in _TOKEN_RATE_KEYS}
             if "output_cost_per_reasoning_token" in dict(rates):
@@ -142,7 +155,7 @@ class ModelPrice:
                     tiered.setdefault(threshold, {})[m.group(1)] = rate
             changes["above"] = tuple((t, tuple(sorted(r.items()))) for t, r in sorted(tiered.items()))
             price = replace(price, **changes)
-        if self.off_peak is not None and moment is not None and self.off_peak.covers(moment):
+        if self.off_peak is not None and off_peak:
             night: dict[str, Any] = dict(self.off_peak.rates)
             above = tuple(
                 (t, tuple((k, r) for k, r in rates_ if k not in night)) for t, rates_ in price.above
@@ -364,6 +377,25 @@ def _service_tier_rates(data: Mapping[str, Any]) -> tuple[tuple[str, tuple[tuple
     return tuple((t, tuple(sorted(r.items()))) for t, r in sorted(found.items()))
 
 
+# prices remembered by ``Pricing.price`` (model groups x deployments x price overrides sent with
+# requests): forgotten all at once past this
+MAX_REMEMBERED_PRICES = 4096
+
+
+def _price_keys(params: Mapping[str, Any] | None) -> str:
+    """What of a deployment's parameters can change its price: every key that names a cost (the
+    rates, long-prompt, service-tier and off-peak ones), its output cap and off-peak windows."""
+    if not params:
+        return ""
+    return repr(
+        [
+            (k, v)
+            for k, v in params.items()
+            if isinstance(k, str) and ("cost" in k or k in ("max_output_tokens", "off_peak_pricing"))
+        ]
+    )
+
+
 def _strip_provider(model: str) -> str:
     return model.split("/", 1)[1] if "/" in model else model
 
@@ -378,6 +410,8 @@ class Pricing:
     # live prices a provider publishes (OpenRouter's model list), by LiteLLM model name
     provider_prices: dict[str, ModelPrice] = field(default_factory=dict, repr=False)
     _images: ImagePrices | None = field(default=None, repr=False)
+    # what ``price`` answered, by its arguments (a deployment's by the keys that can price it)
+    _prices: dict[tuple[str, str | None, str], ModelPrice] = field(default_factory=dict, repr=False)
 
     def _litellm_map(self) -> Mapping[str, Mapping[str, Any]]:
         if self.model_cost is None:
@@ -424,6 +458,24 @@ class Pricing:
         deployment_params: Mapping[str, Any] | None = None,
     ) -> ModelPrice:
         """The price of one deployment of ``model_group`` (``model`` is its LiteLLM model)."""
+        key = (model_group, model, _price_keys(deployment_params))
+        price = self._prices.get(key)
+        if price is None:
+            price = self._price(model_group, model, deployment_params)
+            if len(self._prices) >= MAX_REMEMBERED_PRICES:
+                self._prices.clear()
+            self._prices[key] = price
+        return price
+
+    def set_provider_prices(self, prices: Mapping[str, ModelPrice]) -> None:
+        """Add or replace the prices a provider publishes (the prices worked out before are
+        forgotten)."""
+        self.provider_prices.update(prices)
+        self._prices.clear()
+
+    def _price(
+        self, model_group: str, model: str | None, deployment_params: Mapping[str, Any] | None
+    ) -> ModelPrice:
         names = [n for n in (model_group, model, model and _strip_provider(model)) if n]
         override = next((self.config.models[n] for n in names if n in self.config.models), None)
         if self.is_free_name(*names) or (override is not None and override.free):

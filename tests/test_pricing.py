@@ -354,6 +354,30 @@ def test_deployment_without_prices_falls_back_to_the_map() -> None:
     assert price.source == "litellm"
 
 
+def test_prices_worked_out_once_follow_every_deployment_and_provider_price() -> None:
+    # Pricing remembers what it answered; a deployment's own prices, output cap or off-peak
+    # windows make it a different price, whatever else its parameters hold
+    p = pricing(openrouter_markup=0)
+    plain = {"api_base": "http://a", "api_key": "k1"}
+    assert p.price("mapped", "openai/mapped", plain).source == "litellm"
+    assert p.price("mapped", "openai/mapped", {**plain, "api_key": "k2"}) is p.price(
+        "mapped", "openai/mapped", plain
+    )
+    dear = p.price("mapped", "openai/mapped", {**plain, "input_cost_per_token": 3e-06})
+    assert dear.input_cost_per_token == D("0.000003")
+    dearer = p.price("mapped", "openai/mapped", {**plain, "input_cost_per_token": 5e-06})
+    assert dearer.input_cost_per_token == D("0.000005")
+    capped = p.price(
+        "mapped", "openai/mapped", {**plain, "input_cost_per_token": 3e-06, "max_output_tokens": 10}
+    )
+    assert capped.max_output_tokens == 10 and dear.max_output_tokens is None
+    # a provider's published price replaces the one it published before
+    p.set_provider_prices({"openrouter/x/y": ModelPrice(input_cost_per_token=D("1"), source="openrouter")})
+    assert p.price("openrouter/x/y", "openrouter/x/y").input_cost_per_token == D("1")
+    p.set_provider_prices({"openrouter/x/y": ModelPrice(input_cost_per_token=D("2"), source="openrouter")})
+    assert p.price("openrouter/x/y", "openrouter/x/y").input_cost_per_token == D("2")
+
+
 def test_config_override_wins_field_by_field() -> None:
     p = pricing(models={"mapped": {"output_cost_per_token": "0.000006", "max_output_tokens": 100}})
     # over a deployment
