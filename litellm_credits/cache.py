@@ -153,7 +153,6 @@ class Cache:
         self._fills = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._queues: dict[asyncio.AbstractEventLoop, _Queue] = {}  # invalidations to send
-        self._scripts: dict[str, Any] = {}
 
     # reads -------------------------------------------------------------------------------
 
@@ -350,13 +349,7 @@ class Cache:
     async def _invalidate_in_redis(self, keys: list[str]) -> None:
         version_ttl, version = self._version_ttl_ms, _new_version()
         names = [name for key in keys for name in (key, self.keys.version(key))]
-
-        async def run(client: Any) -> None:
-            await self._registered(LUA_INVALIDATE, client)(
-                keys=names, args=[version_ttl, version], client=client
-            )
-
-        await self.link.call(run)
+        await self.link.script(LUA_INVALIDATE, names, [version_ttl, version])
 
     def _defer(self, keys: list[str]) -> None:
         """Keep invalidations Redis did not take, and replay them in the background; until then
@@ -391,17 +384,8 @@ class Cache:
 
     # Redis plumbing ----------------------------------------------------------------------
 
-    def _registered(self, lua: str, client: Any) -> Any:
-        script = self._scripts.get(lua)
-        if script is None:
-            script = self._scripts[lua] = client.register_script(lua)
-        return script
-
     async def _script(self, lua: str, keys: list[str], args: list[Any]) -> Any:
-        async def run(client: Any) -> Any:
-            return await self._registered(lua, client)(keys=keys, args=args, client=client)
-
-        return await self.link.call(run)
+        return await self.link.script(lua, keys, args)
 
     def status(self) -> dict[str, Any]:
         return {

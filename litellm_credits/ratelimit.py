@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import RateLimited
 from .metrics import RATE_LIMITED, RATELIMIT_FALLBACKS
@@ -86,7 +85,6 @@ class RateLimiter:
         self.max_local_buckets = max_local_buckets
         self._local: dict[str, float] = {}  # bucket -> TAT (µs, wall clock)
         self._prune_at = max_local_buckets
-        self._script: Any = None
 
     async def hit(
         self, subject_id: str, name: str, rate: Rate, cost: int = 1, *, force: bool = False
@@ -114,13 +112,8 @@ class RateLimiter:
         return decision
 
     async def _in_redis(self, key: str, rate: Rate, cost: int, force: bool) -> Decision:
-        async def run(client: Any) -> Any:
-            if self._script is None:
-                self._script = client.register_script(LUA_GCRA)
-            args = [repr(rate.interval_us), repr(rate.burst_us), cost, "1" if force else "0"]
-            return await self._script(keys=[key], args=args, client=client)
-
-        allowed, wait_us, remaining = await self.link.call(run)
+        args = [repr(rate.interval_us), repr(rate.burst_us), cost, "1" if force else "0"]
+        allowed, wait_us, remaining = await self.link.script(LUA_GCRA, [key], args)
         return Decision(bool(allowed), int(wait_us) / 1e6, int(remaining), rate.amount)
 
     def _in_process(self, key: str, rate: Rate, cost: int, force: bool) -> Decision:

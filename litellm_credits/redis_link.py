@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .metrics import REDIS_BUSY, REDIS_ERRORS
+from .redis_wire import RedisWire, supports
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
@@ -89,6 +90,9 @@ class RedisLink:
         self.timeout = timeout
         self.retry_seconds = retry_seconds
         self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        self._wires: dict[asyncio.AbstractEventLoop, RedisWire] = {}
+        self._wire_ok = url is not None and supports(url)
+        self._scripts: dict[str, Any] = {}  # redis-py's script objects, where no wire is used
         self._open_until = 0.0  # monotonic time until which calls fail fast
         self._down_since: float | None = None
 
@@ -122,8 +126,40 @@ class RedisLink:
             self._clients[loop] = client
         return client
 
+    def wire(self) -> RedisWire | None:
+        """The running loop's pipelined connection for scripts (None for a URL it does not speak)."""
+        if self.url is None or not self._wire_ok:
+            return None
+        loop = asyncio.get_running_loop()
+        wire = self._wires.get(loop)
+        if wire is None:
+            wire = self._wires[loop] = RedisWire(self.url)
+        return wire
+
     async def call(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         """Run ``op`` on the client within the timeout, or raise :class:`RedisDown`."""
+        return await self._guarded(lambda: op(self.client()))
+
+    async def script(self, lua: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script (EVALSHA, loaded on NOSCRIPT) within the timeout, or raise
+        :class:`RedisDown`; on the pipelined connection where the URL allows it."""
+        wire = self.wire()
+        if wire is None:
+
+            async def run(client: aioredis.Redis) -> Any:
+                script = self._scripts.get(lua)
+                if script is None:
+                    script = self._scripts[lua] = client.register_script(lua)
+                return await script(keys=keys, args=args, client=client)
+
+            return await self.call(run)
+        try:
+            return await self._guarded(lambda: wire.script(lua, keys, args))
+        except RedisDown:
+            wire.close()  # a reply late or lost: the next call starts on a new connection
+            raise
+
+    async def _guarded(self, op: Callable[[], Awaitable[T]]) -> T:
         if self.url is None:
             raise RedisDown("no Redis configured")
         if time.monotonic() < self._open_until:
@@ -131,7 +167,7 @@ class RedisLink:
         try:
             # a deadline on this task, not wait_for's task per call (a fifth of a call's CPU)
             async with deadline(self.timeout * 2):
-                result = await op(self.client())
+                result = await op()
         except RedisConnectionError as exc:
             if str(exc) == "No connection available.":  # our pool is busy, Redis is not down
                 REDIS_BUSY.inc()
@@ -173,8 +209,12 @@ class RedisLink:
         }
 
     async def close(self) -> None:
-        """Close the running loop's client."""
-        client = self._clients.pop(asyncio.get_running_loop(), None)
+        """Close the running loop's client and connection."""
+        loop = asyncio.get_running_loop()
+        wire = self._wires.pop(loop, None)
+        if wire is not None:
+            wire.close()
+        client = self._clients.pop(loop, None)
         if client is not None:
             await client.aclose()
 
