@@ -90,7 +90,7 @@ for i = 1, #KEYS, 2 do
 end
 return #KEYS / 2
 """
-# keys per pipeline when invalidations are sent in batches
+# keys per script call when invalidations are sent in batches (Redis runs nothing else meanwhile)
 BATCH = 500
 # a fill that took longer than this is not kept (tombstones are pruned after it)
 MAX_READ_SECONDS = 30.0
@@ -412,7 +412,8 @@ class Cache:
         if self._pending:
             keys, self._pending = list(self._pending), {}
             try:
-                await self._invalidate_in_redis(keys)
+                for start in range(0, len(keys), BATCH):  # (a script blocks Redis while it runs)
+                    await self._invalidate_in_redis(keys[start : start + BATCH])
             except RedisDown:
                 log.warning(
                     "litellm-credits: %d cache invalidations never reached Redis; other instances "

@@ -91,7 +91,7 @@ class RedisLink:
         self.retry_seconds = retry_seconds
         self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
         self._wires: dict[asyncio.AbstractEventLoop, RedisWire] = {}
-        self._wire_ok = url is not None and supports(url)
+        self._wire_ok = url is not None and supports(url) and _readable(url)
         self._scripts: dict[str, Any] = {}  # redis-py's script objects, where no wire is used
         self._open_until = 0.0  # monotonic time until which calls fail fast
         self._down_since: float | None = None
@@ -133,7 +133,7 @@ class RedisLink:
         loop = asyncio.get_running_loop()
         wire = self._wires.get(loop)
         if wire is None:
-            wire = self._wires[loop] = RedisWire(self.url)
+            wire = self._wires[loop] = RedisWire(self.url, timeout=self.timeout)
         return wire
 
     async def call(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
@@ -156,7 +156,10 @@ class RedisLink:
         try:
             return await self._guarded(lambda: wire.script(lua, keys, args))
         except RedisDown:
-            wire.close()  # a reply late or lost: the next call starts on a new connection
+            # a connection whose oldest call has waited past the timeout is stuck (every reply
+            # behind it is as late; one a firewall dropped never answers): the next call opens
+            # a new one. An error reply, or one slow call among answered ones, closes nothing.
+            wire.close_if_stalled(self.timeout)
             raise
 
     async def _guarded(self, op: Callable[[], Awaitable[T]]) -> T:
@@ -217,6 +220,15 @@ class RedisLink:
         client = self._clients.pop(loop, None)
         if client is not None:
             await client.aclose()
+
+
+def _readable(url: str) -> bool:
+    """Whether the wire can read the URL (else redis-py's client answers, as for other URLs)."""
+    try:
+        RedisWire(url)
+    except ValueError:
+        return False
+    return True
 
 
 __all__ = ["Keys", "RedisDown", "RedisLink"]

@@ -22,13 +22,33 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
+import time
 from collections import deque
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import hiredis
+from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as deadline
+else:  # (redis-py installs it on these)
+    from async_timeout import timeout as deadline
+
+
+def _pack(*args: Any) -> bytes:
+    """A command in Redis's wire format (bytes, str, int and float arguments)."""
+    try:
+        return hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub says a 1-tuple
+    except TypeError as exc:  # (redis-py raised DataError for such arguments)
+        raise DataError(str(exc)) from None
+
+
+class _Lost(RedisConnectionError):
+    """The connection closed under a call (the server went, or it was dropped here)."""
 
 
 def supports(url: str) -> bool:
@@ -39,7 +59,8 @@ def supports(url: str) -> bool:
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        # the calls sent and not answered yet, in order, with when each was sent
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -50,7 +71,7 @@ class _Protocol(asyncio.Protocol):
         self.reader.feed(data)
         try:
             while (reply := self.reader.gets()) is not False:
-                future = self.waiting.popleft()
+                future, _ = self.waiting.popleft()
                 if not future.done():  # (its caller may have given up: the reply is dropped)
                     future.set_result(reply)
         except (hiredis.ProtocolError, IndexError):  # garbage, or a reply nobody asked for
@@ -59,15 +80,19 @@ class _Protocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         while self.waiting:
-            future = self.waiting.popleft()
+            future, _ = self.waiting.popleft()
             if not future.done():
-                future.set_exception(RedisConnectionError("connection to Redis lost"))
+                future.set_exception(_Lost("connection to Redis lost"))
 
     def send(self, future: asyncio.Future[Any], command: bytes) -> None:
         if self.closed or self.transport is None:
-            raise RedisConnectionError("connection to Redis closed")
-        self.waiting.append(future)
+            raise _Lost("connection to Redis closed")
+        self.waiting.append((future, time.monotonic()))
         self.transport.write(command)
+
+    def stalled(self, seconds: float) -> bool:
+        """Whether the oldest call waiting has waited longer than ``seconds``."""
+        return bool(self.waiting) and time.monotonic() - self.waiting[0][1] > seconds
 
     def close(self) -> None:
         self.closed = True
@@ -76,28 +101,41 @@ class _Protocol(asyncio.Protocol):
 
 
 class RedisWire:
-    """One pipelined connection to the Redis at ``url``, opened on first use and after a loss."""
+    """One pipelined connection to the Redis at ``url``, opened on first use and after a loss.
 
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "redis":
-            raise ValueError(f"RedisWire speaks redis:// only, not {parts.scheme}://")
-        self.host = parts.hostname or "localhost"
-        self.port = parts.port or 6379
-        self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password else None
-        db = parts.path.lstrip("/") or parse_qs(parts.query).get("db", ["0"])[0]
-        self.db = int(db or 0)
+    ``timeout`` bounds opening a connection (connect, AUTH, SELECT), as redis-py's
+    ``socket_connect_timeout`` did; calls are bounded by their caller."""
+
+    def __init__(self, url: str, *, timeout: float = 0.25) -> None:
+        if not supports(url):
+            raise ValueError(f"RedisWire speaks redis:// only: {url.split(':', 1)[0]}://")
+        params = parse_url(url)  # redis-py's own reading of the URL: the same server and database
+        self.host = params.get("host") or "localhost"
+        self.port = int(params.get("port") or 6379)
+        self.username = params.get("username")
+        self.password = params.get("password")
+        self.db = int(params.get("db") or 0)
+        self.timeout = timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        self._generation = 0  # counts close(): a connection opened across one is not kept
         self._shas: dict[str, str] = {}
 
     async def execute(self, *args: Any) -> Any:
-        """Send one command; its reply (an error reply raises ``ResponseError``)."""
-        protocol = self._protocol
-        if protocol is None or protocol.closed:
-            protocol = await self._connect()
-        return await self._send(protocol, args)
+        """Send one command; its reply (an error reply raises ``ResponseError``). A call whose
+        connection was lost under it is sent once more on a new one (as redis-py's retry did:
+        a Redis restarted or a connection killed by the server is not an outage)."""
+        command = _pack(*args)
+        for attempt in range(2):
+            protocol = self._protocol
+            if protocol is None or protocol.closed:
+                protocol = await self._connect()
+            try:
+                return await self._send(protocol, command)
+            except _Lost:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     async def script(self, lua: str, keys: list[str], args: list[Any]) -> Any:
         """Run a Lua script by its SHA1, loading it first if this Redis does not have it."""
@@ -112,14 +150,25 @@ class RedisWire:
 
     def close(self) -> None:
         """Drop the connection (calls waiting on it fail); the next call opens a new one."""
+        self._generation += 1
         if self._protocol is not None:
             self._protocol.close()
             self._protocol = None
 
+    def close_if_stalled(self, seconds: float) -> bool:
+        """Drop the connection if its oldest unanswered call has waited longer than
+        ``seconds``: every reply behind it is as late, and a connection a firewall dropped
+        silently never answers again. (One slow caller's timeout alone closes nothing.)"""
+        protocol = self._protocol
+        if protocol is None or not protocol.stalled(seconds):
+            return False
+        self.close()
+        return True
+
     @staticmethod
-    async def _send(protocol: _Protocol, args: tuple[Any, ...]) -> Any:
+    async def _send(protocol: _Protocol, command: bytes) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        protocol.send(future, hiredis.pack_command(args))
+        protocol.send(future, command)
         reply = await future
         if isinstance(reply, hiredis.ReplyError):
             message = str(reply)
@@ -129,25 +178,41 @@ class RedisWire:
         return reply
 
     async def _connect(self) -> _Protocol:
-        # concurrent callers share one attempt
+        # concurrent callers share one attempt, bounded by the timeout
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.ensure_future(self._open())
         return await asyncio.shield(self._connecting)
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_connection(_Protocol, self.host, self.port)
-        try:
-            if self.password is not None:
-                auth = (self.username, self.password) if self.username else (self.password,)
-                await self._send(protocol, ("AUTH", *auth))
-            if self.db:
-                await self._send(protocol, ("SELECT", self.db))
-        except BaseException:
+        generation = self._generation
+        async with deadline(self.timeout):
+            _, protocol = await loop.create_connection(_Protocol, self.host, self.port)
+            try:
+                await self._handshake(protocol)
+            except BaseException:
+                protocol.close()
+                raise
+        if generation != self._generation:  # closed meanwhile (the link shut down)
             protocol.close()
-            raise
+            raise _Lost("connection to Redis closed")
         self._protocol = protocol
         return protocol
+
+    async def _handshake(self, protocol: _Protocol) -> None:
+        if self.password is not None:
+            if self.username:
+                try:
+                    await self._send(protocol, _pack("AUTH", self.username, self.password))
+                except ResponseError as exc:
+                    if "wrong number of arguments" not in str(exc):
+                        raise
+                    # Redis before 6 has no users: its AUTH takes the password alone (redis-py's way)
+                    await self._send(protocol, _pack("AUTH", self.password))
+            else:
+                await self._send(protocol, _pack("AUTH", self.password))
+        if self.db:
+            await self._send(protocol, _pack("SELECT", self.db))
 
 
 __all__ = ["RedisWire", "supports"]

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
 from litellm_credits.redis_link import RedisDown, RedisLink
 from litellm_credits.redis_wire import RedisWire, supports
@@ -77,7 +78,7 @@ async def test_redis_killed_fails_waiting_calls_and_a_restart_is_reconnected(own
         waiting = asyncio.ensure_future(wire.execute("DEBUG", "SLEEP", "5"))
         await asyncio.sleep(0.1)
         own_redis.stop()
-        with pytest.raises(RedisConnectionError):
+        with pytest.raises(OSError):  # lost, then refused when sent again
             await asyncio.wait_for(waiting, 5)
         with pytest.raises(OSError):  # refused while it is down
             await wire.execute("PING")
@@ -103,6 +104,125 @@ async def test_database_user_and_password_from_the_url(own_redis: RedisServer) -
             assert raw.get("where") == url.encode()
     with pytest.raises(ResponseError):
         await RedisWire(f"redis://wire:wrong@{base}/0").execute("PING")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h", "redis://h:6380", "redis://h:6379/0/", "redis://h/db1", "redis://u:p@h:1/3?db=5",
+        "redis://h?password=x&username=y", "redis://h%2Dx/2", "redis://[::1]:6380/1", "redis://:p%40ss@h/4",
+        "redis://h/0?socket_timeout=1",
+    ],
+)  # fmt: skip
+def test_urls_are_read_as_redis_py_reads_them(url: str) -> None:
+    wire, params = RedisWire(url), parse_url(url)
+    assert (wire.host, wire.port, wire.db) == (params["host"], params.get("port", 6379), params.get("db", 0))
+    assert (wire.username, wire.password) == (params.get("username"), params.get("password"))
+
+
+async def silent_server(accepted: list[object], answer_after: float | None = None) -> asyncio.Server:
+    """A TCP server that takes connections and never answers (or answers +OK after a while)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read(100)
+        if answer_after is not None:
+            await asyncio.sleep(answer_after)
+            writer.write(b"+OK\r\n")
+        await reader.read()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_a_handshake_that_gets_no_answer_is_given_up_and_tried_again() -> None:
+    accepted: list[object] = []
+    server = await silent_server(accepted)
+    port = server.sockets[0].getsockname()[1]
+    wire = RedisWire(f"redis://:secret@127.0.0.1:{port}/1", timeout=0.1)
+    try:
+        for attempt in (1, 2):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(wire.execute("PING"), 2)
+            assert len(accepted) == attempt  # a new attempt each time, not the stuck one
+    finally:
+        wire.close()
+        server.close()
+
+
+async def test_closed_while_connecting_keeps_no_connection() -> None:
+    accepted: list[object] = []
+    server = await silent_server(accepted, answer_after=0.2)
+    port = server.sockets[0].getsockname()[1]
+    wire = RedisWire(f"redis://:secret@127.0.0.1:{port}/0", timeout=2)
+    try:
+        call = asyncio.ensure_future(wire.execute("PING"))
+        await asyncio.sleep(0.1)
+        wire.close()  # the link shuts down while AUTH waits for its answer
+        with pytest.raises(RedisConnectionError):
+            await call
+        assert wire._protocol is None
+    finally:
+        wire.close()
+        server.close()
+
+
+async def test_an_error_reply_fails_only_its_own_call(own_redis: RedisServer) -> None:
+    link = RedisLink(own_redis.url, timeout=0.5, retry_seconds=60)
+    try:
+        await link.script("return redis.call('SET', KEYS[1], 'text')", ["s"], [])
+        wrong = asyncio.ensure_future(link.script("return redis.call('INCR', KEYS[1])", ["s"], []))
+        fine = asyncio.ensure_future(link.script(ECHO, ["after"], ["it"]))  # right behind it
+        connection = link.wire()._protocol  # type: ignore[union-attr]
+        with pytest.raises(RedisDown):
+            await wrong
+        assert await fine == [b"after", b"it"]
+        assert link.wire()._protocol is connection and not connection.closed  # type: ignore[union-attr]
+    finally:
+        await link.close()
+
+
+async def test_a_connection_is_dropped_only_when_its_oldest_call_waited_too_long(
+    own_redis: RedisServer,
+) -> None:
+    wire = RedisWire(own_redis.url)
+    try:
+        await wire.execute("PING")
+        with redis.Redis.from_url(own_redis.url) as raw:
+            raw.execute_command("CLIENT", "PAUSE", "300", "WRITE")
+        held = asyncio.ensure_future(wire.script(ECHO, ["held"], [1]))
+        await asyncio.sleep(0.1)
+        assert not wire.close_if_stalled(1.0)  # waited 0.1 s of a 1 s timeout
+        first = wire._protocol
+        assert wire.close_if_stalled(0.05) and first is not None and first.closed
+        assert await held == [b"held", b"1"]  # sent again on a new connection, after the pause
+    finally:
+        wire.close()
+
+
+async def test_a_connection_the_server_dropped_is_redialled_without_an_outage(own_redis: RedisServer) -> None:
+    link = RedisLink(own_redis.url, timeout=0.5, retry_seconds=60)
+    try:
+        assert await link.script(ECHO, ["a"], [1]) == [b"a", b"1"]
+        with redis.Redis.from_url(own_redis.url) as raw:
+            raw.execute_command("CLIENT", "PAUSE", "300", "WRITE")  # holds scripts, not CLIENT KILL
+            waiting = asyncio.ensure_future(link.script(ECHO, ["c"], [3]))
+            await asyncio.sleep(0.05)
+            raw.client_kill_filter(_type="normal", skipme=True)  # while a call waits on it
+            assert await waiting == [b"c", b"3"]  # sent again on a new connection
+            raw.client_kill_filter(_type="normal", skipme=True)  # while idle
+        assert await link.script(ECHO, ["b"], [2]) == [b"b", b"2"]
+        assert link.healthy  # the breaker never opened
+    finally:
+        await link.close()
+
+
+async def test_arguments_redis_cannot_take_are_a_redis_error(own_redis: RedisServer) -> None:
+    wire = RedisWire(own_redis.url)
+    try:
+        with pytest.raises(DataError):
+            await wire.execute("SET", "k", None)
+    finally:
+        wire.close()
 
 
 def test_only_plain_redis_urls_take_the_wire() -> None:
