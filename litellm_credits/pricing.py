@@ -68,6 +68,9 @@ PRICE_KEYS = (
 )
 
 
+_SAME = object()  # ModelPrice.at's answer was the price itself
+
+
 @dataclass(frozen=True)
 class ModelPrice:
     """USD prices of one model; ``None`` means the model has no such price."""
@@ -94,7 +97,7 @@ class ModelPrice:
     off_peak: OffPeak | None = None
     # what ``at`` answered, by (service tier suffix, inside an off-peak window): the price is
     # frozen, so its flat rates are worked out once, not on every request
-    _flat: dict[tuple[str, bool], ModelPrice] = field(
+    _flat: dict[tuple[str, bool], ModelPrice | object] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
 
@@ -133,10 +136,13 @@ class ModelPrice:
         likewise, then the off-peak rates, which replace whatever they name for the whole call."""
         suffix = tier_suffix(service_tier) or ""
         night = self.off_peak is not None and moment is not None and self.off_peak.covers(moment)
-        flat = self._flat.get((suffix, night))
-        if flat is None:
-            flat = self._flat[(suffix, night)] = self._at(suffix, night)
-        return flat
+        kept = self._flat.get((suffix, night))
+        if kept is None:
+            flat = self._at(suffix, night)
+            # itself, when nothing changes: kept as a marker (a price holding itself is a cycle)
+            self._flat[(suffix, night)] = _SAME if flat is self else flat
+            return flat
+        return self if kept is _SAME else kept  # type: ignore[return-value]
 
     def _at(self, suffix: str, off_peak: bool) -> ModelPrice:
         price = self

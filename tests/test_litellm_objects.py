@@ -59,7 +59,8 @@ def objects() -> list[Any]:
     flagged.usage.service_tier = "flex"  # type: ignore[attr-defined]
     return [
         r, r.usage, flagged, flagged.usage, Usage(prompt_tokens=1), r.choices[0],
-        Extra(a=3, b=4), Extra(), Private(), OwnLookup(), {"usage": 1, "a": None}, SimpleNamespace(a=5), 7, "text",
+        Extra(a=3, b=4), Extra(), Private(), OwnLookup(), {"usage": 1, "a": None}, SimpleNamespace(a=5),
+        7, "text",
     ]  # fmt: skip
 
 
