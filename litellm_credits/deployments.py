@@ -71,10 +71,12 @@ def is_openrouter(deployments: list[dict[str, Any]]) -> bool:
 
 
 def deployment_prices(deployment: Mapping[str, Any]) -> dict[str, Any]:
-    """Price keys set on a deployment, ``model_info`` first, ``litellm_params`` winning."""
+    """Price keys set on a deployment, ``model_info`` first, ``litellm_params`` winning where it
+    sets a value (the ``litellm_params`` a success event carries name every price key, None where
+    unset: those must not hide the prices set in ``model_info``)."""
     merged: dict[str, Any] = {}
     merged.update(deployment.get("model_info") or {})
-    merged.update(deployment.get("litellm_params") or {})
+    merged.update((k, v) for k, v in (deployment.get("litellm_params") or {}).items() if v is not None)
     return merged
 
 

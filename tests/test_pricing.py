@@ -20,6 +20,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from litellm_credits.deployments import deployment_prices
 from litellm_credits.errors import InvalidRequest, ModelNotPriced
 from litellm_credits.money import MICRO
 from litellm_credits.pricing import (
@@ -346,6 +347,24 @@ def test_deployment_prices_win_over_the_map() -> None:
     # so cached tokens bill at the deployment's input rate
     assert price.cache_read_input_token_cost is None
     assert usd_cost(price, Usage(prompt_tokens=100, cached_tokens=100)) == D("0.0003")
+
+
+def test_prices_in_model_info_hold_at_settlement_too() -> None:
+    # the litellm_params of a success event name every price key, None where unset (LiteLLM's
+    # get_litellm_params); the deployment's model_info prices must still apply
+    p = pricing()
+    info = {"input_cost_per_token": 3e-06, "output_cost_per_token": 4e-06}
+    routed = deployment_prices({"model_info": info, "litellm_params": {"model": "openai/mapped"}})
+    logged = deployment_prices(
+        {"model_info": info, "litellm_params": {"model": "openai/mapped", "input_cost_per_token": None,
+                                                 "output_cost_per_token": None}}
+    )  # fmt: skip
+    for params in (routed, logged):
+        price = p.price("mapped", "openai/mapped", params)
+        assert (price.source, price.input_cost_per_token) == ("deployment", D("0.000003"))
+    # a price set in litellm_params wins over model_info's
+    own = deployment_prices({"model_info": info, "litellm_params": {"input_cost_per_token": 5e-06}})
+    assert p.price("mapped", "openai/mapped", own).input_cost_per_token == D("0.000005")
 
 
 def test_deployment_without_prices_falls_back_to_the_map() -> None:
