@@ -347,7 +347,10 @@ async def _each(items: list[Item], op: Callable[[Item], Awaitable[T]]) -> list[T
         for n in indexes:
             results[n] = await _outcome(op(items[n]))
 
-    await asyncio.gather(*(run(indexes) for indexes in by_account.values()))
+    if len(by_account) == 1:  # (a batch of one, mostly: no task for gather to make)
+        await run(next(iter(by_account.values())))
+    else:
+        await asyncio.gather(*(run(indexes) for indexes in by_account.values()))
     return cast(list[T | BaseException], results)
 
 
