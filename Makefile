@@ -39,6 +39,7 @@ bench: install  ## ledger throughput, reads on a 1M-row ledger and 10M usage eve
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/reads.py
 	$(BIN)/python bench/cache.py
+	$(BIN)/python bench/hooks_cpu.py
 	$(BIN)/python bench/proxy.py
 
 clean:

@@ -154,7 +154,8 @@ class RedisLink:
 
             return await self.call(run)
         try:
-            return await self._guarded(lambda: wire.script(lua, keys, args))
+            # bounded by the wire itself, per reply: see redis_wire._expire
+            return await self._guarded(lambda: wire.script(lua, keys, args, timeout=self.timeout * 2), False)
         except RedisDown:
             # a connection whose oldest call has waited past the timeout is stuck (every reply
             # behind it is as late; one a firewall dropped never answers): the next call opens
@@ -162,14 +163,17 @@ class RedisLink:
             wire.close_if_stalled(self.timeout)
             raise
 
-    async def _guarded(self, op: Callable[[], Awaitable[T]]) -> T:
+    async def _guarded(self, op: Callable[[], Awaitable[T]], bound: bool = True) -> T:
         if self.url is None:
             raise RedisDown("no Redis configured")
         if time.monotonic() < self._open_until:
             raise RedisDown("Redis is unavailable (retrying shortly)")
         try:
-            # a deadline on this task, not wait_for's task per call (a fifth of a call's CPU)
-            async with deadline(self.timeout * 2):
+            if bound:
+                # a deadline on this task, not wait_for's task per call (a fifth of a call's CPU)
+                async with deadline(self.timeout * 2):
+                    result = await op()
+            else:
                 result = await op()
         except RedisConnectionError as exc:
             if str(exc) == "No connection available.":  # our pool is busy, Redis is not down

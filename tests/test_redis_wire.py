@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -261,3 +262,37 @@ async def test_a_stalled_redis_opens_the_breaker_and_the_next_call_starts_a_new_
         assert await link.script(ECHO, ["c"], [3]) == [b"c", b"3"]
     finally:
         await link.close()
+
+
+async def stalled_then_answered(url: str) -> None:
+    link = RedisLink(url, timeout=0.05, retry_seconds=60)
+    try:
+        assert await link.script(ECHO, ["a"], [1]) == [b"a", b"1"]
+        # the whole process stalls (as in a GC pause) in the loop's next turn, just after the
+        # command went out and before its reply is read, for longer than the 0.1 s deadline
+        asyncio.get_running_loop().call_later(0, time.sleep, 0.3)
+        assert await link.script(ECHO, ["b"], [2]) == [b"b", b"2"]
+        assert link.healthy
+        # a Redis that does not answer still times out
+        with redis.Redis.from_url(url) as raw:
+            raw.execute_command("CLIENT", "PAUSE", "400", "WRITE")
+        started = time.monotonic()
+        with pytest.raises(RedisDown):
+            await link.script(ECHO, ["c"], [3])
+        assert 0.09 < time.monotonic() - started < 0.3
+    finally:
+        await link.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_a_reply_that_came_while_the_process_stalled_is_not_a_timeout(
+    own_redis: RedisServer, loop: str
+) -> None:
+    """A full garbage collection of LiteLLM's heap stops the process for up to half a second: the
+    timer and the reply that came meanwhile are then due at once, and the reply must win (uvloop,
+    which LiteLLM's proxy runs on, runs due timers before it polls the sockets)."""
+    if loop == "asyncio":
+        await stalled_then_answered(own_redis.url)
+    else:
+        uvloop = pytest.importorskip("uvloop")
+        await asyncio.to_thread(uvloop.run, stalled_then_answered(own_redis.url))
