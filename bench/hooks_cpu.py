@@ -12,7 +12,7 @@ one model group with one deployment (gpt-4o-mini's prices from LiteLLM's map). P
 Redis are real (as in bench/proxy.py); the proxy is not, so this measures the plugin alone: the
 proxy A/B (bench/proxy.py) is the figure that counts, this one is steadier and shows where the
 plugin's share goes. Under callgrind only the measured requests are counted (the script turns
-collection on and off around them), so instructions per request repeat within about 1 %, whatever
+collection on and off around them), so instructions per request repeat within a few per cent, whatever
 else the machine does: the way to compare two versions of the hot path.
 
 PostgreSQL: CREDITS_DATABASE_URL's server, else 127.0.0.1:5432, else embedded; Redis:
