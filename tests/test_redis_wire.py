@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
@@ -27,6 +27,13 @@ def own_redis() -> Iterator[RedisServer]:
     server.close()
 
 
+@pytest.fixture
+async def wire(own_redis: RedisServer) -> AsyncIterator[RedisWire]:
+    connection = RedisWire(own_redis.url)
+    yield connection
+    connection.close()
+
+
 async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_reply(
     own_redis: RedisServer,
 ) -> None:
@@ -42,51 +49,41 @@ async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_reply
         wire.close()
 
 
-async def test_a_caller_that_gave_up_does_not_shift_the_replies_of_the_others(own_redis: RedisServer) -> None:
-    wire = RedisWire(own_redis.url)
-    try:
-        await wire.execute("SET", "slow", "1")
-        # DEBUG SLEEP holds the reply; the first caller stops waiting, its reply comes later
-        late = asyncio.ensure_future(wire.execute("DEBUG", "SLEEP", "0.2"))
-        await asyncio.sleep(0.05)
-        late.cancel()
-        after = await wire.execute("GET", "slow")
-        assert after == b"1"  # not the sleeper's "OK"
-        assert await wire.execute("ECHO", "next") == b"next"
-    finally:
-        wire.close()
+async def test_a_caller_that_gave_up_does_not_shift_the_replies_of_the_others(wire: RedisWire) -> None:
+    await wire.execute("SET", "slow", "1")
+    # DEBUG SLEEP holds the reply; the first caller stops waiting, its reply comes later
+    late = asyncio.ensure_future(wire.execute("DEBUG", "SLEEP", "0.2"))
+    await asyncio.sleep(0.05)
+    late.cancel()
+    after = await wire.execute("GET", "slow")
+    assert after == b"1"  # not the sleeper's "OK"
+    assert await wire.execute("ECHO", "next") == b"next"
 
 
-async def test_error_replies_and_scripts_redis_lost(own_redis: RedisServer) -> None:
-    wire = RedisWire(own_redis.url)
-    try:
-        with pytest.raises(ResponseError, match="unknown command"):
-            await wire.execute("NOSUCHCOMMAND")
-        assert await wire.script(ECHO, ["a"], ["b"]) == [b"a", b"b"]
-        await wire.execute("SCRIPT", "FLUSH")
-        assert await wire.script(ECHO, ["c"], ["d"]) == [b"c", b"d"]  # NOSCRIPT: loaded, sent again
-        with pytest.raises(ResponseError):
-            await wire.script("return redis.call('NOSUCHCOMMAND')", [], [])
-        assert await wire.execute("PING") == b"PONG"  # the connection is still in step
-    finally:
-        wire.close()
+async def test_error_replies_and_scripts_redis_lost(wire: RedisWire) -> None:
+    with pytest.raises(ResponseError, match="unknown command"):
+        await wire.execute("NOSUCHCOMMAND")
+    assert await wire.script(ECHO, ["a"], ["b"]) == [b"a", b"b"]
+    await wire.execute("SCRIPT", "FLUSH")
+    assert await wire.script(ECHO, ["c"], ["d"]) == [b"c", b"d"]  # NOSCRIPT: loaded, sent again
+    with pytest.raises(ResponseError):
+        await wire.script("return redis.call('NOSUCHCOMMAND')", [], [])
+    assert await wire.execute("PING") == b"PONG"  # the connection is still in step
 
 
-async def test_redis_killed_fails_waiting_calls_and_a_restart_is_reconnected(own_redis: RedisServer) -> None:
-    wire = RedisWire(own_redis.url)
-    try:
-        await wire.execute("SET", "k", "v")
-        waiting = asyncio.ensure_future(wire.execute("DEBUG", "SLEEP", "5"))
-        await asyncio.sleep(0.1)
-        own_redis.stop()
-        with pytest.raises(OSError):  # lost, then refused when sent again
-            await asyncio.wait_for(waiting, 5)
-        with pytest.raises(OSError):  # refused while it is down
-            await wire.execute("PING")
-        own_redis.start()
-        assert await wire.execute("PING") == b"PONG"
-    finally:
-        wire.close()
+async def test_redis_killed_fails_waiting_calls_and_a_restart_is_reconnected(
+    wire: RedisWire, own_redis: RedisServer
+) -> None:
+    await wire.execute("SET", "k", "v")
+    waiting = asyncio.ensure_future(wire.execute("DEBUG", "SLEEP", "5"))
+    await asyncio.sleep(0.1)
+    own_redis.stop()
+    with pytest.raises(OSError):  # lost, then refused when sent again
+        await asyncio.wait_for(waiting, 5)
+    with pytest.raises(OSError):  # refused while it is down
+        await wire.execute("PING")
+    own_redis.start()
+    assert await wire.execute("PING") == b"PONG"
 
 
 async def test_database_user_and_password_from_the_url(own_redis: RedisServer) -> None:
@@ -217,13 +214,9 @@ async def test_a_connection_the_server_dropped_is_redialled_without_an_outage(ow
         await link.close()
 
 
-async def test_arguments_redis_cannot_take_are_a_redis_error(own_redis: RedisServer) -> None:
-    wire = RedisWire(own_redis.url)
-    try:
-        with pytest.raises(DataError):
-            await wire.execute("SET", "k", None)
-    finally:
-        wire.close()
+async def test_arguments_redis_cannot_take_are_a_redis_error(wire: RedisWire) -> None:
+    with pytest.raises(DataError):
+        await wire.execute("SET", "k", None)
 
 
 def test_only_plain_redis_urls_take_the_wire() -> None:
