@@ -406,8 +406,12 @@ async def test_without_migration_0014_holds_and_settlements_go_one_by_one(
 
 
 async def _until_waiting(conn: asyncpg.Connection, function: str) -> None:
-    """Until a statement calling ``function`` waits for a row lock."""
+    """Until a statement calling ``function`` waits for a row lock. (``conn`` is usually in a
+    transaction, holding the lock: within a transaction PostgreSQL answers pg_stat_activity from
+    the snapshot of its first read unless that is cleared, so a batch that reached the server
+    after the first look was never seen waiting.)"""
     for _ in range(500):
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
         waiting = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
             f"%{function}%",
@@ -451,35 +455,46 @@ async def test_batches_lock_accounts_in_code_point_order_whatever_the_collation(
         await conn.close()
 
 
-async def test_a_former_members_account_is_locked_before_its_old_team(ledger: Ledger) -> None:
+async def test_a_former_members_account_is_locked_before_its_old_team(
+    fresh_database: Callable[..., str],
+) -> None:
     """A member that left its team keeps its open holds on the team; resolve_hold locks it before
-    the team, so a batch does too (by its current parent_id it would sort with the team, after)."""
-    tag = secrets.token_hex(4)
-    team, member = f"a-team-{tag}", f"z-member-{tag}"
-    await ledger.create_account(team, tier="free")
-    await ledger.credit(team, c("10"))
-    await ledger.create_account(member, tier="free", parent_id=team)
-    left = await ledger.hold(member, c("1"), ttl_seconds=60)
-    own = await ledger.hold(team, c("1"), ttl_seconds=60)
-    await ledger.pool.execute(
-        "UPDATE credits.credit_accounts SET parent_id = NULL WHERE subject_id = $1", member
-    )
-    one_lane = Ledger(ledger.pool, batch_lanes=1)
-    conn = await ledger.pool.acquire()
+    the team, so a batch does too (by its current parent_id it would sort with the team, after).
+    (On a database and pool of its own: on the session's pool, shared with every other test's
+    background work, a full run once saw no batch waiting: ``_until_waiting`` read a stale
+    snapshot of pg_stat_activity, from before the batch opened its connection.)"""
+    url = fresh_database()
+    conn = await asyncpg.connect(url)
     try:
-        async with conn.transaction():
-            await conn.execute(SQL_LOCK, member)  # as resolve_hold of the member's hold does first
-            batch = asyncio.gather(
-                one_lane.settle(left.subject_id, left.id, c("0.5"), USAGE),
-                one_lane.settle(own.subject_id, own.id, c("0.5"), USAGE),
-            )
-            await _until_waiting(conn, "resolve_holds")
-            await conn.execute(SQL_LOCK + " NOWAIT", team)  # the batch waits before the team
-        assert all(s is not None for s in await batch)
+        await migrations.migrate(conn)
     finally:
-        await ledger.pool.release(conn)
-        await one_lane.close()
-    await assert_sound(ledger, team)
+        await conn.close()
+    pool = await db.create_pool(url, min_size=1, max_size=4)
+    ledger = Ledger(pool, batch_lanes=1)
+    team, member = "a-team", "z-member"
+    try:
+        await ledger.create_account(team, tier="free")
+        await ledger.credit(team, c("10"))
+        await ledger.create_account(member, tier="free", parent_id=team)
+        left = await ledger.hold(member, c("1"), ttl_seconds=60)
+        own = await ledger.hold(team, c("1"), ttl_seconds=60)
+        await pool.execute(
+            "UPDATE credits.credit_accounts SET parent_id = NULL WHERE subject_id = $1", member
+        )
+        async with pool.acquire() as locker, locker.transaction():
+            await locker.execute(SQL_LOCK, member)  # as resolve_hold of the member's hold does first
+            batch = asyncio.gather(
+                ledger.settle(left.subject_id, left.id, c("0.5"), USAGE),
+                ledger.settle(own.subject_id, own.id, c("0.5"), USAGE),
+            )
+            await _until_waiting(locker, "resolve_holds")
+            await locker.execute(SQL_LOCK + " NOWAIT", team)  # the batch waits before the team
+        assert all(s is not None for s in await batch)
+        assert ledger.resolve_batches.batches == 1 and ledger.resolve_batches.items == 2
+        await assert_sound(ledger, team)
+    finally:
+        await ledger.close()
+        await pool.close()
 
 
 async def test_a_drain_task_cancelled_before_it_ran_is_replaced() -> None:
