@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sys
 import time
 from collections import deque
 from typing import Any
@@ -36,10 +35,8 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError, ResponseError
 
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as deadline
-else:  # (redis-py installs it on these)
-    from async_timeout import timeout as deadline
+# how much longer opening a connection is looked at after its timeout (see RedisWire._open)
+CONNECT_GRACE = 0.05
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
@@ -207,19 +204,35 @@ class RedisWire:
         return await asyncio.shield(self._connecting)
 
     async def _open(self) -> _Protocol:
-        loop = asyncio.get_running_loop()
         generation = self._generation
-        async with deadline(self.timeout):
-            _, protocol = await loop.create_connection(_Protocol, self.host, self.port)
-            try:
-                await self._handshake(protocol)
-            except BaseException:
-                protocol.close()
-                raise
+        dialling = asyncio.ensure_future(self._dial())
+        try:
+            done, _ = await asyncio.wait({dialling}, timeout=self.timeout)
+            if not done:
+                # a process that stalled (a full garbage collection, imports on a first request)
+                # may not have read the answer that came meanwhile: one more short look
+                done, _ = await asyncio.wait({dialling}, timeout=CONNECT_GRACE)
+        except BaseException:
+            dialling.cancel()
+            raise
+        if not done:
+            dialling.cancel()
+            raise TimeoutError("Redis did not accept the connection in time")
+        protocol = dialling.result()
         if generation != self._generation:  # closed meanwhile (the link shut down)
             protocol.close()
             raise _Lost("connection to Redis closed")
         self._protocol = protocol
+        return protocol
+
+    async def _dial(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_connection(_Protocol, self.host, self.port)
+        try:
+            await self._handshake(protocol)
+        except BaseException:
+            protocol.close()
+            raise
         return protocol
 
     async def _handshake(self, protocol: _Protocol) -> None:

@@ -260,6 +260,9 @@ async def test_a_stalled_redis_opens_the_breaker_and_the_next_call_starts_a_new_
 async def stalled_then_answered(url: str) -> None:
     link = RedisLink(url, timeout=0.05, retry_seconds=60)
     try:
+        # the first call opens the connection, and the process stalls while Redis accepts it (a
+        # first request's imports, say)
+        asyncio.get_running_loop().call_later(0, time.sleep, 0.3)
         assert await link.script(ECHO, ["a"], [1]) == [b"a", b"1"]
         # the whole process stalls (as in a GC pause) in the loop's next turn, just after the
         # command went out and before its reply is read, for longer than the 0.1 s deadline
