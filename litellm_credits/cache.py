@@ -194,7 +194,7 @@ class Cache:
             CACHE_BYPASS.inc()
             return await load()
         try:
-            found = await self._script(
+            found = await self.link.script(
                 LUA_READ, [key, self.keys.version(key)], [entry[1] if entry is not None else ""]
             )
         except RedisDown:
@@ -233,7 +233,7 @@ class Cache:
             # skipped, not queued.
             self._fills += 1
             args = [version, codec.dump(value), max(1, int(ttl * 1000)), _new_version(), self._version_ttl_ms]
-            fill = self._script(LUA_FILL, [key, self.keys.version(key)], args)
+            fill = self.link.script(LUA_FILL, [key, self.keys.version(key)], args)
             remember = None if version else (key, value, ttl, start, started)
             task = asyncio.get_running_loop().create_task(self._fill(fill, remember))
             self._tasks.add(task)
@@ -383,9 +383,6 @@ class Cache:
             log.info("litellm-credits: replayed %d cache invalidations Redis had missed", len(keys))
 
     # Redis plumbing ----------------------------------------------------------------------
-
-    async def _script(self, lua: str, keys: list[str], args: list[Any]) -> Any:
-        return await self.link.script(lua, keys, args)
 
     def status(self) -> dict[str, Any]:
         return {

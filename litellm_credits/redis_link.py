@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .metrics import REDIS_BUSY, REDIS_ERRORS
-from .redis_wire import RedisWire, supports
+from .redis_wire import RedisWire
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
@@ -91,7 +91,7 @@ class RedisLink:
         self.retry_seconds = retry_seconds
         self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
         self._wires: dict[asyncio.AbstractEventLoop, RedisWire] = {}
-        self._wire_ok = url is not None and supports(url) and _readable(url)
+        self._wire_ok = url is not None and _readable(url)
         self._scripts: dict[str, Any] = {}  # redis-py's script objects, where no wire is used
         self._open_until = 0.0  # monotonic time until which calls fail fast
         self._down_since: float | None = None
@@ -128,7 +128,7 @@ class RedisLink:
 
     def wire(self) -> RedisWire | None:
         """The running loop's pipelined connection for scripts (None for a URL it does not speak)."""
-        if self.url is None or not self._wire_ok:
+        if not self._wire_ok or self.url is None:
             return None
         loop = asyncio.get_running_loop()
         wire = self._wires.get(loop)
@@ -138,7 +138,13 @@ class RedisLink:
 
     async def call(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         """Run ``op`` on the client within the timeout, or raise :class:`RedisDown`."""
-        return await self._guarded(lambda: op(self.client()))
+
+        async def bounded() -> T:
+            # a deadline on this task, not wait_for's task per call (a fifth of a call's CPU)
+            async with deadline(self.timeout * 2):
+                return await op(self.client())
+
+        return await self._guarded(bounded)
 
     async def script(self, lua: str, keys: list[str], args: list[Any]) -> Any:
         """Run a Lua script (EVALSHA, loaded on NOSCRIPT) within the timeout, or raise
@@ -155,7 +161,7 @@ class RedisLink:
             return await self.call(run)
         try:
             # bounded by the wire itself, per reply: see redis_wire._expire
-            return await self._guarded(lambda: wire.script(lua, keys, args, timeout=self.timeout * 2), False)
+            return await self._guarded(lambda: wire.script(lua, keys, args, timeout=self.timeout * 2))
         except RedisDown:
             # a connection whose oldest call has waited past the timeout is stuck (every reply
             # behind it is as late; one a firewall dropped never answers): the next call opens
@@ -163,18 +169,14 @@ class RedisLink:
             wire.close_if_stalled(self.timeout)
             raise
 
-    async def _guarded(self, op: Callable[[], Awaitable[T]], bound: bool = True) -> T:
+    async def _guarded(self, op: Callable[[], Awaitable[T]]) -> T:
+        """``op()`` (which bounds its own wait) behind the breaker; its failures as RedisDown."""
         if self.url is None:
             raise RedisDown("no Redis configured")
         if time.monotonic() < self._open_until:
             raise RedisDown("Redis is unavailable (retrying shortly)")
         try:
-            if bound:
-                # a deadline on this task, not wait_for's task per call (a fifth of a call's CPU)
-                async with deadline(self.timeout * 2):
-                    result = await op()
-            else:
-                result = await op()
+            result = await op()
         except RedisConnectionError as exc:
             if str(exc) == "No connection available.":  # our pool is busy, Redis is not down
                 REDIS_BUSY.inc()
@@ -227,7 +229,8 @@ class RedisLink:
 
 
 def _readable(url: str) -> bool:
-    """Whether the wire can read the URL (else redis-py's client answers, as for other URLs)."""
+    """Whether the wire speaks to the URL (a plain redis:// one it can read); else redis-py's
+    client answers."""
     try:
         RedisWire(url)
     except ValueError:

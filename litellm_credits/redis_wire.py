@@ -14,8 +14,9 @@ Only what the request path needs: ``execute`` and ``script`` (EVALSHA, loading t
 Redis answers NOSCRIPT) on a plain ``redis://`` URL (host, port, database, user and password).
 Everything else, and every other URL (TLS, Unix sockets, Sentinel), goes through redis-py
 (``RedisLink.client``). The URL is read by redis-py's parser. Opening a connection (connect,
-AUTH, SELECT) is bounded by ``timeout``; calls are bounded by their caller (``RedisLink``, with
-its circuit breaker), which drops a connection whose oldest call waited past the timeout. A call
+AUTH, SELECT) is bounded by ``timeout``, each reply by the timeout its caller passes; the caller
+(``RedisLink``, with its circuit breaker) drops a connection whose oldest call waited past its
+timeout. A call
 whose connection was lost under it is sent once more on a new one (as redis-py's retry did); a
 second loss raises redis-py's ``ConnectionError``, an error reply its ``ResponseError``, so
 callers handle both as they do redis-py's.
@@ -115,7 +116,8 @@ class RedisWire:
     """One pipelined connection to the Redis at ``url``, opened on first use and after a loss.
 
     ``timeout`` bounds opening a connection (connect, AUTH, SELECT), as redis-py's
-    ``socket_connect_timeout`` did; calls are bounded by their caller."""
+    ``socket_connect_timeout`` did; a call's wait for its reply is bounded by the ``timeout`` it
+    is given."""
 
     def __init__(self, url: str, *, timeout: float = 0.25) -> None:
         if not supports(url):

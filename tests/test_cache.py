@@ -187,14 +187,14 @@ async def test_an_entry_dropped_from_memory_during_the_check_is_still_answered(
     key = cache.keys.api_key(secrets.token_hex(32))
     assert await cache.get(key, source.load, JSON_CODEC, consistent=True) == source.value
     await until(lambda: key in cache._memory)  # filled behind the first answer
-    check = cache._script
+    check = cache.link.script  # this instance's own link
 
     async def racing(*args: object) -> object:
         found = await check(*args)  # type: ignore[arg-type]
         cache._memory.clear()  # what a concurrent request did while this one waited for Redis
         return found
 
-    cache._script = racing  # type: ignore[method-assign]
+    cache.link.script = racing  # type: ignore[method-assign]
     assert await cache.get(key, source.load, JSON_CODEC, consistent=True) == source.value
     assert source.reads == 1
 
