@@ -258,6 +258,18 @@ async def ab(sides: list[Side], ops: dict[str, Op], args: argparse.Namespace) ->
         )
     q = [x / y if y else float("nan") for x, y in zip(figures["A"], figures["B"], strict=True)]
     print(f"ratio A/B: req/s {q[0]:.3f}, p50 {q[1]:.3f}, p99 {q[2]:.3f}, proxy CPU per request {q[3]:.3f}")
+    # each round of A beside the round of B right after it: the machine's drift between rounds
+    # (one side moved by a quarter from one round to the next on a busy VM) cancels in a pair
+    pairs = [a.rate / b.rate for a, b in zip(rounds["A"], rounds["B"], strict=True) if b.rate]
+    if pairs:
+        print(
+            f"ratio A/B of req/s, median of the {len(pairs)} pairs of rounds: {statistics.median(pairs):.3f} "
+            f"(pairs: {' '.join(f'{p:.2f}' for p in pairs)})"
+        )
+    if figures["A"][3] and figures["B"][3]:
+        extra = figures["A"][3] - figures["B"][3]
+        share = extra / figures["A"][3]
+        print(f"the plugin's CPU in the proxy: {extra:+.2f} ms per request ({share:.1%} of A's)")
     xacts = statistics.median(p.cpu["pg xacts/req"] for p in rounds["A"])
     print(f"A's PostgreSQL transactions per request (median of rounds): {xacts:.2f}")
     await asyncio.sleep(1)  # statistics reach the server within a second

@@ -26,7 +26,7 @@ from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
-from . import metrics
+from . import heap, metrics
 from .claims import HoldClaim, HoldSigner
 from .crypto import EncryptionNotConfigured, Secret
 from .deployments import (
@@ -128,6 +128,8 @@ class CreditsHandler(CustomLogger):
         self, user_api_key_dict: Any, cache: Any, data: dict, call_type: Any
     ) -> dict:
         call = str(call_type).rsplit(".", 1)[-1]
+        if not heap.frozen() and self.runtime.settings.gc_freeze:
+            heap.freeze_once()  # the first request: the proxy has started (before its timer)
         try:
             with metrics.PRE_CALL_SECONDS.time():
                 return await self._pre_call(user_api_key_dict, data, call)

@@ -91,6 +91,16 @@ PRE_CALL_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+# -- the process -------------------------------------------------------------------------------
+
+# seconds each garbage collection of the process stopped it for, by generation (heap.py)
+GC_PAUSE_SECONDS = Histogram(
+    "litellm_credits_gc_pause_seconds",
+    "Time Python's garbage collector stopped the process, by generation (2: a full collection)",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
 # -- ledger, cache, Redis, rate limits -----------------------------------------------------------
 
 LEDGER_RETRIES = Counter(

@@ -14,6 +14,7 @@ import logging
 
 from .api import build_router
 from .dashboard import mount_dashboard
+from .heap import watch_pauses
 from .process import process_handler, process_runtime
 
 
@@ -56,6 +57,7 @@ def mount(app: object | None = None) -> None:
 
 
 mount()
+watch_pauses()  # litellm_credits_gc_pause_seconds: the proxy's garbage collections, timed
 runtime.start_soon()
 
 __all__ = ["handler", "mount", "runtime"]

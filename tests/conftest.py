@@ -143,6 +143,8 @@ def settings(database_url: str, redis_url: str, credits_config: CreditsConfig) -
         credits=credits_config,
         sweeper=False,
         db_pool_max=30,
+        # not the test process's heap (test_heap.py turns it on; the proxies run with the default)
+        gc_freeze=False,
     )
 
 

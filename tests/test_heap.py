@@ -1,0 +1,117 @@
+"""Freezing start-up's heap on the first request, and timing the garbage collector's pauses."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
+
+import openai
+import pytest
+from prometheus_client import REGISTRY
+
+from litellm_credits import heap
+from litellm_credits.hooks import CreditsHandler
+from litellm_credits.runtime import Runtime
+from litellm_credits.settings import CreditsConfig, Settings
+
+from .conftest import Proxy
+
+PRICES = {"models": {"house": {"input_cost_per_token": "0.000001", "output_cost_per_token": "0.000002"}}}
+
+
+@pytest.fixture
+def unfrozen(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A process not frozen yet; the test process's heap is unfrozen again afterwards."""
+    monkeypatch.setattr(heap, "_frozen", False)
+    gc.unfreeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def test_the_heap_is_frozen_once(unfrozen: None) -> None:
+    alive = [object() for _ in range(10)]
+    assert gc.get_freeze_count() == 0 and not heap.frozen()
+    assert heap.freeze_once() is True
+    assert heap.frozen()
+    frozen = gc.get_freeze_count()
+    assert frozen >= len(alive)  # everything alive then, these included
+    more = [[] for _ in range(1000)]  # made later: collected as before, not frozen
+    assert heap.freeze_once() is False
+    assert gc.get_freeze_count() == frozen
+    assert len(more) == 1000
+
+
+def test_garbage_is_collected_before_the_freeze(unfrozen: None) -> None:
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    gc.disable()  # no collection between making the garbage and the freeze but freeze_once's
+    try:
+        Cycle()  # unreachable at once, freed only by a collection
+        garbage = [o for o in gc.get_objects() if isinstance(o, Cycle)]
+        assert len(garbage) == 1
+        del garbage
+        heap.freeze_once()
+    finally:
+        gc.enable()
+    gc.unfreeze()  # (get_objects does not look at the frozen)
+    # the cycle was collected, not frozen for ever
+    assert not [o for o in gc.get_objects() if isinstance(o, Cycle)]
+
+
+def _pauses(generation: str) -> float:
+    count = REGISTRY.get_sample_value("litellm_credits_gc_pause_seconds_count", {"generation": generation})
+    return count or 0.0
+
+
+def test_collections_are_timed_by_generation() -> None:
+    heap.watch_pauses()
+    heap.watch_pauses()  # once, however often asked
+    assert gc.callbacks.count(heap._timed) == 1
+    before = _pauses("2"), _pauses("0")
+    gc.collect()
+    gc.collect(0)
+    assert _pauses("2") == before[0] + 1
+    assert _pauses("0") == before[1] + 1
+    total = REGISTRY.get_sample_value("litellm_credits_gc_pause_seconds_sum", {"generation": "2"})
+    assert total is not None and total > 0
+
+
+@pytest.fixture(params=[True, False], ids=["gc_freeze", "no_gc_freeze"])
+async def handler(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[CreditsHandler]:
+    credits = CreditsConfig.model_validate(PRICES)
+    rt = Runtime(settings.model_copy(update={"credits": credits, "gc_freeze": request.param}))
+    yield CreditsHandler(rt, deployments=lambda group: [])
+    await rt.close()
+
+
+async def test_the_first_request_freezes_unless_turned_off(unfrozen: None, handler: CreditsHandler) -> None:
+    ledger = await handler.runtime.ledger()
+    await ledger.create_account("heap-" + str(id(handler)), tier="free")
+    await ledger.credit("heap-" + str(id(handler)), 10_000_000)
+    auth = SimpleNamespace(user_id="heap-" + str(id(handler)), team_id=None, end_user_id=None, token="t",
+                           user_role="internal_user")  # fmt: skip
+    data = {"model": "house", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    out = await handler.async_pre_call_hook(auth, None, data, "acompletion")
+    claim = handler._claim(out)
+    assert claim is not None
+    await ledger.void(claim.subject_id, claim.hold_id)
+    on = handler.runtime.settings.gc_freeze
+    assert heap.frozen() is on
+    assert (gc.get_freeze_count() > 0) is on
+
+
+def test_the_proxy_freezes_on_its_first_request_and_times_collections(proxy: Proxy) -> None:
+    _, key = proxy.create_account("1")
+    openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0).chat.completions.create(
+        model="fake-custom", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    assert "froze" in proxy.log_path.read_text() and "start-up objects" in proxy.log_path.read_text()
+    with proxy.admin() as c:
+        text = c.get("/api/v1/admin/credits/metrics").text
+    assert 'litellm_credits_gc_pause_seconds_count{generation="0"}' in text
+    assert 'litellm_credits_gc_pause_seconds_bucket{generation="2",le="0.5"}' in text
