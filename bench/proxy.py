@@ -4,6 +4,7 @@
     python bench/proxy.py --soak 0    # the A/B only (about 3 minutes)
     python bench/proxy.py --quick     # 2-s rounds and a 20-s soak: a smoke run
     python bench/proxy.py --profile --rounds 0 --soak 0   # only a py-spy profile of A under load
+    python bench/proxy.py --soak 0 --no-gc-freeze   # the A/B with A's heap not frozen (as B's)
 
 Both proxies run at once, as subprocesses, with one model served by tests/fake_upstream.py (in its
 own process; non-streaming, no delay). A has the plugin's callback and custom_auth and 16 funded
@@ -476,6 +477,7 @@ def main(args: argparse.Namespace) -> None:
             FAKE_UPSTREAM_URL=upstream,
             LITELLM_LOCAL_MODEL_COST_MAP="True",
             LITELLM_LOG="ERROR",
+            CREDITS_GC_FREEZE="false" if args.no_gc_freeze else "true",
         )
         sides = {}
         for side, plugin in (("A", True), ("B", False)):
@@ -508,6 +510,11 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10, help="seconds per round (default 10)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     parser.add_argument("--soak", type=int, default=None, help="soak seconds (default 600; 0: none)")
+    parser.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="A without the plugin's freeze of the start-up heap (CREDITS_GC_FREEZE=false), as B",
+    )
     parser.add_argument("--profile", action="store_true", help="sample proxy A with py-spy under load")
     parser.add_argument("--profile-seconds", type=int, default=30, help="py-spy duration (default 30)")
     parser.add_argument("--keep", action="store_true", help="keep the proxy logs and py-spy output")
