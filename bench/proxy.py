@@ -270,7 +270,8 @@ async def ab(sides: list[Side], ops: dict[str, Op], args: argparse.Namespace) ->
     if figures["A"][3] and figures["B"][3]:
         extra = figures["A"][3] - figures["B"][3]
         share = extra / figures["A"][3]
-        print(f"the plugin's CPU in the proxy: {extra:+.2f} ms per request ({share:.1%} of A's)")
+        note = "" if args.no_gc_freeze else "; A's start-up heap is frozen, B's not: --no-gc-freeze"
+        print(f"the plugin's CPU in the proxy: {extra:+.2f} ms per request ({share:.1%} of A's{note})")
     xacts = statistics.median(p.cpu["pg xacts/req"] for p in rounds["A"])
     print(f"A's PostgreSQL transactions per request (median of rounds): {xacts:.2f}")
     await asyncio.sleep(1)  # statistics reach the server within a second

@@ -15,18 +15,21 @@ trade-off vLLM's API server and others make the same way). Measured in the proxy
 collections went from 0.3-0.9 s to 11-26 ms. The first request pays the one collection. Off with
 ``CREDITS_GC_FREEZE=false``.
 
-:func:`watch_pauses` times every collection into ``litellm_credits_gc_pause_seconds`` by
+:func:`watch_pauses` times every collection, and :func:`record_pauses` (on each request, each
+scrape of the plugin's metrics route and each gauge sample, every ``metrics.sample_seconds``) puts
+them into ``litellm_credits_gc_pause_seconds`` by
 generation (``prometheus_client`` counts collections, not how long they stop the process), so a
 tail of slow requests can be told from a slow ledger.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
+import os
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from . import metrics
@@ -37,6 +40,8 @@ _lock = threading.Lock()
 _frozen = False
 _watching = False
 _started: list[float] = [0.0]  # when the running collection started (perf_counter)
+# (generation, seconds) of collections not yet in the histogram; bounded, should nobody read it
+_pending: deque[tuple[int, float]] = deque(maxlen=10_000)
 
 
 def frozen() -> bool:
@@ -67,14 +72,29 @@ def freeze_once() -> bool:
 
 
 def _timed(phase: str, info: dict[str, Any]) -> None:
-    """A ``gc.callbacks`` entry: the time between a collection's start and its stop."""
+    """A ``gc.callbacks`` entry: the time between a collection's start and its stop, queued.
+
+    Only queued: a collection can start at any allocation, also while this thread holds one of
+    ``prometheus_client``'s locks (they are not reentrant; in multiprocess mode one lock guards
+    every value), so observing the histogram here could deadlock the thread on itself. One
+    collection runs at a time in a process (the collector is not reentrant), so one start slot
+    serves every thread."""
     if phase == "start":
         _started[0] = time.perf_counter()
     else:
-        with contextlib.suppress(Exception):  # a metric must never break a collection
-            metrics.GC_PAUSE_SECONDS.labels(generation=str(info["generation"])).observe(
-                time.perf_counter() - _started[0]
-            )
+        _pending.append((info["generation"], time.perf_counter() - _started[0]))
+
+
+def record_pauses() -> None:
+    """Move the collections timed since the last call into ``litellm_credits_gc_pause_seconds``
+    (outside any collection): on each request, before each scrape of the plugin's route, and with
+    each sample of the gauges."""
+    while _pending:
+        try:
+            generation, seconds = _pending.popleft()
+        except IndexError:  # another thread took the last one
+            return
+        metrics.GC_PAUSE_SECONDS.labels(generation=str(generation)).observe(seconds)
 
 
 def watch_pauses() -> None:
@@ -83,7 +103,9 @@ def watch_pauses() -> None:
     with _lock:
         if not _watching:
             gc.callbacks.append(_timed)
+            # a forked worker reports its own collections, not its parent's queued ones
+            os.register_at_fork(after_in_child=_pending.clear)
             _watching = True
 
 
-__all__ = ["freeze_once", "frozen", "watch_pauses"]
+__all__ = ["freeze_once", "frozen", "record_pauses", "watch_pauses"]

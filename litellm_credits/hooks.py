@@ -130,6 +130,7 @@ class CreditsHandler(CustomLogger):
         call = str(call_type).rsplit(".", 1)[-1]
         if not heap.frozen() and self.runtime.settings.gc_freeze:
             heap.freeze_once()  # the first request: the proxy has started (before its timer)
+        heap.record_pauses()
         try:
             with metrics.PRE_CALL_SECONDS.time():
                 return await self._pre_call(user_api_key_dict, data, call)

@@ -306,6 +306,9 @@ class _Ours:
 def render() -> tuple[bytes, str]:
     """The text exposition of this plugin's metrics (every worker's, in multiprocess mode), and
     its content type. Blocking: call it in a thread."""
+    from .heap import record_pauses  # (heap reports into this module)
+
+    record_pauses()
     if MULTIPROC_DIR is None:
         source: Any = REGISTRY
     else:

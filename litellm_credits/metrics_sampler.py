@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from .heap import record_pauses
 from .metrics import ACCOUNTS, HELD_MICROCREDITS, OPEN_HOLDS, SAMPLED_AT
 
 log = logging.getLogger("litellm_credits.metrics")
@@ -58,6 +59,7 @@ async def sample(pool: asyncpg.Pool) -> None:
 async def sample_forever(pool: asyncpg.Pool, interval: float) -> None:
     """Sample now, then every ``interval`` seconds; a failure is logged and tried again."""
     while True:
+        record_pauses()  # (also on each request: an idle proxy's collections reach the histogram here)
         try:
             await sample(pool)
         except asyncio.CancelledError:
