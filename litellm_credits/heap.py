@@ -2,7 +2,7 @@
 
 LiteLLM's proxy holds 800,000 to 860,000 objects once it has started (its modules, the price map,
 the router, FastAPI's routes), and every full (generation-2) garbage collection walks all of them
-while the event loop stands still: 0.35 to 0.9 s each on a 2-core VM, several a minute under load
+while the event loop stands still: 0.16 to 0.9 s each on a 2-core VM, several a minute under load
 (``bench/RESULTS.md``). Each such pause lands on every request in flight, and a Redis reply that
 arrives during one is read late.
 
@@ -17,9 +17,9 @@ collections went from 0.3-0.9 s to 11-26 ms. The first request pays the one coll
 
 :func:`watch_pauses` times every collection, and :func:`record_pauses` (on each request, each
 scrape of the plugin's metrics route and each gauge sample, every ``metrics.sample_seconds``) puts
-them into ``litellm_credits_gc_pause_seconds`` by
-generation (``prometheus_client`` counts collections, not how long they stop the process), so a
-tail of slow requests can be told from a slow ledger.
+them into ``litellm_credits_gc_pause_seconds`` by generation (``prometheus_client`` counts
+collections, not how long they stop the process), so a tail of slow requests can be told from a
+slow ledger.
 """
 
 from __future__ import annotations
