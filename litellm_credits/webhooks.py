@@ -16,10 +16,7 @@ separated signatures) until ``previous_until``.
 Targets (SSRF): http(s) only; the host is resolved at registration and before every attempt, and
 loopback, private, link-local (cloud metadata: 169.254.169.254, fd00:ec2::254), multicast and
 reserved addresses are refused unless ``alerts.allow_private_targets`` is set (metadata addresses
-and link-local ones are refused even then). An attempt connects to the address it checked (the
-URL's name goes in ``Host`` and, for https, in TLS's SNI and the certificate check), so a name
-that resolves to a public address for the check and to a private one a moment later (DNS
-rebinding) cannot reach the private one. A redirect is not followed.
+and link-local ones are refused even then). A redirect is not followed.
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, get_args
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -91,10 +88,9 @@ def headers(secrets_: list[str], msg_id: str, timestamp: int, body: bytes) -> di
     }
 
 
-async def check_target(url: str, *, allow_private: bool) -> str:
+async def check_target(url: str, *, allow_private: bool) -> None:
     """Refuse a URL whose scheme is not http(s) or whose host resolves to an address this
-    deployment must not call (see the module's SSRF rules); else the first address it resolved
-    to (every one of them passed), the one to connect to."""
+    deployment must not call (see the module's SSRF rules)."""
     if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
         raise InvalidRequest("the URL must not contain spaces or control characters", param="url")
     try:
@@ -128,28 +124,6 @@ async def check_target(url: str, *, allow_private: bool) -> str:
                 "alerts.allow_private_targets to call it",
                 param="url",
             )
-    if not infos:
-        raise WebhookTargetRefused(f"{parts.hostname} does not resolve", param="url")
-    return str(infos[0][4][0])
-
-
-def pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, Any]]:
-    """The request for ``url`` sent to ``address`` (checked by :func:`check_target`): the URL
-    with that address for its host, the ``Host`` header, and httpx's request extensions (the
-    name for TLS's SNI and certificate check). No second resolution, so no rebinding."""
-    parts = urlsplit(url)
-    hostname = parts.hostname or ""
-    try:
-        ipaddress.ip_address(hostname.strip("[]"))
-        return url, {}, {}  # an address already: nothing to resolve
-    except ValueError:
-        pass
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    host = f"[{ip}]" if ip.version == 6 else str(ip)
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
-    name = hostname if parts.port is None else f"{hostname}:{parts.port}"
-    extensions: dict[str, Any] = {"sni_hostname": hostname} if parts.scheme == "https" else {}
-    return urlunsplit(parts._replace(netloc=netloc)), {"host": name}, extensions
 
 
 @dataclass(frozen=True)
@@ -265,10 +239,9 @@ class Dispatcher:
             keys = [self.box.decrypt(row["secret"]).reveal()]
             if row["previous_secret"] and row["previous_valid"]:
                 keys.append(self.box.decrypt(row["previous_secret"]).reveal())
-            address = await check_target(row["url"], allow_private=self.policy.allow_private)
-            url, host, extensions = pinned(row["url"], address)
-            sent = headers(keys, row["event_id"], int(time.time()), body) | host
-            response = await self.client.post(url, content=body, headers=sent, extensions=extensions)
+            await check_target(row["url"], allow_private=self.policy.allow_private)
+            sent = headers(keys, row["event_id"], int(time.time()), body)
+            response = await self.client.post(row["url"], content=body, headers=sent)
             status = response.status_code
             if 200 <= status < 300:
                 await self.pool.execute(SQL_DELIVERED, row["id"], status)
@@ -305,6 +278,5 @@ __all__ = [
     "check_target",
     "headers",
     "new_secret",
-    "pinned",
     "sign",
 ]

@@ -4,26 +4,18 @@ process that verifies signatures from the Standard Webhooks specification."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
-import ssl
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
 from litellm_credits.alerts import Alerts
@@ -32,14 +24,7 @@ from litellm_credits.errors import InvalidRequest
 from litellm_credits.ledger import Ledger, UsageRecord
 from litellm_credits.money import parse_credits as c
 from litellm_credits.runtime import Runtime
-from litellm_credits.webhooks import (
-    Dispatcher,
-    Policy,
-    WebhookTargetRefused,
-    check_target,
-    headers,
-    pinned,
-)
+from litellm_credits.webhooks import Dispatcher, Policy, WebhookTargetRefused, check_target, headers
 
 from .conftest import ENCRYPTION_KEY, ROOT, AccountFactory, Proxy, free_port
 from .webhook_receiver import verified
@@ -290,134 +275,6 @@ async def test_targets_that_are_never_called() -> None:
         with pytest.raises(WebhookTargetRefused):
             await check_target(url, allow_private=False)
         await check_target(url, allow_private=True)
-
-
-def test_a_request_is_pinned_to_the_checked_address() -> None:
-    assert pinned("https://hooks.example.com/in?a=1", "93.184.216.34") == (
-        "https://93.184.216.34/in?a=1",
-        {"host": "hooks.example.com"},
-        {"sni_hostname": "hooks.example.com"},
-    )
-    assert pinned("http://hooks.example.com:8080/x", "2606:2800:220:1::1") == (
-        "http://[2606:2800:220:1::1]:8080/x",
-        {"host": "hooks.example.com:8080"},
-        {},
-    )
-    for url in ("http://93.184.216.34/x", "https://[2606:2800:220:1::1]:9/x"):  # nothing to resolve
-        assert pinned(url, "10.0.0.1") == (url, {}, {})
-
-
-async def test_a_delivery_connects_to_the_address_it_checked(
-    ledger: Ledger, alerts: Alerts, account: AccountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """DNS rebinding: the name is checked once per attempt and the connection goes to the address
-    the check saw. Here the name resolves only for the check (to the receiver, on loopback, which
-    the policy allows); a client that resolved it again would not reach anyone."""
-    receiver = Receiver(tmp_path)
-    loop = asyncio.get_running_loop()
-    real = loop.getaddrinfo
-    asked: list[str] = []
-
-    async def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == "rebinding.invalid":
-            asked.append(host)
-            return await real("127.0.0.1", port, *args, **kwargs)
-        return await real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "getaddrinfo", resolve)
-    url = f"http://rebinding.invalid:{receiver.port}/hooks"
-    endpoint = await alerts.create_endpoint(url, events=["balance.low"], format="standard", description=None)
-    receiver.start(endpoint["secret"])
-    subject = await account("10")
-    await alerts.set_thresholds(subject, [c("5")], [])
-    await spend(ledger, subject, c("6"))
-    dispatcher = Dispatcher(ledger.pool, SecretBox([ENCRYPTION_KEY]), FAST)
-    try:
-        deadline = time.monotonic() + 30
-        while not receiver.received(subject):
-            assert time.monotonic() < deadline, "the webhook was not delivered"
-            await dispatcher.run_once()
-            await asyncio.sleep(0.05)
-    finally:
-        await dispatcher.close()
-        receiver.stop()
-    [got] = receiver.received(subject)
-    assert got["status"] == 204 and got["verified"]
-    assert got["host"] == f"rebinding.invalid:{receiver.port}"
-    assert len(asked) >= 2  # at registration, and before the attempt
-
-
-def _tls_receiver(tmp_path: Path, name: str) -> tuple[ThreadingHTTPServer, ssl.SSLContext, list[str]]:
-    """An https receiver on loopback whose certificate names only ``name`` (no IP address), and a
-    client context that trusts it: a request reaches it only if TLS checks it against the name."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    (tmp_path / "cert.pem").write_bytes(cert_pem)
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    hosts: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length", 0)))
-            hosts.append(self.headers.get("host", ""))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    served.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    server.socket = served.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    trusted = ssl.create_default_context(cadata=cert_pem.decode())
-    return server, trusted, hosts
-
-
-async def test_an_https_delivery_checks_the_certificate_against_the_name(
-    ledger: Ledger, alerts: Alerts, account: AccountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    server, trusted, hosts = _tls_receiver(tmp_path, "hooks.invalid")
-    port = server.server_address[1]
-    loop = asyncio.get_running_loop()
-    real = loop.getaddrinfo
-
-    async def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        return await real("127.0.0.1" if host == "hooks.invalid" else host, port, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "getaddrinfo", resolve)
-    url = f"https://hooks.invalid:{port}/in"
-    await alerts.create_endpoint(url, events=["balance.low"], format="standard", description=None)
-    subject = await account("10")
-    await alerts.set_thresholds(subject, [c("5")], [])
-    await spend(ledger, subject, c("6"))
-    client = httpx.AsyncClient(verify=trusted, timeout=5, follow_redirects=False)
-    dispatcher = Dispatcher(ledger.pool, SecretBox([ENCRYPTION_KEY]), FAST, client=client)
-    try:
-        deadline = time.monotonic() + 30
-        while not hosts:
-            assert time.monotonic() < deadline, "the webhook was not delivered over TLS"
-            await dispatcher.run_once()
-            await asyncio.sleep(0.05)
-    finally:
-        await dispatcher.close()
-        server.shutdown()
-    assert hosts == [f"hooks.invalid:{port}"]
 
 
 def test_alert_routes_through_the_proxy(proxy: Proxy) -> None:

@@ -49,13 +49,7 @@ def main() -> None:
             seen[msg_id] = seen.get(msg_id, 0) + 1
             status = 401 if not ok else 500 if seen[msg_id] <= failures else 204
             with open(log_path, "a") as log:
-                line = {
-                    "id": msg_id,
-                    "verified": ok,
-                    "status": status,
-                    "host": headers.get("host"),
-                    "body": json.loads(body or b"null"),
-                }
+                line = {"id": msg_id, "verified": ok, "status": status, "body": json.loads(body or b"null")}
                 log.write(json.dumps(line) + "\n")
             self.send_response(status)
             self.send_header("content-length", "0")
