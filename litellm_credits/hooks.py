@@ -128,8 +128,8 @@ class CreditsHandler(CustomLogger):
         self, user_api_key_dict: Any, cache: Any, data: dict, call_type: Any
     ) -> dict:
         call = str(call_type).rsplit(".", 1)[-1]
-        if not heap.frozen() and self.runtime.settings.gc_freeze:
-            heap.freeze_once()  # the first request: the proxy has started (before its timer)
+        if self.runtime.settings.gc_freeze:
+            heap.freeze_once()  # the first request (the proxy has started); after it, one flag read
         heap.record_pauses()
         try:
             with metrics.PRE_CALL_SECONDS.time():

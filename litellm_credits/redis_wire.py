@@ -16,10 +16,9 @@ Everything else, and every other URL (TLS, Unix sockets, Sentinel), goes through
 (``RedisLink.client``). The URL is read by redis-py's parser. Opening a connection (connect,
 AUTH, SELECT) is bounded by ``timeout``, each reply by the timeout its caller passes; the caller
 (``RedisLink``, with its circuit breaker) drops a connection whose oldest call waited past its
-timeout. A call
-whose connection was lost under it is sent once more on a new one (as redis-py's retry did); a
-second loss raises redis-py's ``ConnectionError``, an error reply its ``ResponseError``, so
-callers handle both as they do redis-py's.
+timeout. A call whose connection was lost under it is sent once more on a new one (as redis-py's
+retry did); a second loss raises redis-py's ``ConnectionError``, an error reply its
+``ResponseError``, so callers handle both as they do redis-py's.
 """
 
 from __future__ import annotations
