@@ -53,10 +53,15 @@ Item = TypeVar("Item", "HoldItem", "ResolveItem")
 # follow a commit whose reply was lost (a lost connection can)
 ROLLED_BACK = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 
-DEFAULT_BATCH_SIZE = 64
-# batches of each kind in flight at once (lanes by account): one backend per batch, so one lane
-# would leave the database server's other cores idle
-DEFAULT_BATCH_LANES = 2
+# at 64 concurrent callers, batches of 32 keep a batch of holds and one of settlements at the
+# database side by side (a pipeline); batches of 64 took every caller at once, holds then
+# settlements, one backend busy at a time (bench/RESULTS.md, "one lane")
+DEFAULT_BATCH_SIZE = 32
+# batches of each kind in flight at once (lanes by account). One: a batch of holds and one of
+# settlements keep two backends busy, about what one proxy process can feed; a second lane split
+# the same items into batches half as big, each paying the batch's fixed cost (0.8x the cycles/s
+# of one lane at 64 callers on 2 cores). Many proxy processes give the server its concurrency.
+DEFAULT_BATCH_LANES = 1
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,13 @@ class Runtime:
             await Alerts(pool).sync_defaults(tiers, cfg.default_tier)
         except asyncpg.UndefinedTableError:  # not migrated yet (auto_migrate off)
             log.warning("litellm-credits: alert defaults not written: migration 0011 is not applied")
-        return Ledger(pool, on_change=self.accounts_changed, labels=self.labels, batch_size=s.db_batch_size)
+        return Ledger(
+            pool,
+            on_change=self.accounts_changed,
+            labels=self.labels,
+            batch_size=s.db_batch_size,
+            batch_lanes=s.db_batch_lanes,
+        )
 
     async def ledger(self) -> Ledger:
         """The ledger for the running loop, starting it on first use."""

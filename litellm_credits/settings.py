@@ -298,7 +298,9 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(2, ge=1)
     db_pool_max: int = Field(20, ge=1)
     # holds (and settlements) issued concurrently go to PostgreSQL in batches of at most this many
-    db_batch_size: int = Field(64, ge=1, le=10_000)
+    db_batch_size: int = Field(32, ge=1, le=10_000)
+    # batches of each kind (holds; settlements) in flight at once, items spread by account
+    db_batch_lanes: int = Field(1, ge=1, le=64)
     sweeper: bool = True
     # on the first LLM request, move what start-up left on the heap out of the garbage
     # collector's walk (heap.freeze_once): full collections of LiteLLM's heap stop the proxy for

@@ -28,6 +28,8 @@ from litellm_credits.group_commit import GroupCommit
 from litellm_credits.ledger import Hold, Ledger, UsageRecord
 from litellm_credits.ledger_sql import SQL_RESOLVE_BATCH, SQL_TAKE_BATCH
 from litellm_credits.money import parse_credits as c
+from litellm_credits.runtime import Runtime
+from litellm_credits.settings import Settings
 
 from .conftest import TESTS, AccountFactory, proxy_env, start_proxy
 from .test_ledger import assert_sound
@@ -707,3 +709,33 @@ async def _count(database_url: str, status: str, user: str) -> int:
         )
     finally:
         await conn.close()
+
+
+async def test_batch_functions_plan_their_statements_once_per_connection(ledger: Ledger) -> None:
+    """Migration 0017: generic plans, or the plan cache plans the batch functions' big statements
+    on every call (with sequential scans off, the generic plan never looked cheaper)."""
+    rows = await ledger.pool.fetch(
+        "SELECT p.oid::regprocedure::text AS f, p.proconfig FROM pg_proc p"
+        " WHERE p.oid IN ('credits.take_holds(jsonb)'::regprocedure,"
+        " 'credits.resolve_holds(jsonb)'::regprocedure, 'credits.lock_accounts(text[])'::regprocedure)"
+    )
+    assert len(rows) == 3
+    for row in rows:
+        assert "plan_cache_mode=force_generic_plan" in row["proconfig"], row["f"]
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+async def test_the_lanes_setting_reaches_the_ledger(settings: Settings, lanes: int) -> None:
+    rt = Runtime(settings.model_copy(update={"db_batch_lanes": lanes}))
+    try:
+        ledger = await rt.ledger()
+        assert len(ledger.hold_batches._queues) == lanes
+        assert len(ledger.resolve_batches._queues) == lanes
+        assert ledger.batch_size == settings.db_batch_size
+    finally:
+        await rt.close()
+
+
+def test_one_lane_of_32_by_default() -> None:
+    fields = Settings.model_fields
+    assert (fields["db_batch_lanes"].default, fields["db_batch_size"].default) == (1, 32)
