@@ -16,7 +16,9 @@ separated signatures) until ``previous_until``.
 Targets (SSRF): http(s) only; the host is resolved at registration and before every attempt, and
 loopback, private, link-local (cloud metadata: 169.254.169.254, fd00:ec2::254), multicast and
 reserved addresses are refused unless ``alerts.allow_private_targets`` is set (metadata addresses
-and link-local ones are refused even then). A redirect is not followed.
+and link-local ones are refused even then); the attempt then connects to the addresses that check
+approved, not to a second lookup's (:mod:`~litellm_credits.webhook_targets`). A redirect is not
+followed.
 """
 
 from __future__ import annotations
@@ -25,24 +27,22 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import random
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, get_args
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 
 from .crypto import EncryptionNotConfigured, SecretBox
-from .errors import CreditsError, InvalidRequest, WebhookTargetRefused
+from .errors import CreditsError, WebhookTargetRefused
 from .metrics import WEBHOOK_DELIVERED, WEBHOOK_FAILED
+from .webhook_targets import VETTED, check_target, vet_connections
 
 log = logging.getLogger("litellm_credits.webhooks")
 
@@ -58,8 +58,6 @@ EventType = Literal[
     "topup.reversed",
 ]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
-# a link-local range holds the metadata services; these are named for clarity
-_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 LEASE_SECONDS = 60
 DISPATCH_BATCH = 100  # deliveries attempted at once by one dispatcher
 
@@ -86,44 +84,6 @@ def headers(secrets_: list[str], msg_id: str, timestamp: int, body: bytes) -> di
         "content-type": "application/json",
         "user-agent": "litellm-credits-webhooks/1",
     }
-
-
-async def check_target(url: str, *, allow_private: bool) -> None:
-    """Refuse a URL whose scheme is not http(s) or whose host resolves to an address this
-    deployment must not call (see the module's SSRF rules)."""
-    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
-        raise InvalidRequest("the URL must not contain spaces or control characters", param="url")
-    try:
-        parts = urlsplit(url)
-        hostname = parts.hostname
-    except ValueError:
-        raise InvalidRequest("the URL is not valid", param="url") from None
-    if parts.scheme not in ("http", "https") or not hostname:
-        raise InvalidRequest("the URL must be http:// or https:// with a host", param="url")
-    if parts.username or parts.password:
-        raise InvalidRequest("the URL must not carry credentials", param="url")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise InvalidRequest("the URL's port is not valid", param="url") from None
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError, ValueError):
-        raise WebhookTargetRefused(f"{parts.hostname} does not resolve", param="url") from None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # ::ffff:169.254.169.254 is the metadata service too
-        if address in _METADATA or address.is_link_local or address.is_multicast or address.is_unspecified:
-            raise WebhookTargetRefused(
-                f"{parts.hostname} resolves to {address}, which is never called", param="url"
-            )
-        if not allow_private and (address.is_private or address.is_loopback or address.is_reserved):
-            raise WebhookTargetRefused(
-                f"{parts.hostname} resolves to a private address ({address}); set "
-                "alerts.allow_private_targets to call it",
-                param="url",
-            )
 
 
 @dataclass(frozen=True)
@@ -219,6 +179,7 @@ class Dispatcher:
         self.box = box
         self.policy = policy
         self.client = client or httpx.AsyncClient(timeout=policy.timeout_seconds, follow_redirects=False)
+        vet_connections(self.client)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -239,9 +200,13 @@ class Dispatcher:
             keys = [self.box.decrypt(row["secret"]).reveal()]
             if row["previous_secret"] and row["previous_valid"]:
                 keys.append(self.box.decrypt(row["previous_secret"]).reveal())
-            await check_target(row["url"], allow_private=self.policy.allow_private)
+            vetted = await check_target(row["url"], allow_private=self.policy.allow_private)
             sent = headers(keys, row["event_id"], int(time.time()), body)
-            response = await self.client.post(row["url"], content=body, headers=sent)
+            pinned = VETTED.set(vetted)  # (this task's context: each attempt runs in its own)
+            try:
+                response = await self.client.post(row["url"], content=body, headers=sent)
+            finally:
+                VETTED.reset(pinned)
             status = response.status_code
             if 200 <= status < 300:
                 await self.pool.execute(SQL_DELIVERED, row["id"], status)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
+import httpcore
 import httpx
 import pytest
 from pydantic import SecretStr
@@ -24,6 +26,7 @@ from litellm_credits.errors import InvalidRequest
 from litellm_credits.ledger import Ledger, UsageRecord
 from litellm_credits.money import parse_credits as c
 from litellm_credits.runtime import Runtime
+from litellm_credits.webhook_targets import VETTED, VettedBackend, vet_connections
 from litellm_credits.webhooks import Dispatcher, Policy, WebhookTargetRefused, check_target, headers
 
 from .conftest import ENCRYPTION_KEY, ROOT, AccountFactory, Proxy, free_port
@@ -275,6 +278,99 @@ async def test_targets_that_are_never_called() -> None:
         with pytest.raises(WebhookTargetRefused):
             await check_target(url, allow_private=False)
         await check_target(url, allow_private=True)
+
+
+async def test_a_delivery_connects_to_the_address_its_check_approved(
+    ledger: Ledger, alerts: Alerts, account: AccountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the name resolves to the receiver for the check, to another address for
+    any later lookup. The delivery reaches the receiver, by its name, after one lookup."""
+    receiver = Receiver(tmp_path)
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+    lookups: list[str] = []
+
+    async def rebinding(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "rebind.invalid":
+            return await real(host, port, *args, **kwargs)
+        lookups.append(host)
+        address = "127.0.0.1" if len(lookups) == 1 else "127.0.0.2"  # nothing listens there
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", rebinding)
+    url = f"http://rebind.invalid:{receiver.port}/hooks"
+    endpoint = await alerts.create_endpoint(url, events=["balance.low"], format="standard", description=None)
+    receiver.start(endpoint["secret"])
+    subject = await account("10")
+    await alerts.set_thresholds(subject, [c("5")], [])
+    await spend(ledger, subject, c("6"))
+    lookups.clear()  # (the registration's check)
+
+    dispatcher = Dispatcher(ledger.pool, SecretBox([ENCRYPTION_KEY]), FAST)
+    try:
+        deadline = time.monotonic() + 30
+        while not receiver.received(subject):
+            assert time.monotonic() < deadline, lookups
+            await dispatcher.run_once()
+            await asyncio.sleep(0.05)
+    finally:
+        await dispatcher.close()
+        receiver.stop()
+    [got] = receiver.received(subject)
+    assert (got["status"], got["verified"], got["host"]) == (204, True, f"rebind.invalid:{receiver.port}")
+    assert lookups == ["rebind.invalid"]  # the check's; the connection used what it approved
+
+
+class Recording(httpcore.AsyncNetworkBackend):
+    def __init__(self, refuse: set[str]) -> None:
+        self.calls: list[str] = []
+        self.refuse = refuse
+
+    async def connect_tcp(
+        self, host: str, port: int, *args: Any, **kwargs: Any
+    ) -> httpcore.AsyncNetworkStream:
+        self.calls.append(host)
+        if host in self.refuse:
+            raise httpcore.ConnectError(f"{host} refused")
+        return cast(httpcore.AsyncNetworkStream, object())
+
+
+async def test_vetted_addresses_are_tried_in_order_and_other_hosts_pass_through() -> None:
+    inner = Recording(refuse={"192.0.2.1"})
+    backend = VettedBackend(inner)
+    token = VETTED.set(("hooks.example", ("192.0.2.1", "198.51.100.7")))
+    try:
+        await backend.connect_tcp("hooks.example", 443)
+        await backend.connect_tcp("proxy.internal", 3128)  # HTTPS_PROXY: the proxy resolves the target
+    finally:
+        VETTED.reset(token)
+    await backend.connect_tcp("hooks.example", 443)  # outside a delivery: resolved as usual
+    assert inner.calls == ["192.0.2.1", "198.51.100.7", "proxy.internal", "hooks.example"]
+    inner.refuse.add("198.51.100.7")
+    token = VETTED.set(("hooks.example", ("192.0.2.1", "198.51.100.7")))
+    try:
+        with pytest.raises(httpcore.ConnectError, match=r"198\.51\.100\.7"):
+            await backend.connect_tcp("hooks.example", 443)
+    finally:
+        VETTED.reset(token)
+    assert vet_connections(httpx.AsyncClient())  # httpx's layout is the one this reaches into
+
+
+async def test_the_check_resolves_the_name_httpx_connects_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IDNA 2008 (httpx), not Python's IDNA 2003, which maps faß.de to fass.de: another host."""
+    loop = asyncio.get_running_loop()
+    asked: list[str] = []
+
+    async def resolver(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("93.184.215.14", port))]
+
+    monkeypatch.setattr(loop, "getaddrinfo", resolver)
+    assert await check_target("https://faß.de/hook", allow_private=False) == (
+        "xn--fa-hia.de",
+        ("93.184.215.14",),
+    )
+    assert asked == ["xn--fa-hia.de"]
 
 
 def test_alert_routes_through_the_proxy(proxy: Proxy) -> None:

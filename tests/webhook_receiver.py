@@ -6,7 +6,8 @@ specification (https://www.standardwebhooks.com), not from the plugin's code.
 It verifies every request's signature (HMAC-SHA256 over "{webhook-id}.{webhook-timestamp}.{body}"
 with the base64-decoded secret after "whsec_"; any of the space-separated "v1," signatures may
 match; the timestamp within five minutes), answers 500 to the first FAILURES requests of each
-webhook-id, 401 to a bad signature and 204 otherwise, and appends one JSON line per request to LOG.
+webhook-id, 401 to a bad signature and 204 otherwise, and appends one JSON line per request to LOG
+(with its Host header).
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def main() -> None:
             seen[msg_id] = seen.get(msg_id, 0) + 1
             status = 401 if not ok else 500 if seen[msg_id] <= failures else 204
             with open(log_path, "a") as log:
-                line = {"id": msg_id, "verified": ok, "status": status, "body": json.loads(body or b"null")}
+                line = {
+                    "id": msg_id,
+                    "verified": ok,
+                    "status": status,
+                    "host": headers.get("host"),
+                    "body": json.loads(body or b"null"),
+                }
                 log.write(json.dumps(line) + "\n")
             self.send_response(status)
             self.send_header("content-length", "0")
