@@ -87,9 +87,12 @@ async def check_target(url: str, *, allow_private: bool) -> tuple[str, tuple[str
 
 
 class VettedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend, except that a connection to the host in :data:`VETTED` goes
-    to the addresses approved for it, in order (the next one after a refused or timed-out
-    connection), instead of to whatever the name resolves to now."""
+    """httpcore's network backend, except that while :data:`VETTED` is set a connection goes to
+    its approved addresses, in order (the next one after a refused or timed-out connection), all
+    within the one connect timeout, instead of to whatever the name resolves to now. A connection
+    to any other host then is refused: this backend sits under the direct connections of the
+    delivery's own client (proxies have pools of their own), so another host means a URL that was
+    not checked."""
 
     def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
         self.inner = inner
@@ -103,15 +106,24 @@ class VettedBackend(httpcore.AsyncNetworkBackend):
         socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         vetted = VETTED.get()
-        if vetted is None or vetted[0] != host:  # not a delivery's host (a proxy, say)
+        if vetted is None:  # not a delivery
             return await self.inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        failure: Exception = httpcore.ConnectError(f"{host} has no approved address")
-        for address in vetted[1]:
+        checked, addresses = vetted
+        if host != checked:
+            raise httpcore.ConnectError(f"{host} is not the host that was checked ({checked})")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        failures: list[str] = []
+        for n, address in enumerate(addresses):
+            # each address a fair share of what is left of the one timeout (the last: all of it)
+            share = None if deadline is None else max(0.0, deadline - loop.time()) / (len(addresses) - n)
             try:
-                return await self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
+                return await self.inner.connect_tcp(address, port, share, local_address, socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                failure = exc
-        raise failure
+                failures.append(f"{address}: {exc or type(exc).__name__}")
+        raise httpcore.ConnectError(
+            f"{host} did not answer at its approved addresses ({'; '.join(failures)})"
+        )
 
     async def connect_unix_socket(
         self,
@@ -128,15 +140,15 @@ class VettedBackend(httpcore.AsyncNetworkBackend):
 def vet_connections(client: httpx.AsyncClient) -> bool:
     """Put :class:`VettedBackend` under the client's own (direct) connections. httpx 0.28 takes no
     network backend, so this reaches into the transport it made; False (and a warning) if its
-    layout changed, and deliveries resolve the name again when they connect."""
+    layout changed: the dispatcher then refuses to deliver rather than resolve the name again."""
     pool = getattr(getattr(client, "_transport", None), "_pool", None)
     backend = getattr(pool, "_network_backend", None)
-    if not isinstance(pool, httpcore.AsyncConnectionPool) or not isinstance(
+    if type(pool) is not httpcore.AsyncConnectionPool or not isinstance(
         backend, httpcore.AsyncNetworkBackend
     ):
         log.warning(
             "litellm-credits: webhooks cannot pin their connections to the checked addresses "
-            "(httpx's transport has changed): a DNS-rebinding window stays open"
+            "(httpx's transport has changed): no webhook is delivered until this is fixed"
         )
         return False
     if not isinstance(backend, VettedBackend):

@@ -179,7 +179,7 @@ class Dispatcher:
         self.box = box
         self.policy = policy
         self.client = client or httpx.AsyncClient(timeout=policy.timeout_seconds, follow_redirects=False)
-        vet_connections(self.client)
+        self.pinned = vet_connections(self.client)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -201,6 +201,8 @@ class Dispatcher:
             if row["previous_secret"] and row["previous_valid"]:
                 keys.append(self.box.decrypt(row["previous_secret"]).reveal())
             vetted = await check_target(row["url"], allow_private=self.policy.allow_private)
+            if not self.pinned:
+                raise WebhookTargetRefused("connections cannot be pinned to the checked addresses")
             sent = headers(keys, row["event_id"], int(time.time()), body)
             pinned = VETTED.set(vetted)  # (this task's context: each attempt runs in its own)
             try:

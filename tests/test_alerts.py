@@ -20,6 +20,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from litellm_credits import webhooks
 from litellm_credits.alerts import Alerts
 from litellm_credits.crypto import SecretBox
 from litellm_credits.errors import InvalidRequest
@@ -291,9 +292,10 @@ async def test_a_delivery_connects_to_the_address_its_check_approved(
     lookups: list[str] = []
 
     async def rebinding(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if host != "rebind.invalid":
+        name = host.decode() if isinstance(host, bytes) else host  # (anyio asks in bytes)
+        if name != "rebind.invalid":
             return await real(host, port, *args, **kwargs)
-        lookups.append(host)
+        lookups.append(name)
         address = "127.0.0.1" if len(lookups) == 1 else "127.0.0.2"  # nothing listens there
         return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
 
@@ -321,15 +323,44 @@ async def test_a_delivery_connects_to_the_address_its_check_approved(
     assert lookups == ["rebind.invalid"]  # the check's; the connection used what it approved
 
 
+async def test_without_pinned_connections_nothing_is_delivered(
+    ledger: Ledger, alerts: Alerts, account: AccountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An httpx whose transport this cannot reach into: deliveries fail (and retry) rather than
+    connect wherever the name resolves by then."""
+    receiver = Receiver(tmp_path)
+    endpoint = await alerts.create_endpoint(
+        receiver.url, events=["balance.low"], format="standard", description=None
+    )
+    receiver.start(endpoint["secret"])
+    subject = await account("10")
+    await alerts.set_thresholds(subject, [c("5")], [])
+    await spend(ledger, subject, c("6"))
+    monkeypatch.setattr(webhooks, "vet_connections", lambda client: False)
+    dispatcher = Dispatcher(ledger.pool, SecretBox([ENCRYPTION_KEY]), FAST)
+    try:
+        assert await dispatcher.run_once() >= 1
+    finally:
+        await dispatcher.close()
+        receiver.stop()
+    assert receiver.received(subject) == []
+    rows = (await alerts.deliveries(status=None, endpoint_id=endpoint["id"], limit=10, offset=0))[0]
+    assert [(d["status"], d["last_error"]) for d in rows] == [
+        ("pending", "connections cannot be pinned to the checked addresses")
+    ]
+
+
 class Recording(httpcore.AsyncNetworkBackend):
     def __init__(self, refuse: set[str]) -> None:
         self.calls: list[str] = []
+        self.timeouts: list[float | None] = []
         self.refuse = refuse
 
     async def connect_tcp(
-        self, host: str, port: int, *args: Any, **kwargs: Any
+        self, host: str, port: int, timeout: float | None = None, *args: Any, **kwargs: Any
     ) -> httpcore.AsyncNetworkStream:
         self.calls.append(host)
+        self.timeouts.append(timeout)
         if host in self.refuse:
             raise httpcore.ConnectError(f"{host} refused")
         return cast(httpcore.AsyncNetworkStream, object())
@@ -341,19 +372,23 @@ async def test_vetted_addresses_are_tried_in_order_and_other_hosts_pass_through(
     token = VETTED.set(("hooks.example", ("192.0.2.1", "198.51.100.7")))
     try:
         await backend.connect_tcp("hooks.example", 443)
-        await backend.connect_tcp("proxy.internal", 3128)  # HTTPS_PROXY: the proxy resolves the target
+        with pytest.raises(httpcore.ConnectError, match="not the host that was checked"):
+            await backend.connect_tcp("elsewhere.example", 443)  # a URL that was not checked
     finally:
         VETTED.reset(token)
     await backend.connect_tcp("hooks.example", 443)  # outside a delivery: resolved as usual
-    assert inner.calls == ["192.0.2.1", "198.51.100.7", "proxy.internal", "hooks.example"]
+    assert inner.calls == ["192.0.2.1", "198.51.100.7", "hooks.example"]
     inner.refuse.add("198.51.100.7")
     token = VETTED.set(("hooks.example", ("192.0.2.1", "198.51.100.7")))
     try:
-        with pytest.raises(httpcore.ConnectError, match=r"198\.51\.100\.7"):
-            await backend.connect_tcp("hooks.example", 443)
+        with pytest.raises(httpcore.ConnectError, match=r"192\.0\.2\.1: .*198\.51\.100\.7: "):
+            await backend.connect_tcp("hooks.example", 443, timeout=5)
     finally:
         VETTED.reset(token)
-    assert vet_connections(httpx.AsyncClient())  # httpx's layout is the one this reaches into
+    # one connect timeout for all: each address a share of what is left
+    assert inner.timeouts[-2:] == [pytest.approx(2.5, abs=0.2), pytest.approx(5, abs=0.2)]
+    async with httpx.AsyncClient() as client:
+        assert vet_connections(client)  # httpx's layout is the one this reaches into
 
 
 async def test_the_check_resolves_the_name_httpx_connects_to(monkeypatch: pytest.MonkeyPatch) -> None:
