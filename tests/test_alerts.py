@@ -147,16 +147,25 @@ async def test_monthly_cap_alerts_at_80_and_100_percent_by_default(
     ]
 
 
-async def test_a_failing_receiver_gets_the_event_again_with_the_same_id(
-    ledger: Ledger, alerts: Alerts, account: AccountFactory, receiver: Receiver
-) -> None:
+async def balance_low_for(
+    ledger: Ledger, alerts: Alerts, account: AccountFactory, receiver: Receiver, url: str | None = None
+) -> tuple[dict[str, Any], str]:
+    """An endpoint for balance.low at ``url`` (the receiver's), the receiver started with its
+    secret, and an account just taken below its 5-credit threshold: (endpoint, account)."""
     endpoint = await alerts.create_endpoint(
-        receiver.url, events=["balance.low"], format="standard", description=None
+        url or receiver.url, events=["balance.low"], format="standard", description=None
     )
     receiver.start(endpoint["secret"])
     subject = await account("10")
     await alerts.set_thresholds(subject, [c("5")], [])
     await spend(ledger, subject, c("6"))
+    return endpoint, subject
+
+
+async def test_a_failing_receiver_gets_the_event_again_with_the_same_id(
+    ledger: Ledger, alerts: Alerts, account: AccountFactory, receiver: Receiver
+) -> None:
+    endpoint, subject = await balance_low_for(ledger, alerts, account, receiver)
 
     dispatcher = Dispatcher(ledger.pool, SecretBox([ENCRYPTION_KEY]), FAST)
     try:
@@ -301,11 +310,7 @@ async def test_a_delivery_connects_to_the_address_its_check_approved(
 
     monkeypatch.setattr(loop, "getaddrinfo", rebinding)
     url = f"http://rebind.invalid:{receiver.port}/hooks"
-    endpoint = await alerts.create_endpoint(url, events=["balance.low"], format="standard", description=None)
-    receiver.start(endpoint["secret"])
-    subject = await account("10")
-    await alerts.set_thresholds(subject, [c("5")], [])
-    await spend(ledger, subject, c("6"))
+    _, subject = await balance_low_for(ledger, alerts, account, receiver, url)
     lookups.clear()  # (the registration's check)
 
     dispatcher = Dispatcher(ledger.pool, SecretBox([ENCRYPTION_KEY]), FAST)
@@ -329,13 +334,7 @@ async def test_without_pinned_connections_nothing_is_delivered(
     """An httpx whose transport this cannot reach into: deliveries fail (and retry) rather than
     connect wherever the name resolves by then."""
     receiver = Receiver(tmp_path)
-    endpoint = await alerts.create_endpoint(
-        receiver.url, events=["balance.low"], format="standard", description=None
-    )
-    receiver.start(endpoint["secret"])
-    subject = await account("10")
-    await alerts.set_thresholds(subject, [c("5")], [])
-    await spend(ledger, subject, c("6"))
+    endpoint, subject = await balance_low_for(ledger, alerts, account, receiver)
     monkeypatch.setattr(webhooks, "vet_connections", lambda client: False)
     dispatcher = Dispatcher(ledger.pool, SecretBox([ENCRYPTION_KEY]), FAST)
     try:
