@@ -41,7 +41,9 @@ def test_the_heap_is_frozen_once(unfrozen: None) -> None:
     assert frozen >= len(alive)  # everything alive then, these included
     more = [[] for _ in range(1000)]  # made later: collected as before, not frozen
     assert heap.freeze_once() is False
-    assert gc.get_freeze_count() == frozen
+    # nothing frozen again (the count may fall: a frozen object freed by its reference count, by
+    # another thread of this process meanwhile, leaves the permanent generation)
+    assert gc.get_freeze_count() <= frozen
     tracked = {id(o) for o in gc.get_objects()}  # (the frozen are not in it)
     assert all(id(o) in tracked for o in more)
 
