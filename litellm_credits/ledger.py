@@ -513,11 +513,18 @@ class Ledger(LedgerBatches):
             usage, charge, status = UsageRecord(metadata={"expired": True}), None, "captured"
         else:
             usage, charge, status = UsageRecord(cost=0, metadata={"expired": True}), 0, "expired"
-        # all at once: they go to the database in batches (group commit)
-        results = await asyncio.gather(
-            *(self._resolve(r["subject_id"], r["id"], charge, status, "expired", usage) for r in rows),
-            return_exceptions=True,
-        )
+        # a batch's worth at a time (group commit): the settlements that arrive meanwhile share the
+        # lane and go in the next batch, never behind all of the sweep's batches
+        results: list[Settlement | BaseException | None] = []
+        step = max(1, self.batch_size)
+        for start in range(0, len(rows), step):
+            results += await asyncio.gather(
+                *(
+                    self._resolve(r["subject_id"], r["id"], charge, status, "expired", usage)
+                    for r in rows[start : start + step]
+                ),
+                return_exceptions=True,
+            )
         done = 0
         for row, result in zip(rows, results, strict=True):
             if result is None or isinstance(result, BaseException):

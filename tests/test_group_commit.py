@@ -26,6 +26,7 @@ from litellm_credits import db, metrics, migrations
 from litellm_credits.errors import InsufficientCredits, ServiceUnavailable, TeamInsufficientCredits
 from litellm_credits.group_commit import GroupCommit
 from litellm_credits.ledger import Hold, Ledger, UsageRecord
+from litellm_credits.ledger_batch import DEFAULT_BATCH_LANES, DEFAULT_BATCH_SIZE
 from litellm_credits.ledger_sql import SQL_RESOLVE_BATCH, SQL_TAKE_BATCH
 from litellm_credits.money import parse_credits as c
 from litellm_credits.runtime import Runtime
@@ -145,7 +146,8 @@ async def test_concurrent_holds_on_one_account_go_in_few_batches_in_order(
     )
     batches = ledger.hold_batches.batches - before_batches
     assert ledger.hold_batches.items - before_items == 100
-    assert batches <= 4, batches  # 64 + 36 here; natural batching, not one statement each
+    # natural batching, not one statement each: the first alone (idle), then full batches
+    assert batches <= 2 + 100 // ledger.batch_size, batches
     metric_after = _batch_sizes("hold")
     assert metric_after[0] - metric_before[0] == batches and metric_after[1] - metric_before[1] == 100
     # decided in arrival order, and never past the balance: the first 33 fit, the rest are refused
@@ -201,10 +203,14 @@ async def test_in_one_batch_a_refusal_and_an_error_fail_only_their_own_items(
         await assert_sound(ledger, subject)
 
 
-async def test_crossing_batches_from_two_instances_never_deadlock(ledger: Ledger, database_url: str) -> None:
+@pytest.mark.parametrize("lanes", [1, 2])
+async def test_crossing_batches_from_two_instances_never_deadlock(
+    ledger: Ledger, database_url: str, lanes: int
+) -> None:
     """Two ledgers on two pools (two proxy instances), each sending batches that touch the same
     accounts in opposite orders: plain accounts, a team and its members. Accounts are locked in one
-    order, so no batch waits for another in a cycle (no retries: a deadlock would fail a call)."""
+    order, so no batch waits for another in a cycle (no retries: a deadlock would fail a call).
+    With two lanes, batches of one instance cross too (members of one team in both lanes)."""
     tag = secrets.token_hex(4)
     a, b, team = f"x-a-{tag}", f"x-b-{tag}", f"x-team-{tag}"
     members = [f"x-m{i}-{tag}" for i in range(3)]
@@ -215,7 +221,7 @@ async def test_crossing_batches_from_two_instances_never_deadlock(ledger: Ledger
         await ledger.create_account(m, tier="free", parent_id=team)
     subjects = [a, b, team, *members]
     pool = await db.create_pool(database_url, min_size=2, max_size=4)
-    one, two = Ledger(ledger.pool, retries=0), Ledger(pool, retries=0)
+    one, two = Ledger(ledger.pool, retries=0, batch_lanes=lanes), Ledger(pool, retries=0, batch_lanes=lanes)
     charged = 0
     deadline = time.monotonic() + 4
 
@@ -314,6 +320,43 @@ async def test_expiries_go_in_batches(ledger: Ledger, account: AccountFactory) -
     )
     assert [r["status"] for r in statuses] == ["expired"] and len(holds) == 20
     await assert_sound(ledger, subject)
+
+
+async def test_a_sweep_does_not_queue_settlements_behind_all_its_batches(
+    ledger: Ledger, account: AccountFactory
+) -> None:
+    """The sweeper resolves a batch's worth at a time: a settlement that arrives meanwhile goes in
+    the next batch, not behind every batch of the sweep (one lane: they share it)."""
+    lean = Ledger(ledger.pool, batch_size=4, batch_lanes=1)
+    try:
+        subject = await account("10")
+        expired = [await lean.hold(subject, c("0.1"), ttl_seconds=60) for _ in range(12)]
+        await ledger.pool.execute(
+            "UPDATE credits.holds SET created_at = now() - interval '2 hours',"
+            " expires_at = now() - interval '1 hour' WHERE subject_id = $1 AND id = ANY($2)",
+            subject,
+            [h.id for h in expired],
+        )
+        live = await lean.hold(subject, c("0.1"), ttl_seconds=600)
+        batches: list[list[str]] = []
+        run = lean.resolve_batches.run
+
+        async def spy(items: list[Any]) -> list[Any]:
+            batches.append([item.hold_status for item in items])
+            return await run(items)
+
+        lean.resolve_batches.run = spy
+        sweep = asyncio.create_task(lean.expire(policy="void"))
+        while not batches:  # the sweep's first batch has left
+            await asyncio.sleep(0)
+        assert await lean.settle(subject, live.id, c("0.05"), UsageRecord()) is not None
+        assert await sweep >= 12
+        settled_in = next(n for n, b in enumerate(batches) if "settled" in b)
+        assert settled_in == 1, batches  # the next batch (12 expiries would make it the fourth)
+        assert all(len(b) <= 4 for b in batches)
+        await assert_sound(ledger, subject)
+    finally:
+        await lean.close()
 
 
 async def test_migration_0014_applies_on_0013(fresh_database: Callable[[], str]) -> None:
@@ -711,7 +754,7 @@ async def _count(database_url: str, status: str, user: str) -> int:
         await conn.close()
 
 
-async def test_batch_functions_plan_their_statements_once_per_connection(ledger: Ledger) -> None:
+async def test_batch_functions_are_set_to_generic_plans(ledger: Ledger) -> None:
     """Migration 0017: generic plans, or the plan cache plans the batch functions' big statements
     on every call (with sequential scans off, the generic plan never looked cheaper)."""
     rows = await ledger.pool.fetch(
@@ -724,14 +767,14 @@ async def test_batch_functions_plan_their_statements_once_per_connection(ledger:
         assert "plan_cache_mode=force_generic_plan" in row["proconfig"], row["f"]
 
 
-@pytest.mark.parametrize("lanes", [1, 3])
+@pytest.mark.parametrize("lanes", [2, 3])
 async def test_the_lanes_setting_reaches_the_ledger(settings: Settings, lanes: int) -> None:
-    rt = Runtime(settings.model_copy(update={"db_batch_lanes": lanes}))
+    rt = Runtime(settings.model_copy(update={"db_batch_lanes": lanes, "db_batch_size": 7}))
     try:
         ledger = await rt.ledger()
         assert len(ledger.hold_batches._queues) == lanes
         assert len(ledger.resolve_batches._queues) == lanes
-        assert ledger.batch_size == settings.db_batch_size
+        assert ledger.batch_size == ledger.hold_batches.max_size == ledger.resolve_batches.max_size == 7
     finally:
         await rt.close()
 
@@ -739,3 +782,4 @@ async def test_the_lanes_setting_reaches_the_ledger(settings: Settings, lanes: i
 def test_one_lane_of_32_by_default() -> None:
     fields = Settings.model_fields
     assert (fields["db_batch_lanes"].default, fields["db_batch_size"].default) == (1, 32)
+    assert (DEFAULT_BATCH_LANES, DEFAULT_BATCH_SIZE) == (1, 32)  # a Ledger made without settings
