@@ -513,10 +513,11 @@ class Ledger(LedgerBatches):
             usage, charge, status = UsageRecord(metadata={"expired": True}), None, "captured"
         else:
             usage, charge, status = UsageRecord(cost=0, metadata={"expired": True}), 0, "expired"
-        # a batch's worth at a time (group commit): the settlements that arrive meanwhile share the
-        # lane and go in the next batch, never behind all of the sweep's batches
+        # batched, a batch's worth at a time: the settlements that arrive meanwhile share the lane
+        # and go in the next batch, never behind all of the sweep's batches (unbatched, each is its
+        # own statement: all at once)
         results: list[Settlement | BaseException | None] = []
-        step = max(1, self.batch_size)
+        step = self.batch_size if self.batched else max(1, len(rows))
         for start in range(0, len(rows), step):
             results += await asyncio.gather(
                 *(

@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .ledger_batch import DEFAULT_BATCH_LANES, DEFAULT_BATCH_SIZE
 from .money import PLACES, parse_credits, to_decimal
 
 
@@ -298,9 +299,9 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(2, ge=1)
     db_pool_max: int = Field(20, ge=1)
     # holds (and settlements) issued concurrently go to PostgreSQL in batches of at most this many
-    db_batch_size: int = Field(32, ge=1, le=10_000)
+    db_batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, le=10_000)
     # batches of each kind (holds; settlements) in flight at once, items spread by account
-    db_batch_lanes: int = Field(1, ge=1, le=64)
+    db_batch_lanes: int = Field(DEFAULT_BATCH_LANES, ge=1, le=64)
     sweeper: bool = True
     # on the first LLM request, move what start-up left on the heap out of the garbage
     # collector's walk (heap.freeze_once): full collections of LiteLLM's heap stop the proxy for
