@@ -269,4 +269,6 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10)
-    asyncio.run(main(parser.parse_args()))
+    h.add_loop_argument(parser)
+    args = parser.parse_args()
+    h.run(main(args), args.loop)

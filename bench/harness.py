@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import glob
 import math
@@ -12,10 +13,11 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -23,6 +25,26 @@ import asyncpg
 from litellm_credits import db
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def add_loop_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the event loop: uvloop (default), as LiteLLM's proxy runs the plugin (uvicorn picks "
+        "uvloop when it is installed, and LiteLLM's proxy extra installs it), or asyncio's own",
+    )
+
+
+def run(main: Coroutine[Any, Any, None], loop: str) -> None:
+    """``asyncio.run(main)`` on the event loop ``--loop`` chose."""
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 @dataclass

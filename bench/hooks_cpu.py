@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import cProfile
 import datetime as dt
+import itertools
 import os
 import pstats
 import secrets
@@ -48,7 +49,14 @@ DEPLOYMENTS = [
         "model_info": {"id": "bench-deployment"},
     }
 ]
-MESSAGES = [{"role": "user", "content": "Say hello in one short sentence, please."}]
+SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer in one short sentence."}
+SERIAL = itertools.count()
+
+
+def messages() -> list[dict[str, str]]:
+    """A request's messages as a chat client sends them: the same system prompt each time and a
+    user message of its own (no cache of token counts serves a whole prompt)."""
+    return [SYSTEM, {"role": "user", "content": f"Say hello, please. (request {next(SERIAL)})"}]
 
 
 def callgrind(on: bool) -> None:
@@ -101,7 +109,7 @@ async def main(args: argparse.Namespace) -> None:
             auth = await custom_auth(None, "Bearer " + key)
             data = {
                 "model": MODEL,
-                "messages": MESSAGES,
+                "messages": messages(),
                 "max_tokens": 50,
                 "metadata": {},
                 "litellm_call_id": secrets.token_hex(8),
@@ -150,7 +158,7 @@ async def main(args: argparse.Namespace) -> None:
             )
             if profile is not None:
                 stats = pstats.Stats(profile)
-                stats.sort_stats("cumulative").print_stats(40)
+                stats.sort_stats(args.sort).print_stats(args.top)
         await runtime.cache.drain()
     finally:
         await runtime.close()
@@ -171,11 +179,10 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10, help="seconds of load (default 10)")
     parser.add_argument("--count", type=int, default=0, help="exactly this many requests (for callgrind)")
     parser.add_argument("--profile", action="store_true", help="cProfile the measured requests")
+    parser.add_argument(
+        "--sort", default="cumulative", help="the profile's order: cumulative (default), tottime, ncalls"
+    )
+    parser.add_argument("--top", type=int, default=40, help="functions the profile lists (default 40)")
+    h.add_loop_argument(parser)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()  # as LiteLLM's proxy runs (uvicorn picks uvloop when installed)
-    except ImportError:
-        pass
-    asyncio.run(main(args))
+    h.run(main(args), args.loop)

@@ -13,7 +13,6 @@ Seeds a scratch database with 1,000,000 ledger rows and 10,000,000 usage events 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
 import secrets
 import statistics
@@ -187,4 +186,6 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--embedded", action="store_true", help="use an embedded PostgreSQL")
-    asyncio.run(main(parser.parse_args()))
+    h.add_loop_argument(parser)
+    args = parser.parse_args()
+    h.run(main(args), args.loop)
