@@ -6,11 +6,19 @@ per-message overheads on every call: about a third of the pre-call hook's CPU in
 LiteLLM's own functions, so every count is LiteLLM's (a test compares them on several models and
 message shapes). On a LiteLLM without those internals, or with its counter disabled, it calls
 ``litellm.token_counter`` as before.
+
+The counts of the last :data:`REMEMBERED` texts counted are kept (by model and text):
+a chat client sends the same system prompt with every request, and each turn of a conversation
+sends all the turns before it again, so most of a prompt's texts (and every role name, which
+LiteLLM counts too) were counted moments ago. A short text is its own key; a longer one is keyed
+by its length and a 128-bit BLAKE2b digest (hashing is about a hundred times faster than
+tokenizing, and the memory holds no prompt longer than :data:`SHORT_TEXT` characters).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -29,9 +37,67 @@ except ImportError:  # pragma: no cover - a LiteLLM that reorganised them
     INTERNALS = False
 
 
+REMEMBERED = 8192  # texts whose counts are kept, all models together
+SHORT_TEXT = 256  # characters; a longer text is kept by its digest, not itself
+
+Key = tuple[str, str | tuple[int, bytes]]  # (model, the text or its length and digest)
+
+
+def text_key(text: str) -> str | tuple[int, bytes]:
+    if len(text) <= SHORT_TEXT:
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    return len(text), hashlib.blake2b(data, digest_size=16).digest()
+
+
+class CountMemory:
+    """The last ``size`` counts made, by model and text (the least recently used goes first):
+    bounded whatever the number of models (an OpenRouter deployment routes to hundreds)."""
+
+    def __init__(self, size: int = REMEMBERED) -> None:
+        self.size = size
+        self.seen: dict[Key, int] = {}  # in order of use, the oldest first
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+    def count(self, model: str, count: Callable[[str], int], text: str) -> int:
+        key = (model, text_key(text))
+        seen = self.seen
+        found = seen.pop(key, None)
+        if found is None:
+            found = count(text)
+            if len(seen) >= self.size:
+                try:
+                    del seen[next(iter(seen))]
+                except (KeyError, RuntimeError, StopIteration):  # another thread got there first
+                    pass
+        seen[key] = found  # (last: the most recently used)
+        return found
+
+
+MEMORY = CountMemory()
+
+
+class Remembered:
+    """A model's count function, its answers kept in a :class:`CountMemory`."""
+
+    def __init__(self, model: str, count: Callable[[str], int], memory: CountMemory = MEMORY) -> None:
+        self.model = model
+        self.count = count
+        self.memory = memory
+
+    def __call__(self, text: str) -> int:
+        if not isinstance(text, str):  # (LiteLLM passes only text; anything else is not kept)
+            return self.count(text)
+        return self.memory.count(self.model, self.count, text)
+
+
 @lru_cache(maxsize=512)
 def _params(model: str) -> Any:
-    return _MessageCountParams(model, None)
+    params = _MessageCountParams(model, None)
+    params.count_function = Remembered(model, params.count_function, MEMORY)
+    return params
 
 
 def token_counter(*, model: str = "", messages: Sequence[Any] | None = None, text: str | None = None) -> int:
@@ -49,4 +115,4 @@ def token_counter(*, model: str = "", messages: Sequence[Any] | None = None, tex
     )
 
 
-__all__ = ["token_counter"]
+__all__ = ["MEMORY", "REMEMBERED", "SHORT_TEXT", "CountMemory", "Remembered", "token_counter"]

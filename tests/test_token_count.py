@@ -57,3 +57,68 @@ def test_counts_text_as_litellm_does(model: str) -> None:
 def test_a_disabled_counter_is_litellms_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(litellm, "disable_token_counter", True)
     assert token_count.token_counter(model="gpt-4o", messages=MESSAGES[1]) == 0
+
+
+def test_a_text_seen_lately_is_not_tokenized_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    token_count._params.cache_clear()
+    monkeypatch.setattr(token_count, "MEMORY", token_count.CountMemory())
+    calls: list[str] = []
+    params = token_count._params("gpt-4o")
+    counted = params.count_function.count
+
+    def spy(text: str) -> int:
+        calls.append(text)
+        return int(counted(text))
+
+    monkeypatch.setattr(params.count_function, "count", spy)
+    system = {"role": "system", "content": "You are a helpful assistant. " * 20}  # kept by digest
+    turns = [system, {"role": "user", "content": "Hello there"}]
+    first = token_count.token_counter(model="gpt-4o", messages=turns)
+    assert sorted(calls) == sorted(["system", system["content"], "user", "Hello there"])
+    calls.clear()
+    turns += [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Bye"}]
+    second = token_count.token_counter(model="gpt-4o", messages=turns)
+    assert calls == ["assistant", "Hi!", "Bye"]  # the conversation so far was counted already
+    assert first == litellm.token_counter(model="gpt-4o", messages=turns[:2])
+    assert second == litellm.token_counter(model="gpt-4o", messages=turns)
+    token_count._params.cache_clear()
+
+
+def test_models_keep_their_own_counts_in_one_bounded_memory() -> None:
+    memory = token_count.CountMemory(size=3)
+    by_len = token_count.Remembered("a", len, memory)
+    doubled = token_count.Remembered("b", lambda text: 2 * len(text), memory)
+    assert (by_len("xy"), doubled("xy")) == (2, 4)  # the same text, two tokenizers
+    for text in ["1", "22", "333", "4444"]:
+        by_len(text)
+    assert len(memory) == 3
+
+
+def test_the_memory_keeps_what_is_used() -> None:
+    seen: list[str] = []
+
+    def count(text: str) -> int:
+        seen.append(text)
+        return len(text)
+
+    counter = token_count.Remembered("m", count, token_count.CountMemory(size=3))
+    for text in ["a", "bb", "ccc"]:
+        counter(text)
+    assert counter("a") == 1  # used again: now the most recent
+    counter("dddd")  # evicts "bb", the least recently used
+    seen.clear()
+    assert [counter("a"), counter("ccc"), counter("dddd")] == [1, 3, 4]
+    assert seen == []
+    assert counter("bb") == 2 and seen == ["bb"]
+
+
+def test_long_texts_are_kept_by_digest_not_by_themselves() -> None:
+    memory = token_count.CountMemory(size=8)
+    counter = token_count.Remembered("m", len, memory)
+    long = "x" * (token_count.SHORT_TEXT + 1)
+    assert counter(long) == len(long)
+    assert counter(long[:-1] + "y") == len(long)  # same length, other text: counted on its own
+    assert len(memory) == 2
+    assert all(not isinstance(text, str) for _, text in memory.seen)
+    odd = "\ud800 lone surrogate " * 30
+    assert counter(odd) == len(odd)
