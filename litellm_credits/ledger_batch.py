@@ -31,6 +31,7 @@ commit, its reply lost).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import asyncpg
+import orjson
 
 from . import metrics
 from .errors import ServiceUnavailable
@@ -62,6 +64,17 @@ DEFAULT_BATCH_SIZE = 32
 # the same items into batches half as big, each paying the batch's fixed cost (0.8x the cycles/s
 # of one lane at 64 callers on 2 cores). Many proxy processes give the server its concurrency.
 DEFAULT_BATCH_LANES = 1
+
+
+def batch_json(items: list[dict[str, Any]]) -> str:
+    """A batch's items as the JSON text its function takes: orjson (a batch of 32 settlements in
+    a tenth of the standard library's time), or ``json`` for what orjson refuses (an integer past
+    64 bits in an item's metadata, text that is not valid Unicode), which PostgreSQL then judges
+    as it always did."""
+    try:
+        return orjson.dumps(items).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(items)
 
 
 @dataclass(frozen=True)
@@ -266,7 +279,8 @@ class LedgerBatches:
         attempts = Attempts()
 
         async def take(first: bool) -> list[asyncpg.Record]:
-            return await self.pool.fetch(SQL_TAKE_BATCH, [i.json(i.fresh and first) for i in items])
+            batch = batch_json([i.json(i.fresh and first) for i in items])
+            return await self.pool.fetch(SQL_TAKE_BATCH, batch)
 
         try:
             rows = await attempts.run(self._retry, take)
@@ -314,7 +328,7 @@ class LedgerBatches:
         attempts = Attempts()
 
         async def resolve(first: bool) -> list[asyncpg.Record]:
-            return await self.pool.fetch(SQL_RESOLVE_BATCH, [i.json() for i in items])
+            return await self.pool.fetch(SQL_RESOLVE_BATCH, batch_json([i.json() for i in items]))
 
         try:
             rows = await attempts.run(self._retry, resolve)

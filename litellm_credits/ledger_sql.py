@@ -136,8 +136,9 @@ SQL_RESOLVE = (
 # (ledger_batch.HoldItem.json, ResolveItem.json); one row per item with its index (idx, from 0),
 # none for a resolution whose hold had already ended. Every account the batch touches is locked
 # first, in one order (members, then the rest, each sorted by id), then the items run in order.
-SQL_TAKE_BATCH = "SELECT * FROM credits.take_holds($1)"
-SQL_RESOLVE_BATCH = "SELECT * FROM credits.resolve_holds($1)"
+# (the items as JSON text: ledger_batch.batch_json)
+SQL_TAKE_BATCH = "SELECT * FROM credits.take_holds($1::text::jsonb)"
+SQL_RESOLVE_BATCH = "SELECT * FROM credits.resolve_holds($1::text::jsonb)"
 
 # How a hold ended, and the settlement it made: what a resolution retried after a lost reply
 # answers, when the hold ended exactly as it asked ($1 subject, $2 hold id)

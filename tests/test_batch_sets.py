@@ -7,7 +7,9 @@ answers, the accounts, their grants, their ledger rows and their daily rollup mu
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
 import uuid
 from collections.abc import Callable
@@ -20,7 +22,7 @@ import pytest
 
 from litellm_credits import migrations
 from litellm_credits.ledger import Ledger
-from litellm_credits.ledger_batch import HoldItem, ResolveItem
+from litellm_credits.ledger_batch import HoldItem, ResolveItem, batch_json
 from litellm_credits.ledger_sql import SQL_HOLD, SQL_RESOLVE, SQL_RESOLVE_BATCH, SQL_TAKE_BATCH
 from litellm_credits.money import parse_credits as c
 from litellm_credits.records import GrantTerms, UsageRecord
@@ -195,7 +197,8 @@ async def run_items(
     hold_ids = [uuid.uuid4() for _ in takes]
     holds = [hold_item(subject, t, h) for t, h in zip(takes, hold_ids, strict=True)]
     if as_batch:
-        by_idx = {r["idx"]: r for r in await conn.fetch(SQL_TAKE_BATCH, [h.json(True) for h in holds])}
+        rows = await conn.fetch(SQL_TAKE_BATCH, batch_json([h.json(True) for h in holds]))
+        by_idx = {r["idx"]: r for r in rows}
         taken = [by_idx.get(n) for n in range(len(holds))]
     else:
         taken = [await conn.fetchrow(SQL_HOLD, *h.args(True)) for h in holds]
@@ -203,7 +206,8 @@ async def run_items(
     for ends in rounds:
         items = [resolve_item(subject, e, hold_ids[e.hold], n) for n, e in enumerate(ends)]
         if as_batch:
-            by_idx = {r["idx"]: r for r in await conn.fetch(SQL_RESOLVE_BATCH, [i.json() for i in items])}
+            rows = await conn.fetch(SQL_RESOLVE_BATCH, batch_json([i.json() for i in items]))
+            by_idx = {r["idx"]: r for r in rows}
             answers += [comparable(by_idx.get(n)) for n in range(len(items))]
         else:
             answers += [comparable(await conn.fetchrow(SQL_RESOLVE, *i.args())) for i in items]
@@ -349,13 +353,15 @@ async def test_what_a_batch_cannot_take_as_a_set_goes_one_by_one(ledger: Ledger)
         async with conn.transaction():
             await conn.execute("SET LOCAL track_functions = 'pl'")
             before = await conn.fetchrow(SQL_SINGLE_CALLS)
-            rows = await conn.fetch(SQL_TAKE_BATCH, items)
+            rows = await conn.fetch(SQL_TAKE_BATCH, batch_json(items))
             rows += await conn.fetch(
                 SQL_TAKE_BATCH,
-                [
-                    hold_item(plain, Take("0.5"), retried).json(False),
-                    hold_item(due, Take("0.5"), retried).json(True),
-                ],
+                batch_json(
+                    [
+                        hold_item(plain, Take("0.5"), retried).json(False),
+                        hold_item(due, Take("0.5"), retried).json(True),
+                    ]
+                ),
             )
             after = await conn.fetchrow(SQL_SINGLE_CALLS)
     calls = (after[0] - before[0], after[1] - before[1])
@@ -426,9 +432,9 @@ async def test_the_rollup_follows_events_updated_and_deleted(ledger: Ledger) -> 
     both through one upsert, the rollup equal to the events after each."""
     subject = await open_account(ledger, Setup())
     taken = [hold_item(subject, Take("1"), uuid.uuid4()) for _ in range(2)]
-    await ledger.pool.fetch(SQL_TAKE_BATCH, [h.json(True) for h in taken])
+    await ledger.pool.fetch(SQL_TAKE_BATCH, batch_json([h.json(True) for h in taken]))
     ends = [resolve_item(subject, End(0, "0.5"), h.hold_id, n) for n, h in enumerate(taken)]
-    await ledger.pool.fetch(SQL_RESOLVE_BATCH, [e.json() for e in ends])
+    await ledger.pool.fetch(SQL_RESOLVE_BATCH, batch_json([e.json() for e in ends]))
     await state(ledger.pool, subject)  # (asserts the rollup equals the events)
     await ledger.pool.execute(
         "UPDATE credits.usage_events SET cost = cost + 7, prompt_tokens = prompt_tokens + 3,"
@@ -442,4 +448,41 @@ async def test_the_rollup_follows_events_updated_and_deleted(ledger: Ledger) -> 
         subject,
         str(taken[1].hold_id),
     )
+    await state(ledger.pool, subject)
+
+
+def test_batch_json_is_the_items_json_and_falls_back_for_what_orjson_refuses() -> None:
+    items = [
+        {"subject": "a", "hold": str(uuid.uuid4()), "amounts": [1, 2**62], "fresh": True, "model": None},
+        {"subject": "b ü 日本", "metadata": {"n": 1, "s": "x\ny", "f": 0.1}},
+    ]
+    assert json.loads(batch_json(items)) == items
+    big = [{"subject": "a", "metadata": {"big": 2**70}}]  # past orjson's 64 bits
+    assert batch_json(big) == json.dumps(big)
+    odd = [{"subject": "a", "metadata": {"text": "\ud800"}}]  # not Unicode: orjson refuses it
+    assert batch_json(odd) == json.dumps(odd)
+
+
+async def test_one_items_odd_metadata_does_not_fail_its_batch(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch whose items orjson cannot encode goes as the standard library writes it: all
+    settled in one batch (not one by one after it failed), the big number kept exactly."""
+    caplog.set_level(logging.WARNING, logger="litellm_credits.ledger")
+    subject = await open_account(ledger, Setup())
+    holds = [await ledger.hold(subject, c("1"), ttl_seconds=600) for _ in range(3)]
+    batches = ledger.resolve_batches.batches
+    usages = [UsageRecord(model="m", metadata={"big": 2**70} if n == 1 else {"n": n}) for n in range(3)]
+    done = await asyncio.gather(
+        *(ledger.settle(subject, h.id, c("0.25"), u) for h, u in zip(holds, usages, strict=True))
+    )
+    assert all(s is not None for s in done)
+    assert ledger.resolve_batches.batches == batches + 1
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+    big = await ledger.pool.fetchval(
+        "SELECT metadata->>'big' FROM credits.usage_events WHERE subject_id = $1 AND request_id = $2",
+        subject,
+        str(holds[1].id),
+    )
+    assert big == str(2**70)
     await state(ledger.pool, subject)
