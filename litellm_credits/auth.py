@@ -189,19 +189,37 @@ async def custom_auth(request: Any, api_key: str) -> Any:
             raise AuthenticationError("invalid API key")
     except CreditsError as err:
         raise to_proxy_exception(err) from None
-    digest = hash_key(key).hex()
-    metadata = {"credits_role": found.role}
-    if found.when_short is not None:
-        metadata[WHEN_SHORT_KEY] = found.when_short
-    return UserAPIKeyAuth(
-        api_key=digest,
-        token=digest,
-        user_id=found.subject_id,
-        user_role=LitellmUserRoles.PROXY_ADMIN
-        if found.role == ROLE_ADMIN
-        else LitellmUserRoles.INTERNAL_USER,
-        metadata=metadata,
-    )
+    return _key_auth(hash_key(key).hex(), found)
+
+
+# The UserAPIKeyAuth of each key seen lately, by its digest and owner: LiteLLM's pydantic model
+# costs about 40 us to build and 4 to copy. Each request gets its own copy (LiteLLM sets fields on
+# it) with its own metadata dict; a key revoked or changed is a new owner, or no owner at all.
+_AUTHS: dict[tuple[str, KeyOwner], Any] = {}
+_AUTHS_KEPT = 4096
+
+
+def _key_auth(digest: str, found: KeyOwner) -> Any:
+    from litellm.proxy._types import LitellmUserRoles, UserAPIKeyAuth
+
+    template = _AUTHS.get((digest, found))
+    if template is None:
+        metadata = {"credits_role": found.role}
+        if found.when_short is not None:
+            metadata[WHEN_SHORT_KEY] = found.when_short
+        template = UserAPIKeyAuth(
+            api_key=digest,
+            token=digest,
+            user_id=found.subject_id,
+            user_role=LitellmUserRoles.PROXY_ADMIN
+            if found.role == ROLE_ADMIN
+            else LitellmUserRoles.INTERNAL_USER,
+            metadata=metadata,
+        )
+        if len(_AUTHS) >= _AUTHS_KEPT:
+            _AUTHS.pop(next(iter(_AUTHS)), None)  # the oldest
+        _AUTHS[(digest, found)] = template
+    return template.model_copy(update={"metadata": dict(template.metadata)})
 
 
 __all__ = [
