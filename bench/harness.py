@@ -161,11 +161,12 @@ async def measure_rate(
 ) -> Phase:
     """Start ``op`` at a fixed ``rate`` per second (an open loop: arrivals do not wait for answers,
     as requests reaching a proxy do not), and time each from the moment it was due to start, so a
-    stall counts against every call it delayed (no coordinated omission)."""
+    stall counts against every call it delayed (no coordinated omission). Times are
+    ``time.perf_counter()``'s: uvloop's ``loop.time()`` counts whole milliseconds, read once per
+    turn of the loop."""
     phase = Phase(label)
-    loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
-    begin = loop.time()
+    begin = time.perf_counter()
     measured_from, until = begin + warmup, begin + warmup + seconds
 
     async def one(due: float) -> None:
@@ -177,14 +178,14 @@ async def measure_rate(
             return
         if due >= measured_from:
             phase.ops += 1
-            phase.latencies.append(loop.time() - due)
+            phase.latencies.append(time.perf_counter() - due)
 
     meter: CpuMeter | None = None
     n = 0
     while (due := begin + n / rate) < until:
         if meter is None and due >= measured_from:
             meter = CpuMeter()
-        await asyncio.sleep(max(0.0, due - loop.time()))
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
         task = asyncio.create_task(one(due))
         pending.add(task)
         task.add_done_callback(pending.discard)
