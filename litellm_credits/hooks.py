@@ -26,7 +26,7 @@ from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
-from . import heap, metrics
+from . import heap, metrics, token_count
 from .claims import HoldClaim, HoldSigner
 from .crypto import EncryptionNotConfigured, Secret
 from .deployments import (
@@ -182,7 +182,11 @@ class CreditsHandler(CustomLogger):
         estimate: Estimate | None
         try:
             moment = datetime.fromtimestamp(started, timezone.utc)
-            estimate = self.quoter.estimate(data, call_type, service, model_group, deployments, moment)
+            scope = token_count.SCOPE.set(subject)  # the prompt's token counts kept for this account
+            try:
+                estimate = self.quoter.estimate(data, call_type, service, model_group, deployments, moment)
+            finally:
+                token_count.SCOPE.reset(scope)
         except CostNotBounded:
             if cfg.unbounded_hold is None:
                 raise

@@ -7,18 +7,23 @@ LiteLLM's own functions, so every count is LiteLLM's (a test compares them on se
 message shapes). On a LiteLLM without those internals, or with its counter disabled, it calls
 ``litellm.token_counter`` as before.
 
-The counts of the last :data:`REMEMBERED` texts counted are kept (by model and text):
+The counts of the last :data:`REMEMBERED` texts counted for a prompt are kept, by account, model
+and text (only while :data:`SCOPE` names the account: the pre-call hook's estimate; a stream's
+delivered text, counted chunk by chunk, is never kept):
 a chat client sends the same system prompt with every request, and each turn of a conversation
 sends all the turns before it again, so most of a prompt's texts (and every role name, which
 LiteLLM counts too) were counted moments ago. A short text is its own key; a longer one is keyed
 by its length and a 128-bit BLAKE2b digest (hashing is about a hundred times faster than
-tokenizing, and the memory holds no prompt longer than :data:`SHORT_TEXT` characters).
+tokenizing, and the memory holds no prompt longer than :data:`SHORT_TEXT` characters). Keyed by
+account, so how long a count took tells no one whether another account sent a text lately.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
 
@@ -40,7 +45,10 @@ except ImportError:  # pragma: no cover - a LiteLLM that reorganised them
 REMEMBERED = 8192  # texts whose counts are kept, all models together
 SHORT_TEXT = 256  # characters; a longer text is kept by its digest, not itself
 
-Key = tuple[str, str | tuple[int, bytes]]  # (model, the text or its length and digest)
+# the account whose prompt is being counted: its counts are kept under its name (None: not kept)
+SCOPE: ContextVar[str | None] = ContextVar("litellm_credits_token_scope", default=None)
+
+Key = tuple[str, str, str | tuple[int, bytes]]  # (account, model, the text or its length and digest)
 
 
 def text_key(text: str) -> str | tuple[int, bytes]:
@@ -51,28 +59,33 @@ def text_key(text: str) -> str | tuple[int, bytes]:
 
 
 class CountMemory:
-    """The last ``size`` counts made, by model and text (the least recently used goes first):
-    bounded whatever the number of models (an OpenRouter deployment routes to hundreds)."""
+    """The last ``size`` counts made, by account, model and text (the least recently used goes
+    first): bounded whatever the number of accounts and models (OpenRouter routes to hundreds)."""
 
     def __init__(self, size: int = REMEMBERED) -> None:
         self.size = size
-        self.seen: dict[Key, int] = {}  # in order of use, the oldest first
+        self.seen: OrderedDict[Key, int] = OrderedDict()  # the least recently used first
 
     def __len__(self) -> int:
         return len(self.seen)
 
-    def count(self, model: str, count: Callable[[str], int], text: str) -> int:
-        key = (model, text_key(text))
+    def count(self, scope: str, model: str, count: Callable[[str], int], text: str) -> int:
+        key = (scope, model, text_key(text))
         seen = self.seen
-        found = seen.pop(key, None)
-        if found is None:
-            found = count(text)
-            if len(seen) >= self.size:
-                try:
-                    del seen[next(iter(seen))]
-                except (KeyError, RuntimeError, StopIteration):  # another thread got there first
-                    pass
-        seen[key] = found  # (last: the most recently used)
+        found = seen.get(key)
+        if found is not None:
+            try:
+                seen.move_to_end(key)
+            except KeyError:  # (another thread evicted it meanwhile)
+                pass
+            return found
+        found = count(text)
+        seen[key] = found
+        if len(seen) > self.size:
+            try:
+                seen.popitem(last=False)
+            except KeyError:  # (another thread emptied it meanwhile)
+                pass
         return found
 
 
@@ -80,7 +93,8 @@ MEMORY = CountMemory()
 
 
 class Remembered:
-    """A model's count function, its answers kept in a :class:`CountMemory`."""
+    """A model's count function, its answers kept in a :class:`CountMemory` under the account
+    :data:`SCOPE` names (not kept without one)."""
 
     def __init__(self, model: str, count: Callable[[str], int], memory: CountMemory = MEMORY) -> None:
         self.model = model
@@ -88,9 +102,10 @@ class Remembered:
         self.memory = memory
 
     def __call__(self, text: str) -> int:
-        if not isinstance(text, str):  # (LiteLLM passes only text; anything else is not kept)
+        scope = SCOPE.get()
+        if scope is None or not isinstance(text, str):  # (LiteLLM passes only text)
             return self.count(text)
-        return self.memory.count(self.model, self.count, text)
+        return self.memory.count(scope, self.model, self.count, text)
 
 
 @lru_cache(maxsize=512)
@@ -115,4 +130,4 @@ def token_counter(*, model: str = "", messages: Sequence[Any] | None = None, tex
     )
 
 
-__all__ = ["MEMORY", "REMEMBERED", "SHORT_TEXT", "CountMemory", "Remembered", "token_counter"]
+__all__ = ["MEMORY", "REMEMBERED", "SCOPE", "SHORT_TEXT", "CountMemory", "Remembered", "token_counter"]

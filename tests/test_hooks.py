@@ -449,3 +449,25 @@ def test_a_verified_claim_is_remembered_and_a_forged_one_never_is(monkeypatch: p
     assert HoldSigner().verify(tokens[0]) is None  # another process's key
     assert [signer.verify(t) for t in tokens] == claims
     assert list(signer._verified) == tokens[1:]  # bounded: the oldest forgotten, verified again if asked
+
+
+async def test_the_prompt_is_counted_in_its_accounts_scope(
+    handler: CreditsHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The estimate counts the prompt with token_count.SCOPE naming the account (so its repeated
+    texts are not tokenized again, and no other account's counts serve it); after it, none."""
+    from litellm_credits import token_count
+
+    scopes: list[str | None] = []
+    counter = token_count.token_counter
+
+    def spy(**kwargs: Any) -> int:
+        scopes.append(token_count.SCOPE.get())
+        return counter(**kwargs)
+
+    monkeypatch.setattr(token_count, "token_counter", spy)
+    subject = await new_account(handler, "10")
+    data = await handler.async_pre_call_hook(auth(subject), None, request(), "acompletion")
+    assert scopes == [subject]
+    assert token_count.SCOPE.get() is None
+    await handler.async_post_call_failure_hook(data, RuntimeError("upstream 500"), auth(subject))
