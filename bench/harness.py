@@ -162,8 +162,7 @@ async def measure_rate(
     """Start ``op`` at a fixed ``rate`` per second (an open loop: arrivals do not wait for answers,
     as requests reaching a proxy do not), and time each from the moment it was due to start, so a
     stall counts against every call it delayed (no coordinated omission). Times are
-    ``time.perf_counter()``'s: uvloop's ``loop.time()`` counts whole milliseconds, read once per
-    turn of the loop."""
+    ``time.perf_counter()``'s: uvloop's ``loop.time()`` counts whole milliseconds."""
     phase = Phase(label)
     pending: set[asyncio.Task[None]] = set()
     begin = time.perf_counter()
@@ -185,7 +184,9 @@ async def measure_rate(
     while (due := begin + n / rate) < until:
         if meter is None and due >= measured_from:
             meter = CpuMeter()
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        # (uvloop's timers count whole milliseconds and may fire before a call is due: sleep on)
+        while (wait := due - time.perf_counter()) > 0:
+            await asyncio.sleep(wait)
         task = asyncio.create_task(one(due))
         pending.add(task)
         task.add_done_callback(pending.discard)

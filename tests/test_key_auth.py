@@ -29,8 +29,11 @@ def test_each_request_gets_its_own_copy_of_what_a_fresh_build_gives() -> None:
     first.authenticated_by_custom_auth = True
     first.end_user_id = "someone"
     first.metadata["credits_role"] = "admin"
+    first.models.append("gpt-4o")
+    first.aliases["x"] = "y"
     second = _key_auth("d1", owner)
     assert second is not first and second.metadata is not first.metadata
+    assert second.models == [] and second.aliases == {}
     assert second.model_dump() == fresh.model_dump()
 
 
@@ -53,3 +56,23 @@ def test_the_kept_builds_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for n in range(5):
         _key_auth(f"k{n}", KeyOwner(f"s{n}", "user"))
     assert [digest for digest, _ in auth._AUTHS] == ["k2", "k3", "k4"]
+
+
+def test_a_copy_costs_a_tenth_of_a_build() -> None:
+    """(Not a timing test: the copy must not validate, which is where a build's time goes.)"""
+    from litellm.proxy._types import UserAPIKeyAuth
+
+    _key_auth("d3", KeyOwner("carol", "user"))
+    validated: list[object] = []
+    original = UserAPIKeyAuth.__init__
+
+    def counting(self: object, **data: object) -> None:
+        validated.append(data)
+        original(self, **data)  # type: ignore[arg-type]
+
+    UserAPIKeyAuth.__init__ = counting  # type: ignore[method-assign]
+    try:
+        _key_auth("d3", KeyOwner("carol", "user"))
+    finally:
+        UserAPIKeyAuth.__init__ = original  # type: ignore[method-assign]
+    assert validated == []
