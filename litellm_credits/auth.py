@@ -197,7 +197,7 @@ async def custom_auth(request: Any, api_key: str) -> Any:
 # 6 to copy. Each request gets its own copy (LiteLLM sets fields on it) with its own containers;
 # a key revoked or changed is a new owner, or no owner at all.
 _AUTHS: dict[tuple[str, KeyOwner], tuple[Any, tuple[str, ...]]] = {}
-_AUTHS_KEPT = 4096
+_AUTHS_KEPT = 1024  # (about 5.5 KB each)
 
 
 def _key_auth(digest: str, found: KeyOwner) -> Any:
