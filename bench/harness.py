@@ -184,9 +184,13 @@ async def measure_rate(
     while (due := begin + n / rate) < until:
         if meter is None and due >= measured_from:
             meter = CpuMeter()
-        # (uvloop's timers count whole milliseconds and may fire before a call is due: sleep on)
+        # Timers count whole milliseconds (uvloop rounds a delay to the nearest one, and one of 0
+        # fires on the loop's next turn: a shorter sleep would spin the loop and take a core from
+        # PostgreSQL); so sleep at least a millisecond, until the call is due. A call starts up to
+        # about a millisecond after it was due, as on asyncio's own loop (epoll's timeout is in
+        # whole milliseconds, rounded up), and that counts in its latency.
         while (wait := due - time.perf_counter()) > 0:
-            await asyncio.sleep(wait)
+            await asyncio.sleep(max(wait, 0.001))
         task = asyncio.create_task(one(due))
         pending.add(task)
         task.add_done_callback(pending.discard)
