@@ -45,6 +45,9 @@ def field(obj: Any, name: str, default: Any = None) -> Any:
         values = obj.__dict__
         if name in values:
             return values[name]
+        private = obj.__pydantic_private__  # (where pydantic keeps _hidden_params, say)
+        if private and name in private:
+            return private[name]
         on_class = _ON_CLASS.get((type(obj), name))
         if on_class is None:
             on_class = _ON_CLASS[(type(obj), name)] = hasattr(type(obj), name)
