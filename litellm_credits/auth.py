@@ -181,15 +181,16 @@ async def custom_auth(request: Any, api_key: str) -> Any:
             return UserAPIKeyAuth(api_key=key, user_role=LitellmUserRoles.PROXY_ADMIN)
         if not key.startswith(KEY_PREFIX):
             raise AuthenticationError("invalid API key")
+        digest = hash_key(key).hex()
         try:
-            found = await runtime.lookup_key(key)
+            found = await runtime.lookup_key(key, digest)
         except UNAVAILABLE_ERRORS:
             raise ServiceUnavailable("the credit ledger is unavailable; try again") from None
         if found is None:
             raise AuthenticationError("invalid API key")
     except CreditsError as err:
         raise to_proxy_exception(err) from None
-    return _key_auth(hash_key(key).hex(), found)
+    return _key_auth(digest, found)
 
 
 # The UserAPIKeyAuth of each key seen lately, by its digest and owner, with the names of its
