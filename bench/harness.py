@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import itertools
 import math
 import os
 import re
@@ -25,6 +26,14 @@ import asyncpg
 from litellm_credits import db
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+_SERIAL = itertools.count()
+
+
+def chat(system: str, ask: str) -> list[dict[str, str]]:
+    """A request's messages as a chat client sends them: the same system prompt each time and a
+    user message of its own, ``ask`` with ``{n}`` numbered (so no cache of token counts serves a
+    whole prompt)."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": ask.format(n=next(_SERIAL))}]
 
 
 def add_loop_argument(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import cProfile
 import datetime as dt
-import itertools
 import os
 import pstats
 import secrets
@@ -49,14 +48,7 @@ DEPLOYMENTS = [
         "model_info": {"id": "bench-deployment"},
     }
 ]
-SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer in one short sentence."}
-SERIAL = itertools.count()
-
-
-def messages() -> list[dict[str, str]]:
-    """A request's messages as a chat client sends them: the same system prompt each time and a
-    user message of its own (no cache of token counts serves a whole prompt)."""
-    return [SYSTEM, {"role": "user", "content": f"Say hello, please. (request {next(SERIAL)})"}]
+SYSTEM = "You are a helpful assistant. Answer in one short sentence."
 
 
 def callgrind(on: bool) -> None:
@@ -109,7 +101,7 @@ async def main(args: argparse.Namespace) -> None:
             auth = await custom_auth(None, "Bearer " + key)
             data = {
                 "model": MODEL,
-                "messages": messages(),
+                "messages": h.chat(SYSTEM, "Say hello, please. (request {n})"),
                 "max_tokens": 50,
                 "metadata": {},
                 "litellm_call_id": secrets.token_hex(8),

@@ -43,7 +43,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -61,16 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 Op = Callable[[], Awaitable[None]]
 MODEL = "fake-gpt"
-SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer in one word."}
-SERIAL = itertools.count()
-
-
-def body() -> dict[str, Any]:
-    """A request as a chat client sends it: the same system prompt each time and a user message
-    of its own (no cache of token counts serves a whole prompt)."""
-    return {"model": MODEL, "messages": [SYSTEM, {"role": "user", "content": f"Say hello. ({next(SERIAL)})"}]}
-
-
+SYSTEM = "You are a helpful assistant. Answer in one word."
 FUNDING = "100000"  # credits per account: far more than any run spends
 CHECK_SQL = """
 SELECT (SELECT count(*) FROM credits.usage_events WHERE status = 'success'),
@@ -215,7 +205,11 @@ def requester(client: httpx.AsyncClient, side: Side) -> Callable[[], Awaitable[N
 
     async def op() -> None:
         auth = {"Authorization": f"Bearer {next(keys)}"}
-        r = await client.post(side.url + "/v1/chat/completions", json=body(), headers=auth)
+        r = await client.post(
+            side.url + "/v1/chat/completions",
+            json={"model": MODEL, "messages": h.chat(SYSTEM, "Say hello. ({n})")},
+            headers=auth,
+        )
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {r.text[:160]}")
         side.ok += 1

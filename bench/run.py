@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import logging
 import os
 import random
@@ -43,17 +42,7 @@ LEAN_SHARE = 0.25  # the hook's clamp path: this share of requests from nearly e
 OPENING = 1_000_000 * 1_000_000  # a million credits, in micro-credits: no phase can run an account dry
 HOLD, CHARGE = 5_000, 3_000  # micro-credits per cycle
 USAGE = UsageRecord(model="bench-model", provider="bench", prompt_tokens=20, completion_tokens=40)
-SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
-SERIAL = itertools.count()
-
-
-def messages() -> list[dict[str, str]]:
-    """A request's messages as a chat client sends them: the same system prompt each time and a
-    user message of its own (no cache of token counts serves a whole prompt)."""
-    ask = f"Summarise the plot of Hamlet in three sentences. ({next(SERIAL)})"
-    return [SYSTEM, {"role": "user", "content": ask}]
-
-
+SYSTEM, ASK = "You are a helpful assistant.", "Summarise the plot of Hamlet in three sentences. ({n})"
 PRICES = {
     "bench-model": {
         "input_cost_per_token": "0.000001",
@@ -203,7 +192,7 @@ async def main(args: argparse.Namespace) -> None:
         handler = CreditsHandler(runtime, deployments=lambda g: [])
 
         async def pre_call() -> None:
-            data = {"model": "bench-model", "messages": messages(), "max_tokens": 100}
+            data = {"model": "bench-model", "messages": h.chat(SYSTEM, ASK), "max_tokens": 100}
             await handler.async_pre_call_hook(FakeAuth(random.choice(subjects)), None, data, "acompletion")
 
         hook_phases = []
@@ -232,7 +221,7 @@ async def main(args: argparse.Namespace) -> None:
 
         async def hook_and_release(subject: str, max_tokens: int | None) -> float:
             """The pre-call hook, timed, then its hold released (so nearly empty accounts can go on)."""
-            data: dict[str, object] = {"model": "bench-model", "messages": messages()}
+            data: dict[str, object] = {"model": "bench-model", "messages": h.chat(SYSTEM, ASK)}
             if max_tokens is not None:
                 data["max_tokens"] = max_tokens
             t0 = time.perf_counter()

@@ -116,12 +116,12 @@ class Runtime:
             consistent=True,
         )
 
-    async def lookup_key(self, key: str, digest: str | None = None) -> auth.KeyOwner | None:
+    async def lookup_key(self, key: str, digest: str) -> auth.KeyOwner | None:
         """Who a live plugin API key belongs to, cached; revocation invalidates it. ``digest``:
-        the key's ``hash_key(key).hex()``, when the caller has it already."""
+        the key's ``hash_key(key).hex()``."""
         ledger = await self.ledger()
         return await self.cache.get(
-            self.link.keys.api_key(digest or auth.hash_key(key).hex()),
+            self.link.keys.api_key(digest),
             lambda: auth.lookup_key(ledger.pool, key),
             KEY_CODEC,
             consistent=True,

@@ -96,7 +96,7 @@ class Remembered:
     """A model's count function, its answers kept in a :class:`CountMemory` under the account
     :data:`SCOPE` names (not kept without one)."""
 
-    def __init__(self, model: str, count: Callable[[str], int], memory: CountMemory = MEMORY) -> None:
+    def __init__(self, model: str, count: Callable[[str], int], memory: CountMemory) -> None:
         self.model = model
         self.count = count
         self.memory = memory
