@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from . import auth, db, migrations
+from . import auth, db, migrations, sweeper
 from .alerts import Alerts, tier_alerts
 from .cache import Cache, Codec
 from .crypto import Secret, SecretBox
 from .deployments import proxy_model_groups
-from .grants import Grants
 from .ledger import Ledger
 from .metrics import SWEEPER_RUNS, LabelBounds
 from .metrics_sampler import sample_forever
@@ -274,17 +273,23 @@ class Runtime:
         while True:
             await asyncio.sleep(cfg.sweep_interval_seconds)
             try:
-                n = await ledger.expire(policy=cfg.expiry_policy, batch=cfg.sweep_batch)
-                if n:
+                swept = await sweeper.sweep(
+                    ledger, self._resolve_dsn(), policy=cfg.expiry_policy, batch=cfg.sweep_batch
+                )
+                if swept is None:  # another process is sweeping
+                    SWEEPER_RUNS.labels(result="skipped").inc()
+                    continue
+                if swept.holds:
                     log.warning(
-                        "litellm-credits: resolved %d expired holds by policy %r", n, cfg.expiry_policy
+                        "litellm-credits: resolved %d expired holds by policy %r",
+                        swept.holds,
+                        cfg.expiry_policy,
                     )
-                swept = await Grants(ledger.pool, ledger.changed).expire_due(batch=cfg.sweep_batch)
-                if swept.expired:
+                if swept.grants.expired:
                     log.info(
                         "litellm-credits: expired %s credits of grants on %d accounts",
-                        format_credits(swept.expired),
-                        swept.accounts,
+                        format_credits(swept.grants.expired),
+                        swept.grants.accounts,
                     )
                 SWEEPER_RUNS.labels(result="ok").inc()
             except asyncio.CancelledError:

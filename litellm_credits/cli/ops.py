@@ -7,8 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import crypto, db, migrations
-from ..grants import Grants
+from .. import crypto, db, migrations, sweeper
 from ..money import format_credits
 from ..settings import Settings
 from .output import JsonOption, out, plural, print_json, show_rows
@@ -79,10 +78,14 @@ def sweep() -> None:
     async def work() -> None:
         async with session() as s:
             holds = s.settings.credits.holds
-            n = await s.ledger.expire(policy=holds.expiry_policy, batch=holds.sweep_batch)
-            print(f"resolved {n} expired holds ({holds.expiry_policy})")
-            swept = await Grants(s.pool, s.ledger.changed).expire_due(batch=holds.sweep_batch)
-            print(f"expired {format_credits(swept.expired)} credits of grants on {swept.accounts} accounts")
+            # (after any pass another process has under way: one pass at a time)
+            swept = await sweeper.sweep(
+                s.ledger, s.dsn, policy=holds.expiry_policy, batch=holds.sweep_batch, wait=True
+            )
+            assert swept is not None
+            print(f"resolved {swept.holds} expired holds ({holds.expiry_policy})")
+            grants = swept.grants
+            print(f"expired {format_credits(grants.expired)} credits of grants on {grants.accounts} accounts")
 
     run(work)
 

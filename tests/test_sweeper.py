@@ -1,0 +1,128 @@
+"""The sweep is claimed: one pass at a time over every process on the database (sweeper.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from litellm_credits import sweeper
+from litellm_credits.ledger import Ledger
+from litellm_credits.metrics import SWEEPER_RUNS
+from litellm_credits.money import parse_credits as c
+from litellm_credits.runtime import Runtime
+from litellm_credits.settings import Settings
+from litellm_credits.sweeper import SWEEP_LOCK_ID
+
+from .conftest import AccountFactory
+
+
+@pytest.fixture
+async def other_process(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection standing for another proxy process's sweep."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def _expired_hold(ledger: Ledger, account: AccountFactory) -> tuple[str, uuid.UUID]:
+    subject = await account("10")
+    hold = await ledger.hold(subject, c("4"), ttl_seconds=1)
+    await asyncio.sleep(1.2)
+    return subject, hold.id
+
+
+async def _status(ledger: Ledger, hold: uuid.UUID) -> str:
+    return await ledger.pool.fetchval("SELECT status FROM credits.holds WHERE id = $1", hold)
+
+
+async def _free(conn: asyncpg.Connection) -> bool:
+    """Whether nobody holds the sweep (taken and given back at once)."""
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK_ID):
+        return False
+    await conn.execute("SELECT pg_advisory_unlock($1)", SWEEP_LOCK_ID)
+    return True
+
+
+async def test_a_pass_skips_while_another_process_sweeps_and_the_command_waits_for_it(
+    ledger: Ledger, account: AccountFactory, database_url: str, other_process: asyncpg.Connection
+) -> None:
+    _, hold = await _expired_hold(ledger, account)
+    await other_process.execute("SELECT pg_advisory_lock($1)", SWEEP_LOCK_ID)
+    assert await sweeper.sweep(ledger, database_url, policy="void", batch=1000) is None
+    assert await _status(ledger, hold) == "open"  # the other process's pass will end it
+
+    waiting = asyncio.create_task(sweeper.sweep(ledger, database_url, policy="void", batch=1000, wait=True))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    assert await _status(ledger, hold) == "open"
+    await other_process.execute("SELECT pg_advisory_unlock($1)", SWEEP_LOCK_ID)
+    swept = await asyncio.wait_for(waiting, 10)
+    assert swept is not None and swept.holds >= 1
+    assert await _status(ledger, hold) == "expired"
+    assert await _free(other_process)  # the pass gave the sweep back
+
+
+async def test_a_failed_pass_gives_the_sweep_back(
+    ledger: Ledger, database_url: str, other_process: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(**_: object) -> int:
+        assert not await _free(other_process)  # held during the pass
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ledger, "expire", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        await sweeper.sweep(ledger, database_url, policy="void", batch=10)
+    assert await _free(other_process)
+
+
+async def test_a_pass_cancelled_midway_gives_the_sweep_back(
+    ledger: Ledger, database_url: str, other_process: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = asyncio.Event()
+
+    async def slow(**_: object) -> int:
+        started.set()
+        await asyncio.sleep(60)
+        return 0
+
+    monkeypatch.setattr(ledger, "expire", slow)
+    task = asyncio.create_task(sweeper.sweep(ledger, database_url, policy="void", batch=10))
+    await asyncio.wait_for(started.wait(), 10)
+    assert not await _free(other_process)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await _free(other_process)
+
+
+async def test_the_proxys_sweeper_skips_its_turn_while_another_process_sweeps(
+    settings: Settings, ledger: Ledger, account: AccountFactory, other_process: asyncpg.Connection
+) -> None:
+    _, hold = await _expired_hold(ledger, account)
+    holds = settings.credits.holds.model_copy(update={"sweep_interval_seconds": 0.05})
+    cfg = settings.credits.model_copy(update={"holds": holds})
+    skipped = SWEEPER_RUNS.labels(result="skipped")
+    before = skipped._value.get()
+    await other_process.execute("SELECT pg_advisory_lock($1)", SWEEP_LOCK_ID)
+    restarted = Runtime(settings.model_copy(update={"sweeper": True, "credits": cfg}))
+    try:
+        await restarted.ledger()
+        deadline = time.monotonic() + 20
+        while skipped._value.get() < before + 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert await _status(ledger, hold) == "open"
+        await other_process.execute("SELECT pg_advisory_unlock($1)", SWEEP_LOCK_ID)
+        while await _status(ledger, hold) == "open":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert await _status(ledger, hold) == ("expired" if holds.expiry_policy == "void" else "captured")
+    finally:
+        await restarted.close()
