@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -271,10 +272,15 @@ class Runtime:
     async def _sweep(self, ledger: Ledger) -> None:
         cfg = self.settings.credits.holds
         while True:
-            await asyncio.sleep(cfg.sweep_interval_seconds)
+            # (a tenth either way: the hosts started together do not all look at once)
+            await asyncio.sleep(cfg.sweep_interval_seconds * random.uniform(0.9, 1.1))
             try:
                 swept = await sweeper.sweep(
-                    ledger, self._resolve_dsn(), policy=cfg.expiry_policy, batch=cfg.sweep_batch
+                    ledger,
+                    self._resolve_dsn(),
+                    policy=cfg.expiry_policy,
+                    batch=cfg.sweep_batch,
+                    hold_for=max(60.0, 4 * cfg.sweep_interval_seconds),
                 )
                 if swept is None:  # another process is sweeping
                     SWEEPER_RUNS.labels(result="skipped").inc()

@@ -1,20 +1,30 @@
 """The sweep: holds past their TTL resolved by policy, and grants past their expiry written off.
 
 Every proxy process runs it every ``sweep_interval_seconds``, and ``litellm-credits sweep`` runs it
-on demand. A pass claims the sweep first, with a PostgreSQL advisory lock held for the pass: one
-pass at a time over all hosts, so N hosts do not read and resolve the same oldest expired holds N
-times over (which was safe, each hold ends once, but N times the work and the lock waits). A
-process that finds the sweep claimed skips its turn; the command waits for it.
+on demand. A pass claims the sweep first, with a PostgreSQL advisory lock held for the pass: passes
+never overlap over all hosts, so they do not read and resolve the same oldest expired holds side by
+side and wait on each other's row locks (which was safe, each hold ends once, but wasted). A process
+that finds the sweep claimed skips its turn; the command waits for it.
 
-The lock is held on a connection of its own, opened for the pass and closed after it (closing it
-releases the lock, whatever happened): not a pooled one, which the pass's own resolutions could
-need (a pool of one or two connections would wait on itself), and which would go back to the pool
-still holding the lock if its release failed (the pool's reset does not unlock: see
-``db._keep_session``).
+The lock is a transaction lock (``pg_try_advisory_xact_lock``) in a transaction of its own, on a
+connection opened for the pass; the pass's work runs on the ledger's pool. So:
+
+- the lock ends with the transaction whatever happens: the pass ends (rolled back), fails or is
+  cancelled (the connection is closed), the process dies or the network is cut (the server ends
+  the transaction when it has been idle for ``hold_for`` seconds: ``idle_in_transaction_session_
+  timeout``, set for that transaction only). A stuck process cannot stop every host's sweep;
+- it works through PgBouncer in transaction mode (a session lock would stay on a server
+  connection PgBouncer keeps);
+- it never holds one of the pool's connections (the pass's own resolutions need them: a pool of
+  one or two would wait on itself).
+
+Before connecting, a read through the pool tells whether a pass is under way: a process that
+would only skip does not open a connection for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -36,33 +46,58 @@ class Swept:
     grants: Sweep
 
 
+SQL_CLAIMED = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND granted
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND classid = ($1::bigint >> 32)::oid AND objid = ($1::bigint & 4294967295)::oid AND objsubid = 1
+)
+"""
+
+
 async def sweep(
     ledger: Ledger,
     dsn: str,
     *,
     policy: Literal["void", "capture"],
     batch: int,
+    hold_for: float = 600.0,
     wait: bool = False,
 ) -> Swept | None:
-    """One pass of the sweep, or None when another process holds the sweep (``wait``: wait for
-    it instead). ``dsn``: the ledger's database, where the claim is taken."""
+    """One pass of the sweep, or None when another process is sweeping (``wait``: wait for it
+    instead). ``dsn``: the ledger's database, where the claim is taken; ``hold_for``: seconds
+    after which the pass gives up (and the server releases the claim even if this process
+    cannot)."""
+    if not wait and await ledger.pool.fetchval(SQL_CLAIMED, SWEEP_LOCK_ID):
+        return None
     conn = await asyncpg.connect(
-        dsn, server_settings={"application_name": f"litellm-credits pid {os.getpid()} sweep"}
+        dsn,
+        timeout=10,
+        server_settings={"application_name": f"litellm-credits pid {os.getpid()} sweep"},
     )
     try:
+        await conn.execute("BEGIN")
+        await conn.execute(
+            f"SET LOCAL idle_in_transaction_session_timeout = {max(1, round(hold_for * 1000))}"
+        )
         if wait:
-            await conn.execute("SELECT pg_advisory_lock($1)", SWEEP_LOCK_ID)
-        elif not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK_ID):
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SWEEP_LOCK_ID)
+        elif not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK_ID):
             return None
-        holds = await ledger.expire(policy=policy, batch=batch)
-        grants = await Grants(ledger.pool, ledger.changed).expire_due(batch=batch)
-        return Swept(holds, grants)
+        return await asyncio.wait_for(_pass(ledger, policy, batch), hold_for)
     finally:
         await _close(conn)
 
 
+async def _pass(ledger: Ledger, policy: Literal["void", "capture"], batch: int) -> Swept:
+    holds = await ledger.expire(policy=policy, batch=batch)
+    grants = await Grants(ledger.pool, ledger.changed).expire_due(batch=batch)
+    return Swept(holds, grants)
+
+
 async def _close(conn: asyncpg.Connection) -> None:
-    """Closed, and the lock released with the session, whatever else went wrong."""
+    """Closed (its transaction, and the lock, end with it), whatever else went wrong."""
     try:
         await conn.close(timeout=5)
     except Exception:  # the server is gone or silent: nothing holds the lock but this socket

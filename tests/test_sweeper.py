@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
 
 from litellm_credits import sweeper
+from litellm_credits.grants import Sweep
 from litellm_credits.ledger import Ledger
 from litellm_credits.metrics import SWEEPER_RUNS
 from litellm_credits.money import parse_credits as c
@@ -42,6 +45,15 @@ async def _status(ledger: Ledger, hold: uuid.UUID) -> str:
     return await ledger.pool.fetchval("SELECT status FROM credits.holds WHERE id = $1", hold)
 
 
+async def _waiting_for_the_sweep(conn: asyncpg.Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name LIKE '% sweep' AND wait_event_type = 'Lock'"
+        )
+    )
+
+
 async def _free(conn: asyncpg.Connection) -> bool:
     """Whether nobody holds the sweep (taken and given back at once)."""
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK_ID):
@@ -50,17 +62,29 @@ async def _free(conn: asyncpg.Connection) -> bool:
     return True
 
 
+async def _no_connection(*_: object, **__: object) -> asyncpg.Connection:
+    raise AssertionError("connected")
+
+
 async def test_a_pass_skips_while_another_process_sweeps_and_the_command_waits_for_it(
-    ledger: Ledger, account: AccountFactory, database_url: str, other_process: asyncpg.Connection
+    ledger: Ledger,
+    account: AccountFactory,
+    database_url: str,
+    other_process: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, hold = await _expired_hold(ledger, account)
     await other_process.execute("SELECT pg_advisory_lock($1)", SWEEP_LOCK_ID)
-    assert await sweeper.sweep(ledger, database_url, policy="void", batch=1000) is None
+    with monkeypatch.context() as patch:  # a process that will only skip opens no connection
+        patch.setattr(asyncpg, "connect", _no_connection)
+        assert await sweeper.sweep(ledger, database_url, policy="void", batch=1000) is None
     assert await _status(ledger, hold) == "open"  # the other process's pass will end it
 
     waiting = asyncio.create_task(sweeper.sweep(ledger, database_url, policy="void", batch=1000, wait=True))
-    await asyncio.sleep(0.3)
-    assert not waiting.done()
+    deadline = time.monotonic() + 10
+    while not await _waiting_for_the_sweep(other_process):  # queued on the lock, not connecting
+        assert time.monotonic() < deadline and not waiting.done()
+        await asyncio.sleep(0.05)
     assert await _status(ledger, hold) == "open"
     await other_process.execute("SELECT pg_advisory_unlock($1)", SWEEP_LOCK_ID)
     swept = await asyncio.wait_for(waiting, 10)
@@ -102,27 +126,72 @@ async def test_a_pass_cancelled_midway_gives_the_sweep_back(
     assert await _free(other_process)
 
 
+async def test_a_stuck_pass_loses_the_sweep_to_the_servers_deadline(
+    ledger: Ledger, database_url: str, other_process: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that stops answering (here: deaf to its own timeout) cannot keep every host from
+    sweeping: the server ends the claim's transaction once it has been idle for hold_for."""
+    done = asyncio.Event()
+
+    async def stuck(*_: object) -> sweeper.Swept:
+        while not done.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+        return sweeper.Swept(0, Sweep(0, 0))
+
+    monkeypatch.setattr(sweeper, "_pass", stuck)
+    task = asyncio.create_task(sweeper.sweep(ledger, database_url, policy="void", batch=10, hold_for=1.0))
+    try:
+        deadline = time.monotonic() + 10
+        while await _free(other_process):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        while not await _free(other_process):  # taken, and given back by the server
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert not task.done()
+    finally:
+        done.set()
+        with contextlib.suppress(Exception):
+            await task
+
+
 async def test_the_proxys_sweeper_skips_its_turn_while_another_process_sweeps(
-    settings: Settings, ledger: Ledger, account: AccountFactory, other_process: asyncpg.Connection
+    settings: Settings,
+    ledger: Ledger,
+    account: AccountFactory,
+    other_process: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, hold = await _expired_hold(ledger, account)
     holds = settings.credits.holds.model_copy(update={"sweep_interval_seconds": 0.05})
     cfg = settings.credits.model_copy(update={"holds": holds})
+    restarted = Runtime(settings.model_copy(update={"sweeper": True, "credits": cfg}))
+    passes: list[tuple[Ledger, sweeper.Swept | None]] = []  # (other runtimes may sweep too)
+    real = sweeper.sweep
+
+    async def counted(ledger: Ledger, *args: Any, **kwargs: Any) -> sweeper.Swept | None:
+        swept = await real(ledger, *args, **kwargs)
+        passes.append((ledger, swept))
+        return swept
+
+    monkeypatch.setattr(sweeper, "sweep", counted)
     skipped = SWEEPER_RUNS.labels(result="skipped")
     before = skipped._value.get()
     await other_process.execute("SELECT pg_advisory_lock($1)", SWEEP_LOCK_ID)
-    restarted = Runtime(settings.model_copy(update={"sweeper": True, "credits": cfg}))
     try:
-        await restarted.ledger()
+        mine = await restarted.ledger()
         deadline = time.monotonic() + 20
-        while skipped._value.get() < before + 3:
+        while sum(1 for who, swept in passes if who is mine and swept is None) < 3:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
+        assert skipped._value.get() >= before + 3
         assert await _status(ledger, hold) == "open"
         await other_process.execute("SELECT pg_advisory_unlock($1)", SWEEP_LOCK_ID)
         while await _status(ledger, hold) == "open":
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert await _status(ledger, hold) == ("expired" if holds.expiry_policy == "void" else "captured")
+        assert any(who is mine and swept is not None and swept.holds for who, swept in passes)
     finally:
         await restarted.close()
