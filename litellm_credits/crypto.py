@@ -80,6 +80,17 @@ SQL_SWAP_CIPHERTEXT = """
 UPDATE credits.openrouter_accounts SET encrypted_key = $3, key_hash = $4
 WHERE subject_id = $1 AND encrypted_key = $2
 """
+# webhook endpoints' signing secrets: the current one, and the previous one while it still signs
+# (past previous_until it is never read again: left as it is)
+SQL_WEBHOOK_CIPHERTEXT_PAGE = """
+SELECT id, secret, previous_secret, coalesce(previous_until > now(), false) AS previous_valid
+FROM credits.webhook_endpoints
+WHERE id > $1 ORDER BY id LIMIT $2
+"""
+SQL_SWAP_WEBHOOK_CIPHERTEXT = """
+UPDATE credits.webhook_endpoints SET secret = $4, previous_secret = $5
+WHERE id = $1 AND secret = $2 AND previous_secret IS NOT DISTINCT FROM $3
+"""
 
 
 class SecretBox:
@@ -147,7 +158,8 @@ class SecretBox:
 class RotationReport:
     rotated: int = 0
     current: int = 0  # already under the current key
-    unreadable: list[str] = field(default_factory=list)  # accounts whose secret no key opens
+    # what holds a secret no key opens: an account (its OpenRouter key), "webhook endpoint N"
+    unreadable: list[str] = field(default_factory=list)
 
     @property
     def seen(self) -> int:
@@ -157,13 +169,22 @@ class RotationReport:
 async def rotate_stored_secrets(
     pool: asyncpg.Pool, box: SecretBox, *, batch: int = 100, max_rows: int | None = None
 ) -> RotationReport:
-    """Re-encrypt every stored secret under the current key.
+    """Re-encrypt every stored secret under the current key: the accounts' OpenRouter keys, then
+    the webhook endpoints' signing secrets (and the previous secret an endpoint still signs with).
 
     Each row is swapped on its own, so an interrupted run loses nothing and a second run picks
     up where it stopped; rows already under the current key are skipped, and rows no configured
     key can open are reported (they need their old key back) without stopping the others.
     """
     report = RotationReport()
+    await _rotate_provider_keys(pool, box, report, batch, max_rows)
+    await _rotate_webhook_secrets(pool, box, report, batch, max_rows)
+    return report
+
+
+async def _rotate_provider_keys(
+    pool: asyncpg.Pool, box: SecretBox, report: RotationReport, batch: int, max_rows: int | None
+) -> None:
     after = ""
     while max_rows is None or report.seen < max_rows:
         rows = await pool.fetch(SQL_CIPHERTEXT_PAGE, after, batch)
@@ -185,7 +206,41 @@ async def rotate_stored_secrets(
             digest = box.lookup_hash(box.decrypt(fresh).reveal())
             await pool.execute(SQL_SWAP_CIPHERTEXT, row["subject_id"], token, fresh, digest)
             report.rotated += 1
-    return report
+
+
+async def _rotate_webhook_secrets(
+    pool: asyncpg.Pool, box: SecretBox, report: RotationReport, batch: int, max_rows: int | None
+) -> None:
+    after = 0
+    while max_rows is None or report.seen < max_rows:
+        rows = await pool.fetch(SQL_WEBHOOK_CIPHERTEXT_PAGE, after, batch)
+        if not rows:
+            break
+        for row in rows:
+            if max_rows is not None and report.seen >= max_rows:
+                break
+            after = row["id"]
+            secret = bytes(row["secret"])
+            previous = None if row["previous_secret"] is None else bytes(row["previous_secret"])
+            stale = [t for t in (secret, previous if row["previous_valid"] else None) if t is not None]
+            stale = [t for t in stale if not box.is_current(t)]
+            if not stale:
+                report.current += 1
+                continue
+            try:
+                fresh = {t: box.rotate(t) for t in stale}
+            except UndecryptableSecret:
+                report.unreadable.append(f"webhook endpoint {row['id']}")
+                continue
+            await pool.execute(
+                SQL_SWAP_WEBHOOK_CIPHERTEXT,
+                row["id"],
+                secret,
+                previous,
+                fresh.get(secret, secret),
+                previous if previous is None else fresh.get(previous, previous),
+            )
+            report.rotated += 1
 
 
 __all__ = [

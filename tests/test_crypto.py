@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
+from litellm_credits.alerts import Alerts
 from litellm_credits.crypto import (
     EncryptionNotConfigured,
     Secret,
@@ -125,6 +126,73 @@ async def test_unreadable_secrets_are_reported_not_fatal(ledger: Ledger, account
     report = await rotate_stored_secrets(ledger.pool, SecretBox([new_key(), kept]))
     assert orphan in report.unreadable and fine not in report.unreadable
     assert report.rotated >= 1
+
+
+async def _endpoint_secrets(ledger: Ledger, endpoint: int) -> tuple[bytes, bytes | None]:
+    row = await ledger.pool.fetchrow(
+        "SELECT secret, previous_secret FROM credits.webhook_endpoints WHERE id = $1", endpoint
+    )
+    return bytes(row["secret"]), None if row["previous_secret"] is None else bytes(row["previous_secret"])
+
+
+async def _endpoint(
+    ledger: Ledger, box: SecretBox, *, rotated_for: float | None = None
+) -> tuple[int, list[str]]:
+    """A webhook endpoint whose secrets are under ``box``'s key; ``rotated_for``: its secret
+    rotated once, the previous one signing for that many more seconds (negative: no longer).
+    Its plaintext secrets, current first."""
+    alerts = Alerts(ledger.pool, box, allow_private=True)
+    made = await alerts.create_endpoint(
+        "http://127.0.0.1:9/hook", events=None, format="standard", description=None
+    )
+    secrets = [made["secret"]]
+    if rotated_for is not None:
+        again = await alerts.rotate_secret(made["id"], overlap_seconds=max(rotated_for, 0))
+        secrets.insert(0, again["secret"])
+        if rotated_for < 0:
+            await ledger.pool.execute(
+                "UPDATE credits.webhook_endpoints SET previous_until = now() - interval '1 s' WHERE id = $1",
+                made["id"],
+            )
+    return made["id"], secrets
+
+
+async def test_rotation_re_encrypts_webhook_secrets_and_the_previous_one_while_it_signs(
+    ledger: Ledger,
+) -> None:
+    old, new = new_key(), new_key()
+    plain, plain_secrets = await _endpoint(ledger, SecretBox([old]))
+    rotated, rotated_secrets = await _endpoint(ledger, SecretBox([old]), rotated_for=3600)
+    box = SecretBox([new, old])
+    report = await rotate_stored_secrets(ledger.pool, box)
+    assert f"webhook endpoint {plain}" not in report.unreadable
+    assert f"webhook endpoint {rotated}" not in report.unreadable
+    only_new = SecretBox([new])
+    secret, previous = await _endpoint_secrets(ledger, plain)
+    assert only_new.decrypt(secret).reveal() == plain_secrets[0] and previous is None
+    secret, previous = await _endpoint_secrets(ledger, rotated)
+    assert previous is not None
+    assert [only_new.decrypt(secret).reveal(), only_new.decrypt(previous).reveal()] == rotated_secrets
+    again = await rotate_stored_secrets(ledger.pool, box)
+    assert again.rotated == 0
+
+
+async def test_a_webhook_secret_no_key_opens_is_reported_and_a_retired_one_left_alone(ledger: Ledger) -> None:
+    lost, kept, new = new_key(), new_key(), new_key()
+    orphan, _ = await _endpoint(ledger, SecretBox([lost]))
+    # its previous secret (under the lost key) no longer signs: nothing needs it, nothing reports it
+    retired, retired_secrets = await _endpoint(ledger, SecretBox([lost]), rotated_for=-1)
+    await ledger.pool.execute(
+        "UPDATE credits.webhook_endpoints SET secret = $2 WHERE id = $1",
+        retired,
+        SecretBox([kept]).encrypt(retired_secrets[0]),
+    )
+    report = await rotate_stored_secrets(ledger.pool, SecretBox([new, kept]))
+    assert f"webhook endpoint {orphan}" in report.unreadable
+    assert f"webhook endpoint {retired}" not in report.unreadable
+    secret, previous = await _endpoint_secrets(ledger, retired)
+    assert SecretBox([new]).decrypt(secret).reveal() == retired_secrets[0]
+    assert previous is not None and SecretBox([lost]).decrypt(previous).reveal() == retired_secrets[1]
 
 
 def test_cli_rotate_keys(fresh_database: Callable[[], str]) -> None:

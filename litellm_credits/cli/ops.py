@@ -110,7 +110,7 @@ def rotate_keys(
         )
         if rotation.unreadable:
             print(
-                f"{len(rotation.unreadable)} secrets open with no configured key (accounts: "
+                f"{len(rotation.unreadable)} secrets open with no configured key (of: "
                 f"{', '.join(rotation.unreadable[:20])}); add their old key and run again",
                 file=sys.stderr,
             )
