@@ -12,7 +12,10 @@ connection opened for the pass; the pass's work runs on the ledger's pool. So:
 - the lock ends with the transaction whatever happens: the pass ends (rolled back), fails or is
   cancelled (the connection is closed), the process dies or the network is cut (the server ends
   the transaction when it has been idle for ``hold_for`` seconds: ``idle_in_transaction_session_
-  timeout``, set for that transaction only). A stuck process cannot stop every host's sweep;
+  timeout``, set for that transaction only). A stuck process cannot stop every host's sweep. The
+  pass itself is never cut short (a batch cancelled after it left would commit without its
+  caches invalidated): it is bounded by ``batch``, and one slow enough to outlive the claim only
+  overlaps another, which is safe;
 - it works through PgBouncer in transaction mode (a session lock would stay on a server
   connection PgBouncer keeps);
 - it never holds one of the pool's connections (the pass's own resolutions need them: a pool of
@@ -24,7 +27,6 @@ would only skip does not open a connection for it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -56,19 +58,24 @@ SELECT EXISTS (
 """
 
 
+def hold_for(interval: float) -> float:
+    """How long a pass may keep the claim (idle, on the server's clock): several intervals, and
+    never under a minute."""
+    return max(60.0, 4 * interval)
+
+
 async def sweep(
     ledger: Ledger,
     dsn: str,
     *,
     policy: Literal["void", "capture"],
     batch: int,
-    hold_for: float = 600.0,
+    hold_for: float,
     wait: bool = False,
 ) -> Swept | None:
     """One pass of the sweep, or None when another process is sweeping (``wait``: wait for it
     instead). ``dsn``: the ledger's database, where the claim is taken; ``hold_for``: seconds
-    after which the pass gives up (and the server releases the claim even if this process
-    cannot)."""
+    after which the server releases the claim, whatever this process does."""
     if not wait and await ledger.pool.fetchval(SQL_CLAIMED, SWEEP_LOCK_ID):
         return None
     conn = await asyncpg.connect(
@@ -85,7 +92,7 @@ async def sweep(
             await conn.execute("SELECT pg_advisory_xact_lock($1)", SWEEP_LOCK_ID)
         elif not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK_ID):
             return None
-        return await asyncio.wait_for(_pass(ledger, policy, batch), hold_for)
+        return await _pass(ledger, policy, batch)
     finally:
         await _close(conn)
 
@@ -107,4 +114,4 @@ async def _close(conn: asyncpg.Connection) -> None:
         raise
 
 
-__all__ = ["SWEEP_LOCK_ID", "Swept", "sweep"]
+__all__ = ["SWEEP_LOCK_ID", "Swept", "hold_for", "sweep"]

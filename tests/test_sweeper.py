@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -49,9 +49,14 @@ async def _waiting_for_the_sweep(conn: asyncpg.Connection) -> bool:
     return bool(
         await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity"
-            " WHERE application_name LIKE '% sweep' AND wait_event_type = 'Lock'"
+            " WHERE datname = current_database() AND application_name = $1 AND wait_event_type = 'Lock'",
+            f"litellm-credits pid {os.getpid()} sweep",
         )
     )
+
+
+async def _claimed(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval(sweeper.SQL_CLAIMED, SWEEP_LOCK_ID))
 
 
 async def _free(conn: asyncpg.Connection) -> bool:
@@ -77,10 +82,12 @@ async def test_a_pass_skips_while_another_process_sweeps_and_the_command_waits_f
     await other_process.execute("SELECT pg_advisory_lock($1)", SWEEP_LOCK_ID)
     with monkeypatch.context() as patch:  # a process that will only skip opens no connection
         patch.setattr(asyncpg, "connect", _no_connection)
-        assert await sweeper.sweep(ledger, database_url, policy="void", batch=1000) is None
+        assert await sweeper.sweep(ledger, database_url, policy="void", batch=1000, hold_for=60) is None
     assert await _status(ledger, hold) == "open"  # the other process's pass will end it
 
-    waiting = asyncio.create_task(sweeper.sweep(ledger, database_url, policy="void", batch=1000, wait=True))
+    waiting = asyncio.create_task(
+        sweeper.sweep(ledger, database_url, policy="void", batch=1000, hold_for=60, wait=True)
+    )
     deadline = time.monotonic() + 10
     while not await _waiting_for_the_sweep(other_process):  # queued on the lock, not connecting
         assert time.monotonic() < deadline and not waiting.done()
@@ -102,7 +109,7 @@ async def test_a_failed_pass_gives_the_sweep_back(
 
     monkeypatch.setattr(ledger, "expire", broken)
     with pytest.raises(RuntimeError, match="boom"):
-        await sweeper.sweep(ledger, database_url, policy="void", batch=10)
+        await sweeper.sweep(ledger, database_url, policy="void", batch=10, hold_for=60)
     assert await _free(other_process)
 
 
@@ -117,7 +124,7 @@ async def test_a_pass_cancelled_midway_gives_the_sweep_back(
         return 0
 
     monkeypatch.setattr(ledger, "expire", slow)
-    task = asyncio.create_task(sweeper.sweep(ledger, database_url, policy="void", batch=10))
+    task = asyncio.create_task(sweeper.sweep(ledger, database_url, policy="void", batch=10, hold_for=60))
     await asyncio.wait_for(started.wait(), 10)
     assert not await _free(other_process)
     task.cancel()
@@ -129,31 +136,28 @@ async def test_a_pass_cancelled_midway_gives_the_sweep_back(
 async def test_a_stuck_pass_loses_the_sweep_to_the_servers_deadline(
     ledger: Ledger, database_url: str, other_process: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A process that stops answering (here: deaf to its own timeout) cannot keep every host from
-    sweeping: the server ends the claim's transaction once it has been idle for hold_for."""
-    done = asyncio.Event()
+    """A process that stops answering cannot keep every host from sweeping: the server ends the
+    claim's transaction once it has been idle for hold_for."""
+    started, done = asyncio.Event(), asyncio.Event()
 
     async def stuck(*_: object) -> sweeper.Swept:
-        while not done.is_set():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(0.05)
+        started.set()  # (the claim is held from here)
+        await done.wait()
         return sweeper.Swept(0, Sweep(0, 0))
 
     monkeypatch.setattr(sweeper, "_pass", stuck)
     task = asyncio.create_task(sweeper.sweep(ledger, database_url, policy="void", batch=10, hold_for=1.0))
     try:
+        await asyncio.wait_for(started.wait(), 10)
+        assert await _claimed(other_process)
         deadline = time.monotonic() + 10
-        while await _free(other_process):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        while not await _free(other_process):  # taken, and given back by the server
+        while await _claimed(other_process):  # until the server gives it back
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
         assert not task.done()
     finally:
         done.set()
-        with contextlib.suppress(Exception):
-            await task
+        await asyncio.wait_for(task, 10)
 
 
 async def test_the_proxys_sweeper_skips_its_turn_while_another_process_sweeps(

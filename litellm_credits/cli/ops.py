@@ -80,7 +80,12 @@ def sweep() -> None:
             holds = s.settings.credits.holds
             # (after any pass another process has under way: one pass at a time)
             swept = await sweeper.sweep(
-                s.ledger, s.dsn, policy=holds.expiry_policy, batch=holds.sweep_batch, wait=True
+                s.ledger,
+                s.dsn,
+                policy=holds.expiry_policy,
+                batch=holds.sweep_batch,
+                hold_for=sweeper.hold_for(holds.sweep_interval_seconds),
+                wait=True,
             )
             assert swept is not None
             print(f"resolved {swept.holds} expired holds ({holds.expiry_policy})")
