@@ -1,4 +1,5 @@
-"""Secrets at rest: provider API keys encrypted with Fernet, under keys that can be rotated.
+"""Secrets at rest: provider API keys and webhook signing secrets encrypted with Fernet, under
+keys that can be rotated.
 
 ``CREDITS_ENCRYPTION_KEYS`` is a comma-separated list of Fernet keys, the current one first;
 the others only decrypt (``MultiFernet``), until ``litellm-credits rotate-keys`` has re-encrypted
@@ -21,6 +22,7 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -82,11 +84,12 @@ WHERE subject_id = $1 AND encrypted_key = $2
 """
 # webhook endpoints' signing secrets: the current one, and the previous one while it still signs
 # (past previous_until it is never read again: left as it is)
-SQL_WEBHOOK_CIPHERTEXT_PAGE = """
-SELECT id, secret, previous_secret, coalesce(previous_until > now(), false) AS previous_valid
-FROM credits.webhook_endpoints
-WHERE id > $1 ORDER BY id LIMIT $2
+_SWAP_TRIES = 5  # an endpoint whose secret keeps changing under the run is reported, not chased
+_WEBHOOK_CIPHERTEXT = "id, secret, previous_secret, coalesce(previous_until > now(), false) AS previous_valid"
+SQL_WEBHOOK_CIPHERTEXT_PAGE = f"""
+SELECT {_WEBHOOK_CIPHERTEXT} FROM credits.webhook_endpoints WHERE id > $1 ORDER BY id LIMIT $2
 """
+SQL_WEBHOOK_CIPHERTEXT = f"SELECT {_WEBHOOK_CIPHERTEXT} FROM credits.webhook_endpoints WHERE id = $1"
 SQL_SWAP_WEBHOOK_CIPHERTEXT = """
 UPDATE credits.webhook_endpoints SET secret = $4, previous_secret = $5
 WHERE id = $1 AND secret = $2 AND previous_secret IS NOT DISTINCT FROM $3
@@ -204,8 +207,10 @@ async def _rotate_provider_keys(
                 report.unreadable.append(row["subject_id"])
                 continue
             digest = box.lookup_hash(box.decrypt(fresh).reveal())
-            await pool.execute(SQL_SWAP_CIPHERTEXT, row["subject_id"], token, fresh, digest)
-            report.rotated += 1
+            if await pool.execute(SQL_SWAP_CIPHERTEXT, row["subject_id"], token, fresh, digest) == "UPDATE 1":
+                report.rotated += 1
+            else:  # its key was replaced meanwhile: a run again tells whether under the current key
+                report.unreadable.append(f"{row['subject_id']} (changed during the run: run again)")
 
 
 async def _rotate_webhook_secrets(
@@ -220,27 +225,47 @@ async def _rotate_webhook_secrets(
             if max_rows is not None and report.seen >= max_rows:
                 break
             after = row["id"]
-            secret = bytes(row["secret"])
-            previous = None if row["previous_secret"] is None else bytes(row["previous_secret"])
-            stale = [t for t in (secret, previous if row["previous_valid"] else None) if t is not None]
-            stale = [t for t in stale if not box.is_current(t)]
-            if not stale:
-                report.current += 1
-                continue
+            await _rotate_endpoint(pool, box, report, row)
+
+
+async def _rotate_endpoint(pool: asyncpg.Pool, box: SecretBox, report: RotationReport, row: Any) -> None:
+    """One endpoint's secrets under the current key. A swap that finds the row changed (its
+    secret rotated meanwhile: the old one moved to previous_secret) reads it again and retries,
+    so a clean report means no live secret is left under an old key."""
+    label = f"webhook endpoint {row['id']}"
+    for _ in range(_SWAP_TRIES):
+        secret = bytes(row["secret"])
+        previous = None if row["previous_secret"] is None else bytes(row["previous_secret"])
+        new_secret, new_previous = secret, previous
+        unreadable: list[str] = []
+        if not box.is_current(secret):
             try:
-                fresh = {t: box.rotate(t) for t in stale}
+                new_secret = box.rotate(secret)
             except UndecryptableSecret:
-                report.unreadable.append(f"webhook endpoint {row['id']}")
-                continue
-            await pool.execute(
-                SQL_SWAP_WEBHOOK_CIPHERTEXT,
-                row["id"],
-                secret,
-                previous,
-                fresh.get(secret, secret),
-                previous if previous is None else fresh.get(previous, previous),
-            )
-            report.rotated += 1
+                unreadable.append(label)
+        if previous is not None and row["previous_valid"] and not box.is_current(previous):
+            try:
+                new_previous = box.rotate(previous)
+            except UndecryptableSecret:  # (`rotate-secret` with no overlap retires it)
+                unreadable.append(f"{label} (its previous secret, still signing)")
+        if new_secret is secret and new_previous is previous:  # nothing (else) it can do
+            if unreadable:
+                report.unreadable.extend(unreadable)
+            else:
+                report.current += 1
+            return
+        swapped = await pool.execute(
+            SQL_SWAP_WEBHOOK_CIPHERTEXT, row["id"], secret, previous, new_secret, new_previous
+        )
+        if swapped == "UPDATE 1":
+            report.unreadable.extend(unreadable)
+            if not unreadable:
+                report.rotated += 1
+            return
+        row = await pool.fetchrow(SQL_WEBHOOK_CIPHERTEXT, row["id"])
+        if row is None:
+            return
+    report.unreadable.append(f"{label} (changed during the run: run again)")
 
 
 __all__ = [

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
+import asyncpg
 import pytest
 from cryptography.fernet import Fernet
 
 from litellm_credits.alerts import Alerts
 from litellm_credits.crypto import (
+    SQL_SWAP_WEBHOOK_CIPHERTEXT,
     EncryptionNotConfigured,
     Secret,
     SecretBox,
@@ -206,3 +209,51 @@ def test_cli_rotate_keys(fresh_database: Callable[[], str]) -> None:
                         capture_output=True, text=True, timeout=120)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert "already under the current key" in ok.stdout and key not in ok.stdout + ok.stderr
+
+
+async def test_a_webhook_secret_rotated_during_the_run_is_not_left_under_the_old_key(ledger: Ledger) -> None:
+    """Regression (outside review): an endpoint's secret rotated between the run's read and its
+    swap moved the old ciphertext into previous_secret, still under the old key, and the run
+    counted the endpoint as done."""
+    old, new = new_key(), new_key()
+    endpoint, secrets = await _endpoint(ledger, SecretBox([old]))
+    box = SecretBox([new, old])
+    meddled: list[str] = []
+
+    class Meddling:
+        """The pool, but the first swap of the endpoint comes after a rotation of its secret."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(ledger.pool, name)
+
+        async def execute(self, query: str, *args: Any) -> str:
+            if query == SQL_SWAP_WEBHOOK_CIPHERTEXT and not meddled:
+                again = await Alerts(ledger.pool, box, allow_private=True).rotate_secret(
+                    endpoint, overlap_seconds=3600
+                )
+                meddled.append(again["secret"])
+            return str(await ledger.pool.execute(query, *args))
+
+    report = await rotate_stored_secrets(cast(asyncpg.Pool, Meddling()), box)
+    assert meddled and f"webhook endpoint {endpoint}" not in " ".join(report.unreadable)
+    secret, previous = await _endpoint_secrets(ledger, endpoint)
+    only_new = SecretBox([new])
+    assert previous is not None
+    assert [only_new.decrypt(secret).reveal(), only_new.decrypt(previous).reveal()] == [
+        meddled[0],
+        secrets[0],
+    ]
+
+
+async def test_a_lost_previous_secret_does_not_keep_the_current_one_under_the_old_key(ledger: Ledger) -> None:
+    lost, kept, new = new_key(), new_key(), new_key()
+    endpoint, secrets = await _endpoint(ledger, SecretBox([lost]), rotated_for=3600)
+    await ledger.pool.execute(  # its current secret under a key still configured
+        "UPDATE credits.webhook_endpoints SET secret = $2 WHERE id = $1",
+        endpoint,
+        SecretBox([kept]).encrypt(secrets[0]),
+    )
+    report = await rotate_stored_secrets(ledger.pool, SecretBox([new, kept]))
+    assert f"webhook endpoint {endpoint} (its previous secret, still signing)" in report.unreadable
+    secret, _ = await _endpoint_secrets(ledger, endpoint)
+    assert SecretBox([new]).decrypt(secret).reveal() == secrets[0]

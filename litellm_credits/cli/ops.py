@@ -114,9 +114,12 @@ def rotate_keys(
             f"re-encrypted {rotation.rotated} secrets; {rotation.current} were already under the current key"
         )
         if rotation.unreadable:
+            held_by = [
+                u if u.startswith("webhook endpoint") else f"account {u}" for u in rotation.unreadable[:20]
+            ]
             print(
-                f"{len(rotation.unreadable)} secrets open with no configured key (of: "
-                f"{', '.join(rotation.unreadable[:20])}); add their old key and run again",
+                f"{len(rotation.unreadable)} not re-encrypted (no configured key opens them, or they "
+                f"changed during the run): {', '.join(held_by)}; add their old key and run again",
                 file=sys.stderr,
             )
             return 1
