@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,44 +188,51 @@ async def rotate_stored_secrets(
 async def _rotate_provider_keys(
     pool: asyncpg.Pool, box: SecretBox, report: RotationReport, batch: int, max_rows: int | None
 ) -> None:
-    after = ""
-    while max_rows is None or report.seen < max_rows:
-        rows = await pool.fetch(SQL_CIPHERTEXT_PAGE, after, batch)
-        if not rows:
-            break
-        for row in rows:
-            if max_rows is not None and report.seen >= max_rows:
-                break
-            after = row["subject_id"]
-            token = bytes(row["encrypted_key"])
-            if box.is_current(token):
-                report.current += 1
-                continue
-            try:
-                fresh = box.rotate(token)
-            except UndecryptableSecret:
-                report.unreadable.append(row["subject_id"])
-                continue
-            digest = box.lookup_hash(box.decrypt(fresh).reveal())
-            if await pool.execute(SQL_SWAP_CIPHERTEXT, row["subject_id"], token, fresh, digest) == "UPDATE 1":
-                report.rotated += 1
-            else:  # its key was replaced meanwhile: a run again tells whether under the current key
-                report.unreadable.append(f"{row['subject_id']} (changed during the run: run again)")
+    async for row in _rows(pool, SQL_CIPHERTEXT_PAGE, "subject_id", "", batch, report, max_rows):
+        token = bytes(row["encrypted_key"])
+        if box.is_current(token):
+            report.current += 1
+            continue
+        try:
+            fresh = box.rotate(token)
+        except UndecryptableSecret:
+            report.unreadable.append(row["subject_id"])
+            continue
+        digest = box.lookup_hash(box.decrypt(fresh).reveal())
+        if await pool.execute(SQL_SWAP_CIPHERTEXT, row["subject_id"], token, fresh, digest) == "UPDATE 1":
+            report.rotated += 1
+        else:  # its key was replaced meanwhile: a run again tells whether under the current key
+            report.unreadable.append(f"{row['subject_id']} (changed during the run: run again)")
 
 
 async def _rotate_webhook_secrets(
     pool: asyncpg.Pool, box: SecretBox, report: RotationReport, batch: int, max_rows: int | None
 ) -> None:
-    after = 0
+    async for row in _rows(pool, SQL_WEBHOOK_CIPHERTEXT_PAGE, "id", 0, batch, report, max_rows):
+        await _rotate_endpoint(pool, box, report, row)
+
+
+async def _rows(
+    pool: asyncpg.Pool,
+    sql: str,
+    key: str,
+    start: object,
+    batch: int,
+    report: RotationReport,
+    max_rows: int | None,
+) -> AsyncIterator[Any]:
+    """The rows of ``sql``'s pages (``batch`` at a time, after ``key``), until the report has seen
+    ``max_rows``."""
+    after = start
     while max_rows is None or report.seen < max_rows:
-        rows = await pool.fetch(SQL_WEBHOOK_CIPHERTEXT_PAGE, after, batch)
+        rows = await pool.fetch(sql, after, batch)
         if not rows:
-            break
+            return
         for row in rows:
             if max_rows is not None and report.seen >= max_rows:
-                break
-            after = row["id"]
-            await _rotate_endpoint(pool, box, report, row)
+                return
+            after = row[key]
+            yield row
 
 
 async def _rotate_endpoint(pool: asyncpg.Pool, box: SecretBox, report: RotationReport, row: Any) -> None:
