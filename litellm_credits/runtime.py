@@ -280,7 +280,7 @@ class Runtime:
                     self._resolve_dsn(),
                     policy=cfg.expiry_policy,
                     batch=cfg.sweep_batch,
-                    hold_for=sweeper.hold_for(cfg.sweep_interval_seconds),
+                    hold_for=sweeper.claim_seconds(cfg.sweep_interval_seconds),
                 )
                 if swept is None:  # another process is sweeping
                     SWEEPER_RUNS.labels(result="skipped").inc()

@@ -58,7 +58,7 @@ SELECT EXISTS (
 """
 
 
-def hold_for(interval: float) -> float:
+def claim_seconds(interval: float) -> float:
     """How long a pass may keep the claim (idle, on the server's clock): several intervals, and
     never under a minute."""
     return max(60.0, 4 * interval)
@@ -114,4 +114,4 @@ async def _close(conn: asyncpg.Connection) -> None:
         raise
 
 
-__all__ = ["SWEEP_LOCK_ID", "Swept", "hold_for", "sweep"]
+__all__ = ["SWEEP_LOCK_ID", "Swept", "claim_seconds", "sweep"]

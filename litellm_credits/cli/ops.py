@@ -84,7 +84,7 @@ def sweep() -> None:
                 s.dsn,
                 policy=holds.expiry_policy,
                 batch=holds.sweep_batch,
-                hold_for=sweeper.hold_for(holds.sweep_interval_seconds),
+                hold_for=sweeper.claim_seconds(holds.sweep_interval_seconds),
                 wait=True,
             )
             assert swept is not None
