@@ -9,7 +9,8 @@ tests talk to a local fake Stripe, never the network).
 
   - ``checkout.session.completed`` with ``payment_status: paid``, or
     ``checkout.session.async_payment_succeeded``: the top-up is credited once, as a paid grant (a
-    ``topup`` ledger row keyed by the top-up), and ``topup.succeeded`` is raised.
+    ``topup`` ledger row keyed by the top-up), and ``topup.succeeded`` is raised; to the team of
+    an account that joined one since its checkout.
   - ``checkout.session.async_payment_failed`` / ``checkout.session.expired``: the top-up fails
     (``topup.failed``) or lapses; nothing is credited.
   - ``charge.refunded``: the share refunded so far is taken back (an ``adjustment``);
@@ -40,6 +41,37 @@ from .errors import (
 )
 from .ledger_sql import SQL_CREDIT
 from .money import MICRO, format_credits
+from .topups_sql import (
+    SQL_ACCOUNT,
+    SQL_ALERT,
+    SQL_BY_ID,
+    SQL_BY_INTENT,
+    SQL_BY_SESSION,
+    SQL_CREDITED_TO,
+    SQL_DEBIT_GRANT,
+    SQL_DISABLE_RECHARGE,
+    SQL_DUE_RECHARGES,
+    SQL_EVENT,
+    SQL_FAILED,
+    SQL_GET_RECHARGE,
+    SQL_INTENT,
+    SQL_LIST,
+    SQL_NEW,
+    SQL_OUTCOME,
+    SQL_PAID,
+    SQL_RECHARGE_CLAIM,
+    SQL_RECHARGE_METHOD,
+    SQL_RECHARGE_TERMS,
+    SQL_REVERSED,
+    SQL_SESSION,
+    SQL_SET_RECHARGE,
+    SQL_STALE_RECHARGES,
+    SQL_STATUS,
+    SQL_TAKE_FROM_GRANT,
+    SQL_UNANSWERED_RECHARGES,
+    STALE_RECHARGE,
+    UNANSWERED_RECHARGE,
+)
 
 
 class InvalidSignature(CreditsError):
@@ -52,118 +84,6 @@ class TopupsNotConfigured(CreditsError):
 
     status = 404
     type = "topups_not_configured"
-
-
-SQL_ACCOUNT = "SELECT parent_id FROM credits.credit_accounts WHERE subject_id = $1"
-SQL_NEW = """
-INSERT INTO credits.topups (subject_id, amount, currency, unit_amount) VALUES ($1, $2, $3, $4)
-RETURNING id
-"""
-SQL_SESSION = "UPDATE credits.topups SET checkout_session_id = $2, updated_at = now() WHERE id = $1"
-SQL_EVENT = """
-INSERT INTO credits.stripe_events (event_id, type) VALUES ($1, $2)
-ON CONFLICT (event_id) DO NOTHING RETURNING event_id
-"""
-SQL_OUTCOME = "UPDATE credits.stripe_events SET outcome = $2 WHERE event_id = $1"
-SQL_BY_SESSION = "SELECT * FROM credits.topups WHERE checkout_session_id = $1 FOR UPDATE"
-SQL_BY_INTENT = "SELECT * FROM credits.topups WHERE payment_intent_id = $1 FOR UPDATE"
-SQL_PAID = """
-UPDATE credits.topups SET status = 'paid', payment_intent_id = coalesce($2, payment_intent_id),
-    transaction_id = $3, updated_at = now()
-WHERE id = $1
-"""
-SQL_STATUS = "UPDATE credits.topups SET status = $2, updated_at = now() WHERE id = $1 AND status = 'open'"
-SQL_REVERSED = (
-    "UPDATE credits.topups SET reversed = $2, disputed = disputed OR $3, updated_at = now() WHERE id = $1"
-)
-SQL_ALERT = "INSERT INTO credits.outbox (type, subject_id, data) VALUES ($1, $2, $3)"
-SQL_RECHARGE_TERMS = """
-SELECT r.amount FROM credits.auto_recharge r JOIN credits.credit_accounts a ON a.subject_id = r.subject_id
-WHERE r.subject_id = $1 AND r.enabled AND a.balance < r.threshold AND a.parent_id IS NULL
-"""
-# a recharge of account $1, claimed only while none is in flight (the unique index) and the month's
-# recharges (open or paid) stay under both caps
-SQL_RECHARGE_CLAIM = """
-WITH month AS (
-    SELECT count(*) AS n, coalesce(sum(t.amount), 0) AS total FROM credits.topups t
-    WHERE t.subject_id = $1 AND t.kind = 'recharge' AND t.status IN ('open', 'paid', 'failed')
-      AND t.created_at >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-)
-INSERT INTO credits.topups (subject_id, amount, currency, unit_amount, kind)
-SELECT r.subject_id, r.amount, $2, $3, 'recharge'
-FROM credits.auto_recharge r JOIN credits.credit_accounts a ON a.subject_id = r.subject_id, month
-WHERE r.subject_id = $1 AND r.enabled AND r.amount = $4 AND a.balance < r.threshold
-  AND month.n < r.max_per_month
-  AND (r.max_amount_per_month IS NULL OR month.total + r.amount <= r.max_amount_per_month)
-ON CONFLICT (subject_id) WHERE kind = 'recharge' AND status = 'open' DO NOTHING
-RETURNING id
-"""
-SQL_RECHARGE_METHOD = "SELECT customer_id, payment_method_id FROM credits.auto_recharge WHERE subject_id = $1"
-SQL_INTENT = "UPDATE credits.topups SET payment_intent_id = $2, updated_at = now() WHERE id = $1"
-SQL_FAILED = """
-UPDATE credits.topups SET status = 'failed', updated_at = now() WHERE id = $1 AND status = 'open' RETURNING *
-"""
-SQL_BY_ID = "SELECT * FROM credits.topups WHERE id = $1 FOR UPDATE"
-UNANSWERED_RECHARGE = 120  # seconds
-STALE_RECHARGE = 23 * 3600
-SQL_UNANSWERED_RECHARGES = """
-SELECT id, subject_id, unit_amount FROM credits.topups
-WHERE kind = 'recharge' AND status = 'open' AND payment_intent_id IS NULL
-  AND updated_at < now() - make_interval(secs => $1) AND created_at > now() - make_interval(secs => $2)
-ORDER BY id LIMIT 100
-"""
-SQL_STALE_RECHARGES = """
-UPDATE credits.topups SET status = 'failed', updated_at = now()
-WHERE kind = 'recharge' AND status = 'open' AND payment_intent_id IS NULL
-  AND created_at < now() - make_interval(secs => $1)
-RETURNING *
-"""
-SQL_DUE_RECHARGES = """
-SELECT r.subject_id FROM credits.auto_recharge r JOIN credits.credit_accounts a ON a.subject_id = r.subject_id
-WHERE r.enabled AND a.balance < r.threshold
-  AND NOT EXISTS (SELECT 1 FROM credits.topups t
-                  WHERE t.subject_id = r.subject_id AND t.kind = 'recharge' AND t.status = 'open')
-ORDER BY r.subject_id LIMIT $1
-"""
-SQL_SET_RECHARGE = """
-INSERT INTO credits.auto_recharge
-    (subject_id, threshold, amount, customer_id, payment_method_id, max_per_month, max_amount_per_month)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (subject_id) DO UPDATE SET threshold = EXCLUDED.threshold, amount = EXCLUDED.amount,
-    customer_id = EXCLUDED.customer_id, payment_method_id = EXCLUDED.payment_method_id,
-    max_per_month = EXCLUDED.max_per_month, max_amount_per_month = EXCLUDED.max_amount_per_month,
-    enabled = true, updated_at = now()
-RETURNING *
-"""
-SQL_GET_RECHARGE = "SELECT * FROM credits.auto_recharge WHERE subject_id = $1"
-SQL_DISABLE_RECHARGE = (
-    "UPDATE credits.auto_recharge SET enabled = false, updated_at = now() WHERE subject_id = $1 RETURNING *"
-)
-# what a reversal takes from the top-up's own grant (the ledger row that credited it): up to what
-# is left of it, burnt here (the debit below names the grant, so no trigger burns it again)
-SQL_TAKE_FROM_GRANT = """
-WITH g AS (
-    SELECT id, least(remaining, $3) AS taken FROM credits.grants
-    WHERE subject_id = $1 AND transaction_id = $2 AND status = 'live' AND remaining > 0
-)
-UPDATE credits.grants x SET remaining = x.remaining - g.taken,
-    status = CASE WHEN x.remaining = g.taken THEN 'used' ELSE 'live' END
-FROM g WHERE x.subject_id = $1 AND x.id = g.id
-RETURNING x.id, g.taken
-"""
-SQL_DEBIT_GRANT = """
-WITH a AS (
-    UPDATE credits.credit_accounts SET balance = balance + $2 WHERE subject_id = $1 RETURNING balance
-)
-INSERT INTO credits.credit_transactions
-    (subject_id, amount, balance_after, type, idempotency_key, description, metadata, grant_id)
-SELECT $1, $2, a.balance, 'adjustment', $3, $4, $5, $6 FROM a
-RETURNING id, balance_after
-"""
-SQL_LIST = """
-SELECT id, amount, currency, unit_amount, status, reversed, disputed, transaction_id, created_at
-FROM credits.topups WHERE subject_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3
-"""
 
 
 @dataclass(frozen=True)
@@ -389,9 +309,11 @@ class Topups:
             take = target - topup["reversed"]
             if take <= 0:
                 return "taken back before", topup["subject_id"]
-            # from the top-up's own grant first (what is left of it); the rest, already spent, by
-            # the usual order (or as overrun)
-            own = await conn.fetchrow(SQL_TAKE_FROM_GRANT, topup["subject_id"], topup["transaction_id"], take)
+            # from the account it credited (its team's, if it had joined one): from the top-up's
+            # own grant first (what is left of it); the rest, already spent, by the usual order (or
+            # as overrun)
+            payer = await conn.fetchval(SQL_CREDITED_TO, topup["transaction_id"]) or topup["subject_id"]
+            own = await conn.fetchrow(SQL_TAKE_FROM_GRANT, payer, topup["transaction_id"], take)
             tx = None
             for part, grant, suffix in (
                 (own["taken"] if own else 0, own["id"] if own else None, "own"),
@@ -400,7 +322,7 @@ class Topups:
                 if part > 0:
                     tx = await conn.fetchrow(
                         SQL_DEBIT_GRANT,
-                        topup["subject_id"],
+                        payer,
                         -part,
                         f"topup-reversal:{topup['id']}:{target}:{suffix}",
                         f"top-up {topup['id']} {'disputed' if disputed else 'refunded'}",
@@ -409,8 +331,16 @@ class Topups:
                     )
             await conn.execute(SQL_REVERSED, topup["id"], target, disputed)
             balance = tx["balance_after"] if tx is not None else None
-            await self._alert(conn, "topup.reversed", topup, balance=balance, taken_back=take, reason=kind)
-            return "taken back", topup["subject_id"]
+            await self._alert(
+                conn,
+                "topup.reversed",
+                topup,
+                balance=balance,
+                taken_back=take,
+                reason=kind,
+                **_team(topup, payer),
+            )
+            return "taken back", payer
         return "ignored", None
 
     async def _credit(
@@ -440,12 +370,36 @@ class Topups:
             None,
             None,
         )
-        if tx is None:  # the account joined a team since: its credits are the team's
-            return "account is a member", topup["subject_id"]
+        paid_to = topup["subject_id"]
+        if tx is None:
+            # the account joined a team after it asked: it spends the team's credits now, so the
+            # team is credited what it paid for (and a reversal takes it back from the team)
+            team = await conn.fetchval(SQL_ACCOUNT, topup["subject_id"])
+            if team is None:
+                return "no account", topup["subject_id"]
+            tx = await conn.fetchrow(
+                SQL_CREDIT,
+                team,
+                topup["amount"],
+                "topup",
+                f"topup:{topup['id']}",
+                f"top-up {topup['id']} by member {topup['subject_id']} "
+                f"({topup['unit_amount']} {topup['currency']} minor units)",
+                {"topup_id": topup["id"], "member_id": topup["subject_id"], **metadata},
+                None,
+                "paid",
+                None,
+                None,
+            )
+            if tx is None:  # (teams have two levels: a team is never a member)
+                return "account is a member", topup["subject_id"]
+            paid_to = team
         await conn.execute(SQL_PAID, topup["id"], payment_intent, tx["id"])
         credited.append(tx["amount"])
-        await self._alert(conn, "topup.succeeded", topup, balance=tx["balance_after"])
-        return "credited", topup["subject_id"]
+        await self._alert(
+            conn, "topup.succeeded", topup, balance=tx["balance_after"], **_team(topup, paid_to)
+        )
+        return "credited", paid_to
 
     # auto-recharge -------------------------------------------------------------------------
 
@@ -562,6 +516,11 @@ class Topups:
                 format_credits(value) if key in ("balance", "taken_back") and value is not None else value
             )
         await conn.execute(SQL_ALERT, kind, topup["subject_id"], data)
+
+
+def _team(topup: Any, paid_to: str) -> dict[str, str]:
+    """An alert's ``credited_to``, when a top-up credited the team its account had joined."""
+    return {} if paid_to == topup["subject_id"] else {"credited_to": paid_to}
 
 
 def recharge_json(row: Any) -> dict[str, Any]:

@@ -41,7 +41,8 @@ from litellm_credits.pricing import ModelPrice
 from litellm_credits.runtime import Runtime
 from litellm_credits.settings import Settings
 from litellm_credits.settlement import Settler
-from litellm_credits.topups import SQL_NEW, SQL_SESSION, Pricing, Topups
+from litellm_credits.topups import Pricing, Topups
+from litellm_credits.topups_sql import SQL_NEW, SQL_SESSION
 
 CREDITED = "litellm_credits_credited_microcredits_total"
 CHARGED = "litellm_credits_charged_microcredits_total"

@@ -237,6 +237,39 @@ async def test_members_and_unconfigured_proxies_are_refused(
         await bare.handle(b"{}", "t=1,v1=00")
 
 
+async def test_a_topup_paid_after_its_account_joined_a_team_credits_the_team(
+    topups: Topups, ledger: Ledger, account: AccountFactory
+) -> None:
+    """Regression: the payment was taken and nothing credited (outcome "account is a member", the
+    top-up left open). The account spends its team's credits now: the team gets what it paid for,
+    and a refund takes it back from the team."""
+    alone, team = await account("0"), await account("0")
+    created = await topups.checkout(alone, c("10"))
+    await ledger.pool.execute(
+        "UPDATE credits.credit_accounts SET parent_id = $2 WHERE subject_id = $1", alone, team
+    )
+    intent = "pi_" + uuid.uuid4().hex
+    session = {"id": created["checkout_session_id"], "payment_status": "paid", "payment_intent": intent}
+    handled = await topups.handle(*signed(event("checkout.session.completed", session)))
+    assert (handled.outcome, handled.subject_id) == ("credited", team)  # (its cache entry is changed)
+    assert (await balance(ledger, team), await balance(ledger, alone)) == (c("10"), 0)
+    [row] = await topups.list(alone, limit=10, offset=0)  # the member's own top-up, paid
+    assert row["status"] == "paid"
+    tx = await ledger.pool.fetchrow(
+        "SELECT subject_id, type, metadata FROM credits.credit_transactions WHERE id = $1",
+        row["transaction_id"],
+    )
+    assert (tx["subject_id"], tx["type"], tx["metadata"]["member_id"]) == (team, "topup", alone)
+    [alert] = await ledger.pool.fetch("SELECT data FROM credits.outbox WHERE subject_id = $1", alone)
+    assert (alert["data"]["credited_to"], alert["data"]["balance"]) == (team, "10.000000")
+
+    refund = {"object": "charge", "payment_intent": intent, "amount_refunded": 400}
+    assert (await topups.handle(*signed(event("charge.refunded", refund)))).outcome == "taken back"
+    assert (await balance(ledger, team), await balance(ledger, alone)) == (c("6"), 0)
+    await assert_identities(ledger, team)
+    await assert_identities(ledger, alone)
+
+
 def test_topup_routes_through_the_proxy(proxy: Proxy) -> None:
     _, key = proxy.create_account("0")
     with httpx.Client(base_url=proxy.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as me:
