@@ -48,6 +48,7 @@ from .topups_sql import (
     SQL_BY_INTENT,
     SQL_BY_SESSION,
     SQL_CREDITED_TO,
+    SQL_CREDITED_TO_TEAM,
     SQL_DEBIT_GRANT,
     SQL_DISABLE_RECHARGE,
     SQL_DUE_RECHARGES,
@@ -59,6 +60,7 @@ from .topups_sql import (
     SQL_NEW,
     SQL_OUTCOME,
     SQL_PAID,
+    SQL_PAYER_LOCKED,
     SQL_RECHARGE_CLAIM,
     SQL_RECHARGE_METHOD,
     SQL_RECHARGE_TERMS,
@@ -312,7 +314,11 @@ class Topups:
             # from the account it credited (its team's, if it had joined one): from the top-up's
             # own grant first (what is left of it); the rest, already spent, by the usual order (or
             # as overrun)
-            payer = await conn.fetchval(SQL_CREDITED_TO, topup["transaction_id"]) or topup["subject_id"]
+            payer = (
+                await conn.fetchval(SQL_CREDITED_TO, topup["subject_id"], topup["transaction_id"])
+                or await conn.fetchval(SQL_CREDITED_TO_TEAM, topup["transaction_id"], topup["id"])
+                or topup["subject_id"]
+            )
             own = await conn.fetchrow(SQL_TAKE_FROM_GRANT, payer, topup["transaction_id"], take)
             tx = None
             for part, grant, suffix in (
@@ -357,43 +363,29 @@ class Topups:
             return "unknown top-up", None
         if topup["status"] == "paid":
             return "credited before", topup["subject_id"]
+        # the account it credits: the top-up's own, or (if the account joined a team since its
+        # checkout: it spends the team's credits now) its team's, and a reversal takes it back from
+        # there. The member's row is locked first (a move out of the team waits; the batches' order)
+        member = topup["subject_id"]
+        paid_to = await conn.fetchval(SQL_PAYER_LOCKED, member)
+        if paid_to is None:
+            return "unknown account", member
+        by = "" if paid_to == member else f" by member {member}"
         tx = await conn.fetchrow(
             SQL_CREDIT,
-            topup["subject_id"],
+            paid_to,
             topup["amount"],
             "topup",
             f"topup:{topup['id']}",
-            f"top-up {topup['id']} ({topup['unit_amount']} {topup['currency']} minor units)",
-            {"topup_id": topup["id"], **metadata},
+            f"top-up {topup['id']}{by} ({topup['unit_amount']} {topup['currency']} minor units)",
+            {"topup_id": topup["id"], **({} if paid_to == member else {"member_id": member}), **metadata},
             None,
             "paid",
             None,
             None,
         )
-        paid_to = topup["subject_id"]
-        if tx is None:
-            # the account joined a team after it asked: it spends the team's credits now, so the
-            # team is credited what it paid for (and a reversal takes it back from the team)
-            team = await conn.fetchval(SQL_ACCOUNT, topup["subject_id"])
-            if team is None:
-                return "no account", topup["subject_id"]
-            tx = await conn.fetchrow(
-                SQL_CREDIT,
-                team,
-                topup["amount"],
-                "topup",
-                f"topup:{topup['id']}",
-                f"top-up {topup['id']} by member {topup['subject_id']} "
-                f"({topup['unit_amount']} {topup['currency']} minor units)",
-                {"topup_id": topup["id"], "member_id": topup["subject_id"], **metadata},
-                None,
-                "paid",
-                None,
-                None,
-            )
-            if tx is None:  # (teams have two levels: a team is never a member)
-                return "account is a member", topup["subject_id"]
-            paid_to = team
+        if tx is None:  # (teams have two levels: a team is never a member)
+            return "account is a member", member
         await conn.execute(SQL_PAID, topup["id"], payment_intent, tx["id"])
         credited.append(tx["amount"])
         await self._alert(

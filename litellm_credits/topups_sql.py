@@ -14,7 +14,16 @@ SQL_OUTCOME = "UPDATE credits.stripe_events SET outcome = $2 WHERE event_id = $1
 SQL_BY_SESSION = "SELECT * FROM credits.topups WHERE checkout_session_id = $1 FOR UPDATE"
 SQL_BY_INTENT = "SELECT * FROM credits.topups WHERE payment_intent_id = $1 FOR UPDATE"
 # the account a paid top-up credited: its own, or its team's if it had joined one by then
-SQL_CREDITED_TO = "SELECT subject_id FROM credits.credit_transactions WHERE id = $1"
+# the account $1 (locked), or the team it spends from: the account a paid top-up credits
+SQL_PAYER_LOCKED = """
+SELECT coalesce(parent_id, subject_id) FROM credits.credit_accounts WHERE subject_id = $1 FOR NO KEY UPDATE
+"""
+SQL_CREDITED_TO = "SELECT subject_id FROM credits.credit_transactions WHERE subject_id = $1 AND id = $2"
+# (a team's: found by the top-up's id in the row's metadata, the GIN index; no index on id alone)
+SQL_CREDITED_TO_TEAM = """
+SELECT subject_id FROM credits.credit_transactions
+WHERE metadata @> jsonb_build_object('topup_id', $2::bigint) AND id = $1
+"""
 SQL_PAID = """
 UPDATE credits.topups SET status = 'paid', payment_intent_id = coalesce($2, payment_intent_id),
     transaction_id = $3, updated_at = now()
@@ -68,7 +77,7 @@ RETURNING *
 """
 SQL_DUE_RECHARGES = """
 SELECT r.subject_id FROM credits.auto_recharge r JOIN credits.credit_accounts a ON a.subject_id = r.subject_id
-WHERE r.enabled AND a.balance < r.threshold
+WHERE r.enabled AND a.balance < r.threshold AND a.parent_id IS NULL
   AND NOT EXISTS (SELECT 1 FROM credits.topups t
                   WHERE t.subject_id = r.subject_id AND t.kind = 'recharge' AND t.status = 'open')
 ORDER BY r.subject_id LIMIT $1
@@ -120,6 +129,7 @@ __all__ = [
     "SQL_BY_INTENT",
     "SQL_BY_SESSION",
     "SQL_CREDITED_TO",
+    "SQL_CREDITED_TO_TEAM",
     "SQL_DEBIT_GRANT",
     "SQL_DISABLE_RECHARGE",
     "SQL_DUE_RECHARGES",
@@ -131,6 +141,7 @@ __all__ = [
     "SQL_NEW",
     "SQL_OUTCOME",
     "SQL_PAID",
+    "SQL_PAYER_LOCKED",
     "SQL_RECHARGE_CLAIM",
     "SQL_RECHARGE_METHOD",
     "SQL_RECHARGE_TERMS",
