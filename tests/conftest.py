@@ -302,6 +302,10 @@ def proxy_env(
         LITELLM_LOCAL_MODEL_COST_MAP="True",
         LITELLM_LOG="ERROR",
     )
+    # a test proxy needs a few connections (a batch of holds, one of settlements, the API's reads),
+    # not the default 20: two of them beside the test process's pool came to 93 of PostgreSQL's
+    # 100 (a CI run failed with "too many clients" when another run shared the server)
+    env.setdefault("CREDITS_DB_POOL_MAX", "8")
     env.update(extra)
     return env
 
