@@ -48,7 +48,6 @@ from .topups_sql import (
     SQL_BY_INTENT,
     SQL_BY_SESSION,
     SQL_CREDITED_TO,
-    SQL_CREDITED_TO_TEAM,
     SQL_DEBIT_GRANT,
     SQL_DISABLE_RECHARGE,
     SQL_DUE_RECHARGES,
@@ -314,11 +313,8 @@ class Topups:
             # from the account it credited (its team's, if it had joined one): from the top-up's
             # own grant first (what is left of it); the rest, already spent, by the usual order (or
             # as overrun)
-            payer = (
-                await conn.fetchval(SQL_CREDITED_TO, topup["subject_id"], topup["transaction_id"])
-                or await conn.fetchval(SQL_CREDITED_TO_TEAM, topup["transaction_id"], topup["id"])
-                or topup["subject_id"]
-            )
+            credited_to = await conn.fetchval(SQL_CREDITED_TO, topup["transaction_id"], topup["id"])
+            payer = credited_to or topup["subject_id"]
             own = await conn.fetchrow(SQL_TAKE_FROM_GRANT, payer, topup["transaction_id"], take)
             tx = None
             for part, grant, suffix in (

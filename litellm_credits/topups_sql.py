@@ -13,14 +13,13 @@ ON CONFLICT (event_id) DO NOTHING RETURNING event_id
 SQL_OUTCOME = "UPDATE credits.stripe_events SET outcome = $2 WHERE event_id = $1"
 SQL_BY_SESSION = "SELECT * FROM credits.topups WHERE checkout_session_id = $1 FOR UPDATE"
 SQL_BY_INTENT = "SELECT * FROM credits.topups WHERE payment_intent_id = $1 FOR UPDATE"
-# the account a paid top-up credited: its own, or its team's if it had joined one by then
 # the account $1 (locked), or the team it spends from: the account a paid top-up credits
 SQL_PAYER_LOCKED = """
 SELECT coalesce(parent_id, subject_id) FROM credits.credit_accounts WHERE subject_id = $1 FOR NO KEY UPDATE
 """
-SQL_CREDITED_TO = "SELECT subject_id FROM credits.credit_transactions WHERE subject_id = $1 AND id = $2"
-# (a team's: found by the top-up's id in the row's metadata, the GIN index; no index on id alone)
-SQL_CREDITED_TO_TEAM = """
+# the account whose ledger row $1 credited top-up $2 (its own, or its team's if it had joined one):
+# found by the top-up's id in the row's metadata, the GIN index (no index on a row's id alone)
+SQL_CREDITED_TO = """
 SELECT subject_id FROM credits.credit_transactions
 WHERE metadata @> jsonb_build_object('topup_id', $2::bigint) AND id = $1
 """
@@ -129,7 +128,6 @@ __all__ = [
     "SQL_BY_INTENT",
     "SQL_BY_SESSION",
     "SQL_CREDITED_TO",
-    "SQL_CREDITED_TO_TEAM",
     "SQL_DEBIT_GRANT",
     "SQL_DISABLE_RECHARGE",
     "SQL_DUE_RECHARGES",
