@@ -4,7 +4,8 @@ Every proxy process runs it every ``sweep_interval_seconds``, and ``litellm-cred
 on demand. A pass claims the sweep first, with a PostgreSQL advisory lock held for the pass: passes
 never overlap over all hosts, so they do not read and resolve the same oldest expired holds side by
 side and wait on each other's row locks (which was safe, each hold ends once, but wasted). A process
-that finds the sweep claimed skips its turn; the command waits for it.
+that finds the sweep claimed skips its turn; the command waits for it (however long: a
+``lock_timeout`` or ``statement_timeout`` in the DSN does not cut that wait short).
 
 The lock is a transaction lock (``pg_try_advisory_xact_lock``) in a transaction of its own, on a
 connection opened for the pass; the pass's work runs on the ledger's pool. So:
@@ -89,6 +90,9 @@ async def sweep(
             f"SET LOCAL idle_in_transaction_session_timeout = {max(1, round(hold_for * 1000))}"
         )
         if wait:
+            # the wait ends with the pass under way (whose claim ends as above), not with a
+            # lock_timeout or statement_timeout the DSN gives every statement
+            await conn.execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
             await conn.execute("SELECT pg_advisory_xact_lock($1)", SWEEP_LOCK_ID)
         elif not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK_ID):
             return None

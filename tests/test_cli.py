@@ -4,10 +4,12 @@ for people (tables, no colour off a terminal) and scripts (--json); CSV allocati
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,7 +23,7 @@ import platformdirs
 import pytest
 import typer
 
-from litellm_credits import db
+from litellm_credits import db, sweeper
 from litellm_credits.cli import _embedded_note, app, main
 from litellm_credits.ledger import Ledger
 from litellm_credits.settings import Settings
@@ -579,3 +581,58 @@ def test_sweep_resolves_expired_holds_now(cli: Callable[..., Ran], cli_database:
     assert row["status"] in ("expired", "captured")
     assert "credits of grants on" in ran.out
     assert cli("verify").code == 0
+
+
+@contextlib.contextmanager
+def held_elsewhere(dsn: str, statement: str, *args: Any, seconds: float) -> Iterator[threading.Event]:
+    """``statement`` (a lock) taken on another connection, in another thread, for ``seconds``;
+    yields once it is held, and an event set when it has been let go."""
+    taken, done = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute(statement, *args)
+                taken.set()
+                await asyncio.sleep(seconds)
+        finally:
+            await conn.close()
+            done.set()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold(),))
+    holder.start()
+    try:
+        assert taken.wait(10), "the lock was not taken"
+        yield done
+    finally:
+        holder.join(seconds + 10)
+
+
+def test_sweep_waits_for_a_pass_under_way_past_the_dsns_timeouts(
+    cli: Callable[..., Ran], cli_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command waits for another process's pass however long it takes: a lock_timeout and a
+    statement_timeout in the DSN (passed to every statement) do not end the wait in a traceback."""
+    claim = "SELECT pg_advisory_xact_lock($1)"
+    with held_elsewhere(cli_database, claim, sweeper.SWEEP_LOCK_ID, seconds=1.5) as done:
+        monkeypatch.setenv("CREDITS_DATABASE_URL", cli_database + "?lock_timeout=500&statement_timeout=500")
+        ran = cli("sweep")
+        assert ran.code == 0, ran.err
+        assert done.is_set(), "the command did not wait for the pass under way"
+    assert re.match(r"resolved \d+ expired holds", ran.out), ran.out
+
+
+def test_a_database_error_ends_a_command_with_one_line(
+    cli: Callable[..., Ran], cli_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statement the server ends (here: the accounts' table locked elsewhere, and a lock_timeout
+    in the DSN) is a one-line error with its SQLSTATE and exit code 1, not a traceback."""
+    cli("migrate")  # (the command's own migration check would wait on the lock first)
+    lock = "LOCK TABLE credits.credit_accounts IN ACCESS EXCLUSIVE MODE"
+    with held_elsewhere(cli_database, lock, seconds=3):
+        monkeypatch.setenv("CREDITS_DATABASE_URL", cli_database + "?lock_timeout=200")
+        ran = cli("verify")
+    assert ran.code == 1, (ran.out, ran.err)
+    assert ran.err.startswith("error: the database ended the command: "), ran.err
+    assert "SQLSTATE 55P03" in ran.err and "Traceback" not in ran.err, ran.err

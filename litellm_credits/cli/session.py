@@ -81,6 +81,9 @@ def run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
     except (OSError, asyncpg.PostgresConnectionError) as e:
         err().print(f"error: cannot reach the database: {e}", markup=False)
         raise typer.Exit(2) from None
+    except asyncpg.PostgresError as e:  # a timeout the DSN sets, a server shutting down, ...
+        err().print(f"error: the database ended the command: {e} (SQLSTATE {e.sqlstate})", markup=False)
+        raise typer.Exit(1) from None
 
 
 __all__ = ["Session", "embedded_note", "resolve_dsn", "run", "session"]
