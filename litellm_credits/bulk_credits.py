@@ -133,6 +133,7 @@ async def credit_each(
                 {},
                 None,
                 *item.terms.args(),
+                None,
             )
             if row is None:
                 missing.append(subject)

@@ -215,6 +215,7 @@ class Coupons:
                 "promotional",
                 coupon["credit_priority"],
                 coupon["credit_expires_at"],
+                None,
             )
             await conn.execute(SQL_LINK, subject_id, code, tx["id"])
             return Redemption(code, "fixed", coupon["value"], amount, tx["balance_after"], tx["id"])

@@ -35,6 +35,7 @@ RETURNING {ACCOUNT_COLUMNS}
 # adjustments reach its own balance; no row is written for anything else. $8-$10 are the terms of
 # the grant the credit opens (category, priority, expiry; NULL: its type's defaults): the trigger
 # credits.apply_to_grants (migration 0010) opens it, or burns grants for a negative adjustment.
+# $11: the member a team's credit came from (a top-up a member paid for), else NULL.
 SQL_CREDIT = """
 WITH a AS (
     UPDATE credits.credit_accounts SET balance = balance + $2
@@ -43,8 +44,8 @@ WITH a AS (
 )
 INSERT INTO credits.credit_transactions
     (subject_id, amount, balance_after, type, idempotency_key, description, metadata, refund_of,
-     grant_category, grant_priority, grant_expires_at)
-SELECT $1, $2, a.balance, $3, $4, $5, $6, $7, $8, $9, $10 FROM a
+     grant_category, grant_priority, grant_expires_at, member_id)
+SELECT $1, $2, a.balance, $3, $4, $5, $6, $7, $8, $9, $10, $11 FROM a
 RETURNING id, subject_id, amount, balance_after, type, idempotency_key, description, created_at
 """
 # After an allocation of $2 (transaction $3): the oldest pending percent coupon of account $1

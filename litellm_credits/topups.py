@@ -330,6 +330,7 @@ class Topups:
                         f"top-up {topup['id']} {'disputed' if disputed else 'refunded'}",
                         {"topup_id": topup["id"], "reason": kind},
                         grant,
+                        None if payer == topup["subject_id"] else topup["subject_id"],
                     )
             await conn.execute(SQL_REVERSED, topup["id"], target, disputed)
             balance = tx["balance_after"] if tx is not None else None
@@ -379,6 +380,7 @@ class Topups:
             "paid",
             None,
             None,
+            None if paid_to == member else member,  # (a team's history filtered by member shows it)
         )
         if tx is None:  # (teams have two levels: a team is never a member)
             return "account is a member", member

@@ -112,8 +112,8 @@ WITH a AS (
     UPDATE credits.credit_accounts SET balance = balance + $2 WHERE subject_id = $1 RETURNING balance
 )
 INSERT INTO credits.credit_transactions
-    (subject_id, amount, balance_after, type, idempotency_key, description, metadata, grant_id)
-SELECT $1, $2, a.balance, 'adjustment', $3, $4, $5, $6 FROM a
+    (subject_id, amount, balance_after, type, idempotency_key, description, metadata, grant_id, member_id)
+SELECT $1, $2, a.balance, 'adjustment', $3, $4, $5, $6, $7 FROM a
 RETURNING id, balance_after
 """
 SQL_LIST = """

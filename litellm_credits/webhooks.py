@@ -156,10 +156,12 @@ def slack_text(type_: str, data: dict[str, Any]) -> str:
         f"({data.get('month_spend')} of {data.get('monthly_cap')}).",
         "grant.expired": f"{data.get('amount')} credits of {who} expired (grant {data.get('grant_id')}).",
         "grant.expiring": f"{data.get('amount')} credits of {who} expire at {data.get('expires_at')}.",
-        "topup.succeeded": f"{who} topped up {data.get('amount')} credits.",
+        "topup.succeeded": f"{who} topped up {data.get('amount')} credits"
+        + (f" (credited to team {data['credited_to']})." if data.get("credited_to") else "."),
         "topup.failed": f"A top-up of {data.get('amount')} credits by {who} failed.",
         "topup.reversed": f"{data.get('taken_back')} credits of {who}'s top-up were taken back "
-        f"({data.get('reason')}).",
+        + (f"from team {data['credited_to']} " if data.get("credited_to") else "")
+        + f"({data.get('reason')}).",
     }
     return texts.get(type_, f"{type_}: {json.dumps(data, sort_keys=True)}")
 

@@ -21,9 +21,11 @@ import pytest
 
 from litellm_credits.errors import AccountIsMember, InvalidRequest
 from litellm_credits.grants import Grants
+from litellm_credits.history import History, TxFilter
 from litellm_credits.ledger import Ledger, UsageRecord
 from litellm_credits.money import parse_credits as c
 from litellm_credits.topups import InvalidSignature, Pricing, Topups, TopupsNotConfigured
+from litellm_credits.webhooks import slack_text
 
 from .conftest import STRIPE_WEBHOOK_SECRET as WEBHOOK_SECRET
 from .conftest import AccountFactory, Proxy
@@ -256,16 +258,31 @@ async def test_a_topup_paid_after_its_account_joined_a_team_credits_the_team(
     [row] = await topups.list(alone, limit=10, offset=0)  # the member's own top-up, paid
     assert row["status"] == "paid"
     tx = await ledger.pool.fetchrow(
-        "SELECT subject_id, type, metadata FROM credits.credit_transactions WHERE id = $1",
+        "SELECT subject_id, type, member_id, metadata FROM credits.credit_transactions WHERE id = $1",
         row["transaction_id"],
     )
-    assert (tx["subject_id"], tx["type"], tx["metadata"]["member_id"]) == (team, "topup", alone)
+    assert (tx["subject_id"], tx["type"], tx["member_id"]) == (team, "topup", alone)
+    assert tx["metadata"]["member_id"] == alone
+    # the team's history filtered by the member shows it (the member_id column, not only metadata)
+    shown, total = await History(ledger.pool).page(team, limit=10, where=TxFilter(member=alone))
+    assert ([t.id for t in shown], total) == ([row["transaction_id"]], 1)
     [alert] = await ledger.pool.fetch("SELECT data FROM credits.outbox WHERE subject_id = $1", alone)
     assert (alert["data"]["credited_to"], alert["data"]["balance"]) == (team, "10.000000")
+    text = slack_text("topup.succeeded", alert["data"])
+    assert text == f"{alone} topped up 10.000000 credits (credited to team {team}).", text
 
     refund = {"object": "charge", "payment_intent": intent, "amount_refunded": 400}
     assert (await topups.handle(*signed(event("charge.refunded", refund)))).outcome == "taken back"
     assert (await balance(ledger, team), await balance(ledger, alone)) == (c("6"), 0)
+    reversed_ = await ledger.pool.fetchval(
+        "SELECT data FROM credits.outbox WHERE subject_id = $1 AND type = 'topup.reversed'", alone
+    )
+    text = slack_text("topup.reversed", reversed_)
+    assert (
+        text == f"4.000000 credits of {alone}'s top-up were taken back from team {team} (charge.refunded)."
+    ), text
+    shown, total = await History(ledger.pool).page(team, limit=10, where=TxFilter(member=alone))
+    assert ([t.type for t in shown], total) == (["adjustment", "topup"], 2)  # the reversal, the top-up
     await assert_identities(ledger, team)
     await assert_identities(ledger, alone)
 
