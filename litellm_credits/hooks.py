@@ -436,9 +436,16 @@ class CreditsHandler(CustomLogger):
         kwargs = dict(getattr(logging_obj, "model_call_details", None) or {})
         group = str(request_data.get("model") or "")
 
-        async def settle() -> None:
+        async def settle(retried: bool = False) -> None:
             await self.settler.settle(
-                claim, kwargs, None, start=None, end=None, model_group=group, delivered=delivered
+                claim,
+                kwargs,
+                None,
+                start=None,
+                end=None,
+                model_group=group,
+                delivered=delivered,
+                retried=retried,
             )
 
         try:
@@ -458,8 +465,10 @@ class CreditsHandler(CustomLogger):
         if kwargs.get("stream") and "async_complete_streaming_response" not in kwargs:
             return  # a chunk, not the end of the stream
 
-        async def settle() -> None:
-            await self.settler.settle(claim, kwargs, response_obj, start=start_time, end=end_time)
+        async def settle(retried: bool = False) -> None:
+            await self.settler.settle(
+                claim, kwargs, response_obj, start=start_time, end=end_time, retried=retried
+            )
 
         try:
             await settle()

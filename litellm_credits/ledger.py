@@ -234,6 +234,7 @@ class Ledger(LedgerBatches):
                     metadata or {},
                     None,
                     *terms.args(),
+                    None,
                 )
                 if row is not None and type == "allocation":
                     # a redeemed percent coupon pays its bonus on the next allocation
@@ -338,7 +339,18 @@ class Ledger(LedgerBatches):
                 refundable=format_credits(refundable),
             )
         return await conn.fetchrow(
-            SQL_CREDIT, subject_id, amount, "refund", key, description, {}, transaction_id, None, None, None
+            SQL_CREDIT,
+            subject_id,
+            amount,
+            "refund",
+            key,
+            description,
+            {},
+            transaction_id,
+            None,
+            None,
+            None,
+            None,
         )
 
     async def credit_many(
@@ -463,13 +475,16 @@ class Ledger(LedgerBatches):
         hold_status: str,
         usage_status: str,
         usage: UsageRecord,
+        retried: bool = False,
     ) -> Settlement | None:
         item = ResolveItem(subject_id, hold_id, charge, hold_status, usage_status, usage)
         row, attempts = await self.resolve(item)
         if row is None:
-            # tried again after a failure: the first attempt may have committed with its reply
-            # lost; a hold that ended exactly as asked is that attempt's settlement
-            return await self._resolved(subject_id, hold_id, charge, hold_status) if attempts > 1 else None
+            # tried again after a failure (here, or by the caller): the first attempt may have
+            # committed with its reply lost; a hold that ended exactly as asked is its settlement
+            if attempts > 1 or retried:
+                return await self._resolved(subject_id, hold_id, charge, hold_status)
+            return None
         # the member whose request it was changed too (what it holds and spent of its team's)
         await self.changed(*filter(None, (subject_id, row["member_id"])), wait=False)
         return Settlement(row["balance"], row["charge"] if row["debits"] else 0, row["transaction_id"])
@@ -487,14 +502,16 @@ class Ledger(LedgerBatches):
         )
 
     async def settle(
-        self, subject_id: str, hold_id: uuid.UUID, charge: int, usage: UsageRecord
+        self, subject_id: str, hold_id: uuid.UUID, charge: int, usage: UsageRecord, *, retried: bool = False
     ) -> Settlement | None:
         """Charge the actual cost and end the hold; None if it had already ended (an expired hold
-        is still settled: the usage is real)."""
+        is still settled: the usage is real). ``retried``: the caller's earlier call for this
+        settlement failed, and may have committed with its reply lost: a hold settled exactly
+        as asked is then that call's settlement, returned (and counted) now."""
         if charge < 0:
             raise InvalidRequest("charge cannot be negative")
         with metrics.SETTLE_SECONDS.time():
-            result = await self._resolve(subject_id, hold_id, charge, "settled", "success", usage)
+            result = await self._resolve(subject_id, hold_id, charge, "settled", "success", usage, retried)
         if result is not None:
             metrics.SETTLEMENTS.inc()
         return result

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
@@ -96,19 +96,19 @@ class Settler:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    def later(self, claim: HoldClaim, settle: Callable[[], Any]) -> None:
+    def later(self, claim: HoldClaim, settle: Callable[[bool], Awaitable[None]]) -> None:
         """Keep trying ``settle`` while the hold lives, outside LiteLLM's 20 s callback timeout."""
         log.warning("litellm-credits: ledger unavailable, will retry settling hold %s", claim.hold_id)
         self.spawn(self._retry(claim, settle))
 
-    async def _retry(self, claim: HoldClaim, settle: Callable[[], Any]) -> None:
+    async def _retry(self, claim: HoldClaim, settle: Callable[[bool], Awaitable[None]]) -> None:
         deadline = time.monotonic() + self.runtime.settings.credits.holds.ttl_seconds
         delay = 0.5
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 15.0)
             try:
-                await settle()
+                await settle(True)  # (an attempt that failed may have committed: see Ledger.settle)
             except RETRYABLE:
                 continue
             except Exception:
@@ -139,8 +139,10 @@ class Settler:
         end: datetime | None,
         model_group: str | None = None,
         delivered: Delivered | None = None,
+        retried: bool = False,
     ) -> None:
-        """Charge what the call used, at the prices that applied, and end its hold."""
+        """Charge what the call used, at the prices that applied, and end its hold (``retried``:
+        an earlier call for it failed; see ``Ledger.settle``)."""
         params = kwargs.get("litellm_params") or {}
         slo = kwargs.get("standard_logging_object") or {}
         model_group = model_group or slo.get("model_group") or kwargs.get("model") or ""
@@ -209,6 +211,7 @@ class Settler:
                 latency_ms=max(latency, 0) if latency is not None else None,
                 metadata=metadata,
             ),
+            retried=retried,
         )
         if result is None:
             log.warning(

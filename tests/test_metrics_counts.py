@@ -347,6 +347,58 @@ async def test_a_settlement_survives_a_failing_metric(
     assert status == "settled"
 
 
+async def test_a_settlement_retried_later_after_a_lost_reply_counts_once(
+    rt: Runtime, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy's settlement committed but its reply was lost (the ledger then unreachable for
+    all its own retries): the Settler's retry later finds the hold settled exactly as asked, and
+    counts that settlement and its charge once. (It counted nothing: the retry read "already
+    resolved".) A settle of the same hold that is not a retry still counts nothing."""
+    subject = await new_account(ledger, "10")
+    hold = await ledger.hold(subject, c("1"), ttl_seconds=60, model="made-up")
+    price = ModelPrice(
+        input_cost_per_token=Decimal("0.000001"), output_cost_per_token=Decimal("0.000002"), source="test"
+    )
+    settler = Settler(rt, lambda group: price)
+
+    async def count_tokens(claim: HoldClaim, usage: Any) -> None:
+        pass
+
+    monkeypatch.setattr(settler, "_count_tokens", count_tokens)
+    resolve, calls = ledger.resolve, []
+
+    async def loses_the_first_reply(item: Any) -> Any:
+        out = await resolve(item)
+        calls.append(item.hold_id)
+        if len(calls) == 1:
+            raise ServiceUnavailable("the credit ledger is unavailable; try again")
+        return out
+
+    monkeypatch.setattr(ledger, "resolve", loses_the_first_reply)
+    settled, charged = Delta(SETTLEMENTS), Delta(CHARGED, tier="free")
+    claim = HoldClaim(hold.id, subject, Decimal(1000), "balanced", "chat", tier="free", held=hold.amount)
+    response = {"usage": {"prompt_tokens": 100, "completion_tokens": 50}}
+
+    async def settle(retried: bool = False) -> None:
+        await settler.settle(
+            claim, {"model": "made-up"}, response, start=None, end=None, model_group="made-up", retried=retried
+        )
+
+    with pytest.raises(ServiceUnavailable):
+        await settle()
+    assert (settled(), charged()) == (0, 0)  # committed, but not known to have been
+    settler.later(claim, settle)
+    await asyncio.wait_for(asyncio.gather(*settler._pending), 10)
+    cost = 100 * 1000 + 50 * 2000  # micro-credits: tokens at the price, 1000 credits a dollar
+    assert (settled(), charged()) == (1, cost)
+    await settle()  # the same settlement again, not a retry: "already resolved", not counted
+    assert (settled(), charged(), len(calls)) == (1, cost, 3)
+    row = await ledger.pool.fetchrow(
+        "SELECT status, settled_amount FROM credits.holds WHERE subject_id = $1 AND id = $2", subject, hold.id
+    )
+    assert (row["status"], row["settled_amount"]) == ("settled", cost)
+
+
 async def test_the_charges_route_counts_what_it_charged(rt: Runtime, ledger: Ledger) -> None:
     app = FastAPI()
     app.include_router(build_router(rt))
