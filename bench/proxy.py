@@ -1,7 +1,7 @@
 """Benchmark: the real LiteLLM proxy with litellm-credits (A) beside the same proxy without it (B).
 
     python bench/proxy.py             # A/B (warm-up, then 6 rounds of 10 s a side), a 600-s soak of A
-    python bench/proxy.py --soak 0    # the A/B only (about 3 minutes)
+    python bench/proxy.py --soak 0    # the A/B and the hook at half the peak (about 4 minutes)
     python bench/proxy.py --quick     # 2-s rounds and a 20-s soak: a smoke run
     python bench/proxy.py --profile --rounds 0 --soak 0   # only a py-spy profile of A under load
     python bench/proxy.py --soak 0 --no-gc-freeze   # the A/B with A's heap not frozen (as B's)
@@ -13,6 +13,8 @@ accounts whose keys the clients take in turn; B has plain master-key auth. 16 co
 rounds, p50/p99 latency over all rounds, and the CPU per request of the proxy and of PostgreSQL.
 At the end every request A answered must be one settled usage event (else the A/B measured a
 broken plugin). --soak prints A's RSS (with any child processes) after a warm-up and at the end;
+after the A/B, A at half its peak rate (an open loop), with the pre-call hook's own time read off
+A's histogram litellm_credits_pre_call_seconds (the issue's bar: p99 <= 5 ms at half the peak);
 --profile the share of py-spy samples (threads holding the GIL) whose stack holds litellm_credits,
 and the plugin's top 20 functions.
 
@@ -27,6 +29,7 @@ import argparse
 import asyncio
 import glob
 import itertools
+import math
 import os
 import secrets
 import shutil
@@ -88,6 +91,7 @@ class Side:
     users: list[str] = field(default_factory=list)
     ok: int = 0  # requests answered 200, over the whole run
     dsn: str = ""  # the scratch database, for its statistics
+    master: str = ""  # the admin key, for the plugin's metrics
 
 
 XACTS_SQL = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
@@ -276,6 +280,7 @@ async def ab(sides: list[Side], ops: dict[str, Op], args: argparse.Namespace) ->
         share = extra / figures["A"][3]
         note = "" if args.no_gc_freeze else "; A's start-up heap is frozen, B's not: --no-gc-freeze"
         print(f"the plugin's CPU in the proxy: {extra:+.2f} ms per request ({share:.1%} of A's{note})")
+    await hook_at_half(sides[0], ops["A"], figures["A"][0], args)
     xacts = statistics.median(p.cpu["pg xacts/req"] for p in rounds["A"])
     print(f"A's PostgreSQL transactions per request (median of rounds): {xacts:.2f}")
     await asyncio.sleep(1)  # statistics reach the server within a second
@@ -286,6 +291,48 @@ async def ab(sides: list[Side], ops: dict[str, Op], args: argparse.Namespace) ->
         d = [x - y for x, y in zip(after[name], before.get(name, (0, 0, 0)), strict=True)]
         if any(d):
             print(f"    {name}: " + ", ".join(f"{v / answered:.2f}" for v in d))
+
+
+async def hook_histogram(side: Side) -> dict[float, float]:
+    """Proxy ``side``'s pre-call hook histogram: observations at or under each bucket's edge."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(base_url=side.url, headers={"Authorization": f"Bearer {side.master}"}) as c:
+        r = await c.get("/api/v1/admin/credits/metrics")
+        r.raise_for_status()
+    return {
+        float(s.labels["le"]): s.value
+        for family in text_string_to_metric_families(r.text)
+        if family.name == "litellm_credits_pre_call_seconds"
+        for s in family.samples
+        if s.name.endswith("_bucket")
+    }
+
+
+async def hook_at_half(a: Side, op: Op, peak: float, args: argparse.Namespace) -> None:
+    """A at half its peak rate (the A/B's median req/s), arrivals at a steady pace: the time the
+    pre-call hook took inside the proxy, from A's own histogram (the issue's bar: p99 <= 5 ms at
+    half the peak rate), beside the requests' latency as the clients saw it."""
+    rate, seconds = peak / 2, 3 * args.seconds  # (3 rounds' time: a p99 of 1,000 hooks or more)
+    await h.measure_rate("warm-up", op, rate=rate, seconds=args.seconds / 5, warmup=0)
+    before = await hook_histogram(a)
+    label = f"A at half its peak ({rate:,.1f}/s)"
+    phase = await h.measure_rate(label, op, rate=rate, seconds=seconds, warmup=0)
+    after = await hook_histogram(a)
+    cum = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = cum.get(math.inf, 0.0)
+    if not total:
+        print(f"\n== the pre-call hook at half A's peak: no observations ({phase.line('req')})")
+        return
+    p99 = next(le for le, n in cum.items() if n >= 0.99 * total)
+    edges = [le for le in cum if le != math.inf]
+    shares = ", ".join(f"<= {le * 1000:g} ms {cum[le] / total:.2%}" for le in edges if 0.001 <= le <= 0.025)
+    bound = f"<= {p99 * 1000:g} ms" if p99 != math.inf else f"> {edges[-1] * 1000:g} ms"
+    print(
+        f"\n== the pre-call hook inside A at half its peak ({rate:,.1f} req/s, open loop, {seconds:g} s): "
+        f"{int(total):,} hooks, p99 {bound} (its histogram's buckets); {shares}"
+    )
+    print("    requests as the clients saw them: " + phase.line("req").split(": ", 1)[1])
 
 
 async def soak(a: Side, op: Op, args: argparse.Namespace) -> None:
@@ -493,7 +540,7 @@ def main(args: argparse.Namespace) -> None:
             sides[side] = (spawn(stack, cmd, log, env), f"http://127.0.0.1:{port}", log)
         for proc, url, log in sides.values():
             wait_healthy(proc, url, log)
-        a = Side("A", sides["A"][1], sides["A"][0].pid, [], dsn=dsn)
+        a = Side("A", sides["A"][1], sides["A"][0].pid, [], dsn=dsn, master=master)
         b = Side("B", sides["B"][1], sides["B"][0].pid, [master])
         fund_accounts(a, master, args.clients)
         print(f"== proxies up: A {a.url} (pid {a.pid}), B {b.url} (pid {b.pid}); upstream {upstream}")

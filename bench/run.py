@@ -1,4 +1,5 @@
-"""Benchmark: ledger hold+settle throughput, pre-call hook latency, and a pgbench baseline; and the
+"""Benchmark: ledger hold+settle throughput, pre-call hook latency (beside, at the same rate, its hold
+statement alone and a one-row commit: the machine's floor), and a pgbench baseline; and the
 paths of affordable holds beside the plain one: clamped holds, team members (spread over many
 teams, and all of one team), and the hook with a share of nearly empty accounts; and accounts whose
 credit is several grants.
@@ -50,6 +51,11 @@ PRICES = {
         "max_output_tokens": 100_000,
     }
 }
+# the hook's floor at its rate (phase [3]): a one-row insert in a transaction of its own
+FLOOR_TABLE = (
+    "CREATE TABLE public.bench_floor (id bigserial PRIMARY KEY, subject text NOT NULL, amount bigint)"
+)
+FLOOR_INSERT = "INSERT INTO public.bench_floor (subject, amount) VALUES ($1, $2)"
 # what a nearly empty account has: less than a request without max_tokens may cost (100,000
 # output tokens, 200 credits), enough for a clamped one (256 tokens, about 0.5 credits) many times
 LEAN = 20 * 1_000_000
@@ -218,6 +224,29 @@ async def main(args: argparse.Namespace) -> None:
         )
         print(half.line("calls"))
         hook_phases.append(half)
+        # at the same rate, what the hook cannot be faster than: its hold statement alone, and a
+        # one-row insert in a transaction of its own (the machine's floor for a durable write: a
+        # hold must be committed before the request goes out, and a commit's tail is the disk's)
+        await ledger.pool.execute(FLOOR_TABLE)
+
+        async def hold_alone() -> None:
+            quote = {"free": Quote(HOLD)}
+            await ledger.hold_quoted(random.choice(subjects), quote, default_tier="free", ttl_seconds=600)
+
+        async def floor() -> None:
+            await ledger.pool.execute(FLOOR_INSERT, random.choice(subjects), HOLD)
+
+        under = []
+        for what, op in (("the hold statement alone", hold_alone), ("the floor: a one-row commit", floor)):
+            phase = await h.measure_rate(
+                f"[3] {what} at the same rate",
+                op,
+                rate=hook_phases[1].rate / 2,
+                seconds=seconds,
+                warmup=warmup,
+            )
+            print(phase.line("calls"))
+            under.append(phase)
 
         async def hook_and_release(subject: str, max_tokens: int | None) -> float:
             """The pre-call hook, timed, then its hold released (so nearly empty accounts can go on)."""
@@ -289,7 +318,7 @@ async def main(args: argparse.Namespace) -> None:
         cycles = (spread, hot, clamped, team_spread, team_hot, graded_spread)
         rows = (
             *((p, "cycles/s") for p in cycles),
-            *((ph, "calls/s") for ph in (*hook_phases, *release_phases)),
+            *((ph, "calls/s") for ph in (*hook_phases, *under, *release_phases)),
         )
         for p, unit in rows:
             print(f"| {p.label[4:]} | {p.rate:,.1f} {unit} | {p.pct(0.5):.2f} | {p.pct(0.99):.2f} |")
@@ -333,6 +362,13 @@ async def main(args: argparse.Namespace) -> None:
             print("\n== bars (issue 13)")
             for what, figure, met in bars:
                 print(f"{'meets' if met else 'MISSES'}: {what} ({figure:,.3f})")
+            hold_p99, floor_p99 = (p.pct(0.99) for p in under)
+            print(
+                f"    at that rate the hold statement alone had p99 {hold_p99:.2f} ms and a one-row commit "
+                f"{floor_p99:.2f} ms: the machine's floor for a durable write is "
+                + ("over" if floor_p99 > 5 else "within")
+                + " the 5-ms bar"
+            )
     finally:
         if runtime is not None:
             await runtime.close()
