@@ -436,6 +436,8 @@ class CreditsHandler(CustomLogger):
         kwargs = dict(getattr(logging_obj, "model_call_details", None) or {})
         group = str(request_data.get("model") or "")
 
+        settlement_id = uuid.uuid4().hex  # (the same on a retry later: see Ledger.settle)
+
         async def settle(retried: bool = False) -> None:
             await self.settler.settle(
                 claim,
@@ -445,6 +447,7 @@ class CreditsHandler(CustomLogger):
                 end=None,
                 model_group=group,
                 delivered=delivered,
+                settlement_id=settlement_id,
                 retried=retried,
             )
 
@@ -465,9 +468,17 @@ class CreditsHandler(CustomLogger):
         if kwargs.get("stream") and "async_complete_streaming_response" not in kwargs:
             return  # a chunk, not the end of the stream
 
+        settlement_id = uuid.uuid4().hex  # (the same on a retry later: see Ledger.settle)
+
         async def settle(retried: bool = False) -> None:
             await self.settler.settle(
-                claim, kwargs, response_obj, start=start_time, end=end_time, retried=retried
+                claim,
+                kwargs,
+                response_obj,
+                start=start_time,
+                end=end_time,
+                settlement_id=settlement_id,
+                retried=retried,
             )
 
         try:

@@ -483,18 +483,28 @@ class Ledger(LedgerBatches):
             # tried again after a failure (here, or by the caller): the first attempt may have
             # committed with its reply lost; a hold that ended exactly as asked is its settlement
             if attempts > 1 or retried:
-                return await self._resolved(subject_id, hold_id, charge, hold_status)
+                mine = (usage.metadata or {}).get("settlement_id")
+                return await self._resolved(subject_id, hold_id, charge, hold_status, mine)
             return None
         # the member whose request it was changed too (what it holds and spent of its team's)
         await self.changed(*filter(None, (subject_id, row["member_id"])), wait=False)
         return Settlement(row["balance"], row["charge"] if row["debits"] else 0, row["transaction_id"])
 
     async def _resolved(
-        self, subject_id: str, hold_id: uuid.UUID, charge: int | None, hold_status: str
+        self,
+        subject_id: str,
+        hold_id: uuid.UUID,
+        charge: int | None,
+        hold_status: str,
+        settlement_id: str | None = None,
     ) -> Settlement | None:
+        """The settlement a resolution made, if the hold ended exactly as it asked (and, when it
+        carries a ``settlement_id``, by that resolution: not by a duplicate with the same charge)."""
         row = await self._retry(lambda: self.pool.fetchrow(SQL_RESOLVED, subject_id, hold_id))
         expected = row["amount"] if row is not None and charge is None else charge
         if row is None or row["status"] != hold_status or row["settled_amount"] != expected:
+            return None
+        if settlement_id is not None and row["settlement_id"] != settlement_id:
             return None
         await self.changed(*filter(None, (subject_id, row["member_id"])), wait=False)
         return Settlement(
@@ -507,7 +517,9 @@ class Ledger(LedgerBatches):
         """Charge the actual cost and end the hold; None if it had already ended (an expired hold
         is still settled: the usage is real). ``retried``: the caller's earlier call for this
         settlement failed, and may have committed with its reply lost: a hold settled exactly
-        as asked is then that call's settlement, returned (and counted) now."""
+        as asked is then that call's settlement, returned (and counted) now; give the
+        settlement an id (``usage.metadata["settlement_id"]``, the same on every try) so that a
+        duplicate settlement of the same hold is not taken for it."""
         if charge < 0:
             raise InvalidRequest("charge cannot be negative")
         with metrics.SETTLE_SECONDS.time():

@@ -139,10 +139,12 @@ class Settler:
         end: datetime | None,
         model_group: str | None = None,
         delivered: Delivered | None = None,
+        settlement_id: str | None = None,
         retried: bool = False,
     ) -> None:
-        """Charge what the call used, at the prices that applied, and end its hold (``retried``:
-        an earlier call for it failed; see ``Ledger.settle``)."""
+        """Charge what the call used, at the prices that applied, and end its hold.
+        ``settlement_id``: this settlement's own id, the same on each try; ``retried``: an
+        earlier try failed (see ``Ledger.settle``)."""
         params = kwargs.get("litellm_params") or {}
         slo = kwargs.get("standard_logging_object") or {}
         model_group = model_group or slo.get("model_group") or kwargs.get("model") or ""
@@ -194,6 +196,8 @@ class Settler:
             metadata["requested_max_tokens"] = claim.requested_max_tokens
         if claim.byok_fee is not None:
             metadata["byok"] = True
+        if settlement_id is not None:
+            metadata["settlement_id"] = settlement_id
         ledger = await self.runtime.ledger()
         result = await ledger.settle(
             claim.subject_id,

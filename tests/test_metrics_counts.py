@@ -347,19 +347,19 @@ async def test_a_settlement_survives_a_failing_metric(
     assert status == "settled"
 
 
-async def test_a_settlement_retried_later_after_a_lost_reply_counts_once(
-    rt: Runtime, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The proxy's settlement committed but its reply was lost (the ledger then unreachable for
-    all its own retries): the Settler's retry later finds the hold settled exactly as asked, and
-    counts that settlement and its charge once. (It counted nothing: the retry read "already
-    resolved".) A settle of the same hold that is not a retry still counts nothing."""
-    subject = await new_account(ledger, "10")
-    hold = await ledger.hold(subject, c("1"), ttl_seconds=60, model="made-up")
-    price = ModelPrice(
-        input_cost_per_token=Decimal("0.000001"), output_cost_per_token=Decimal("0.000002"), source="test"
-    )
-    settler = Settler(rt, lambda group: price)
+PRICE = ModelPrice(
+    input_cost_per_token=Decimal("0.000001"), output_cost_per_token=Decimal("0.000002"), source="test"
+)
+RESPONSE = {"usage": {"prompt_tokens": 100, "completion_tokens": 50}}
+COST = 100 * 1000 + 50 * 2000  # micro-credits: RESPONSE's tokens at PRICE, 1000 credits a dollar
+
+
+async def settler_with_flaky_ledger(
+    rt: Runtime, ledger: Ledger, monkeypatch: pytest.MonkeyPatch, *, commit_first: bool
+) -> tuple[Settler, list[Any]]:
+    """A Settler whose ledger fails its first resolution: after committing it (the reply lost),
+    or before sending it. The list collects the resolutions that reached the ledger."""
+    settler = Settler(rt, lambda group: PRICE)
 
     async def count_tokens(claim: HoldClaim, usage: Any) -> None:
         pass
@@ -367,36 +367,85 @@ async def test_a_settlement_retried_later_after_a_lost_reply_counts_once(
     monkeypatch.setattr(settler, "_count_tokens", count_tokens)
     resolve, calls = ledger.resolve, []
 
-    async def loses_the_first_reply(item: Any) -> Any:
-        out = await resolve(item)
+    async def flaky(item: Any) -> Any:
+        first = not calls
         calls.append(item.hold_id)
-        if len(calls) == 1:
+        if first and not commit_first:
+            raise ServiceUnavailable("the credit ledger is unavailable; try again")
+        out = await resolve(item)
+        if first:
             raise ServiceUnavailable("the credit ledger is unavailable; try again")
         return out
 
-    monkeypatch.setattr(ledger, "resolve", loses_the_first_reply)
-    settled, charged = Delta(SETTLEMENTS), Delta(CHARGED, tier="free")
-    claim = HoldClaim(hold.id, subject, Decimal(1000), "balanced", "chat", tier="free", held=hold.amount)
-    response = {"usage": {"prompt_tokens": 100, "completion_tokens": 50}}
+    monkeypatch.setattr(ledger, "resolve", flaky)
+    return settler, calls
+
+
+def settling(settler: Settler, claim: HoldClaim) -> Callable[[bool], Any]:
+    """A success event's settlement, as the hooks make it: one id, the same on every try."""
+    settlement_id = uuid.uuid4().hex
 
     async def settle(retried: bool = False) -> None:
         await settler.settle(
-            claim, {"model": "made-up"}, response, start=None, end=None, model_group="made-up", retried=retried
+            claim,
+            {"model": "made-up"},
+            RESPONSE,
+            start=None,
+            end=None,
+            model_group="made-up",
+            settlement_id=settlement_id,
+            retried=retried,
         )
 
+    return settle
+
+
+async def test_a_settlement_retried_later_after_a_lost_reply_counts_once(
+    rt: Runtime, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy's settlement committed but its reply was lost (the ledger then unreachable for
+    all its own retries): the Settler's retry later finds the hold settled by that settlement,
+    and counts it and its charge once. (It counted nothing: the retry read "already resolved".)
+    A duplicate of the success event (another settlement of the hold) counts nothing."""
+    subject = await new_account(ledger, "10")
+    hold = await ledger.hold(subject, c("1"), ttl_seconds=60, model="made-up")
+    settler, calls = await settler_with_flaky_ledger(rt, ledger, monkeypatch, commit_first=True)
+    settled, charged = Delta(SETTLEMENTS), Delta(CHARGED, tier="free")
+    claim = HoldClaim(hold.id, subject, Decimal(1000), "balanced", "chat", tier="free", held=hold.amount)
+    settle = settling(settler, claim)
     with pytest.raises(ServiceUnavailable):
         await settle()
     assert (settled(), charged()) == (0, 0)  # committed, but not known to have been
     settler.later(claim, settle)
     await asyncio.wait_for(asyncio.gather(*settler._pending), 10)
-    cost = 100 * 1000 + 50 * 2000  # micro-credits: tokens at the price, 1000 credits a dollar
-    assert (settled(), charged()) == (1, cost)
-    await settle()  # the same settlement again, not a retry: "already resolved", not counted
-    assert (settled(), charged(), len(calls)) == (1, cost, 3)
+    assert (settled(), charged()) == (1, COST)
+    await settling(settler, claim)()  # a duplicate event: "already resolved", not counted
+    assert (settled(), charged(), len(calls)) == (1, COST, 3)
     row = await ledger.pool.fetchrow(
         "SELECT status, settled_amount FROM credits.holds WHERE subject_id = $1 AND id = $2", subject, hold.id
     )
-    assert (row["status"], row["settled_amount"]) == ("settled", cost)
+    assert (row["status"], row["settled_amount"]) == ("settled", COST)
+
+
+async def test_a_retry_later_does_not_count_what_a_duplicate_event_settled(
+    rt: Runtime, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first settlement fails before it reaches the ledger; a duplicate of the success event
+    settles the hold (the same charge) and counts it; the first one's retry then finds the hold
+    settled by another settlement: not counted again (an outside review found it counted twice)."""
+    subject = await new_account(ledger, "10")
+    hold = await ledger.hold(subject, c("1"), ttl_seconds=60, model="made-up")
+    settler, calls = await settler_with_flaky_ledger(rt, ledger, monkeypatch, commit_first=False)
+    settled, charged = Delta(SETTLEMENTS), Delta(CHARGED, tier="free")
+    claim = HoldClaim(hold.id, subject, Decimal(1000), "balanced", "chat", tier="free", held=hold.amount)
+    first = settling(settler, claim)
+    with pytest.raises(ServiceUnavailable):
+        await first()
+    await settling(settler, claim)()  # the duplicate event, settled and counted
+    assert (settled(), charged()) == (1, COST)
+    settler.later(claim, first)
+    await asyncio.wait_for(asyncio.gather(*settler._pending), 10)
+    assert (settled(), charged(), len(calls)) == (1, COST, 3)
 
 
 async def test_the_charges_route_counts_what_it_charged(rt: Runtime, ledger: Ledger) -> None:
