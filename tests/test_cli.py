@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +25,7 @@ import typer
 
 from litellm_credits import db, sweeper
 from litellm_credits.cli import _embedded_note, app, main
+from litellm_credits.cli.session import ended_by_the_database
 from litellm_credits.ledger import Ledger
 from litellm_credits.settings import Settings
 
@@ -583,11 +584,20 @@ def test_sweep_resolves_expired_holds_now(cli: Callable[..., Ran], cli_database:
     assert cli("verify").code == 0
 
 
+def with_settings(dsn: str, **settings: int) -> str:
+    """``dsn`` with server settings added to its query (asyncpg passes unknown ones to the server)."""
+    query = "&".join(f"{k}={v}" for k, v in settings.items())
+    return dsn + ("&" if "?" in dsn else "?") + query
+
+
 @contextlib.contextmanager
-def held_elsewhere(dsn: str, statement: str, *args: Any, seconds: float) -> Iterator[threading.Event]:
-    """``statement`` (a lock) taken on another connection, in another thread, for ``seconds``;
-    yields once it is held, and an event set when it has been let go."""
-    taken, done = threading.Event(), threading.Event()
+def held_elsewhere(
+    dsn: str, statement: str, *args: Any, until: Callable[[asyncpg.Connection], Awaitable[None]]
+) -> Iterator[None]:
+    """``statement`` (a lock) taken in a transaction on another connection, in another thread,
+    and held until ``until(connection)`` returns."""
+    taken = threading.Event()
+    failed: list[BaseException] = []
 
     async def hold() -> None:
         conn = await asyncpg.connect(dsn)
@@ -595,18 +605,33 @@ def held_elsewhere(dsn: str, statement: str, *args: Any, seconds: float) -> Iter
             async with conn.transaction():
                 await conn.execute(statement, *args)
                 taken.set()
-                await asyncio.sleep(seconds)
+                await until(conn)
+        except BaseException as e:
+            failed.append(e)
         finally:
             await conn.close()
-            done.set()
 
     holder = threading.Thread(target=asyncio.run, args=(hold(),))
     holder.start()
     try:
-        assert taken.wait(10), "the lock was not taken"
-        yield done
+        assert taken.wait(10), f"the lock was not taken: {failed}"
+        yield
     finally:
-        holder.join(seconds + 10)
+        holder.join(60)
+    assert not failed, failed
+
+
+def set_within(
+    event: threading.Event, seconds: float = 30
+) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+    """An ``until`` for :func:`held_elsewhere`: until ``event`` is set (or ``seconds`` passed)."""
+
+    async def until(conn: asyncpg.Connection) -> None:
+        deadline = time.monotonic() + seconds
+        while not event.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    return until
 
 
 def test_sweep_waits_for_a_pass_under_way_past_the_dsns_timeouts(
@@ -614,13 +639,31 @@ def test_sweep_waits_for_a_pass_under_way_past_the_dsns_timeouts(
 ) -> None:
     """The command waits for another process's pass however long it takes: a lock_timeout and a
     statement_timeout in the DSN (passed to every statement) do not end the wait in a traceback."""
+    waited: list[float] = []
+
+    async def the_command_waits_then_longer(conn: asyncpg.Connection) -> None:
+        deadline = time.monotonic() + 60
+        while not await conn.fetchval(WAITING_FOR_THE_SWEEP, sweeper.SWEEP_LOCK_ID):
+            assert time.monotonic() < deadline, "the command never waited for the pass under way"
+            await asyncio.sleep(0.05)
+        waited.append(time.monotonic())
+        await asyncio.sleep(1.5)  # three times the DSN's timeouts below
+
+    monkeypatch.setenv(
+        "CREDITS_DATABASE_URL", with_settings(cli_database, lock_timeout=500, statement_timeout=500)
+    )
     claim = "SELECT pg_advisory_xact_lock($1)"
-    with held_elsewhere(cli_database, claim, sweeper.SWEEP_LOCK_ID, seconds=1.5) as done:
-        monkeypatch.setenv("CREDITS_DATABASE_URL", cli_database + "?lock_timeout=500&statement_timeout=500")
+    with held_elsewhere(cli_database, claim, sweeper.SWEEP_LOCK_ID, until=the_command_waits_then_longer):
         ran = cli("sweep")
-        assert ran.code == 0, ran.err
-        assert done.is_set(), "the command did not wait for the pass under way"
+    assert ran.code == 0, ran.err
+    assert waited and time.monotonic() - waited[0] >= 1.5, "the command did not wait for the pass"
     assert re.match(r"resolved \d+ expired holds", ran.out), ran.out
+
+
+WAITING_FOR_THE_SWEEP = """
+SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+               AND objid = ($1::bigint & 4294967295)::oid)
+"""
 
 
 def test_a_database_error_ends_a_command_with_one_line(
@@ -629,10 +672,21 @@ def test_a_database_error_ends_a_command_with_one_line(
     """A statement the server ends (here: the accounts' table locked elsewhere, and a lock_timeout
     in the DSN) is a one-line error with its SQLSTATE and exit code 1, not a traceback."""
     cli("migrate")  # (the command's own migration check would wait on the lock first)
+    monkeypatch.setenv("CREDITS_DATABASE_URL", with_settings(cli_database, lock_timeout=200))
     lock = "LOCK TABLE credits.credit_accounts IN ACCESS EXCLUSIVE MODE"
-    with held_elsewhere(cli_database, lock, seconds=3):
-        monkeypatch.setenv("CREDITS_DATABASE_URL", cli_database + "?lock_timeout=200")
+    ended = threading.Event()
+    with held_elsewhere(cli_database, lock, until=set_within(ended)):
         ran = cli("verify")
+        ended.set()
     assert ran.code == 1, (ran.out, ran.err)
     assert ran.err.startswith("error: the database ended the command: "), ran.err
     assert "SQLSTATE 55P03" in ran.err and "Traceback" not in ran.err, ran.err
+
+
+def test_a_fault_of_the_command_keeps_its_traceback() -> None:
+    """Only the database's circumstances end a command with one line: a fault of the command (a
+    column it names that does not exist) keeps its traceback for the report."""
+    assert ended_by_the_database(asyncpg.exceptions.LockNotAvailableError("timeout"))
+    assert ended_by_the_database(asyncpg.exceptions.AdminShutdownError("shutdown"))
+    assert ended_by_the_database(asyncpg.exceptions.TooManyConnectionsError("full"))
+    assert not ended_by_the_database(asyncpg.exceptions.UndefinedColumnError("no such column"))

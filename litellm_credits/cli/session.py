@@ -81,9 +81,19 @@ def run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
     except (OSError, asyncpg.PostgresConnectionError) as e:
         err().print(f"error: cannot reach the database: {e}", markup=False)
         raise typer.Exit(2) from None
-    except asyncpg.PostgresError as e:  # a timeout the DSN sets, a server shutting down, ...
+    except asyncpg.PostgresError as e:
+        if not ended_by_the_database(e):
+            raise  # a fault of the command's own (its traceback is what a report needs)
         err().print(f"error: the database ended the command: {e} (SQLSTATE {e.sqlstate})", markup=False)
         raise typer.Exit(1) from None
+
+
+def ended_by_the_database(e: asyncpg.PostgresError) -> bool:
+    """An error of the server's circumstances, not of the command: a lock or statement timeout
+    (the DSN's own), an idle transaction ended, an operator's or a crash's shutdown (class 57), no
+    resources left (class 53: connections, disk, memory)."""
+    state = e.sqlstate or ""
+    return state in ("55P03", "57014", "25P03") or state[:2] in ("53", "57")
 
 
 __all__ = ["Session", "embedded_note", "resolve_dsn", "run", "session"]
