@@ -6,14 +6,15 @@ while the event loop stands still: 0.16 to 0.9 s each on a 2-core VM, several a 
 (``bench/RESULTS.md``). Each such pause lands on every request in flight, and a Redis reply that
 arrives during one is read late.
 
-:func:`freeze_once` runs on the first LLM request the pre-call hook sees (the proxy has finished
-starting by then): one ``gc.collect()``, so start-up's garbage is not kept, then ``gc.freeze()``,
-which moves every object alive at that moment out of the collector's walk. Objects made later are
-collected as before; the frozen ones are still freed by reference counting, and only a frozen
-object that later becomes part of an unreachable cycle is never freed (a bounded leak, the
-trade-off vLLM's API server and others make the same way). Measured in the proxy: full
-collections went from 0.3-0.9 s to 11-26 ms. The first request pays the one collection. Off with
-``CREDITS_GC_FREEZE=false``.
+:func:`freeze_once` runs a few seconds after the plugin loads (``Runtime.start_soon``, on the
+proxy's loop: it has started by then, and most often no request is in flight), or on the first LLM
+request the pre-call hook sees if that comes first: one ``gc.collect()``, so start-up's garbage
+is not kept, then ``gc.freeze()``, which moves every object alive at that moment out of the
+collector's walk. Objects made later are collected as before; the frozen ones are still freed
+by reference counting, and only a frozen object that later becomes part of an unreachable cycle
+is never freed (a bounded leak, the trade-off vLLM's API server and others make the same way).
+Measured in the proxy: full collections went from 0.3-0.9 s to 11-26 ms. Whatever runs then pays
+the one collection. Off with ``CREDITS_GC_FREEZE=false``.
 
 :func:`watch_pauses` times every collection, and :func:`record_pauses` (on each request, each
 scrape of the plugin's metrics route and each gauge sample, every ``metrics.sample_seconds``) puts

@@ -1,7 +1,9 @@
-"""Freezing start-up's heap on the first request, and timing the garbage collector's pauses."""
+"""Freezing start-up's heap (soon after start-up, or on the first request), and timing the garbage
+collector's pauses."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from litellm_credits import heap, metrics
+from litellm_credits import runtime as runtime_module
 from litellm_credits.hooks import CreditsHandler
 from litellm_credits.runtime import Runtime
 from litellm_credits.settings import CreditsConfig, Settings
@@ -132,6 +135,24 @@ async def test_the_first_request_freezes_unless_turned_off(unfrozen: None, handl
     on = handler.runtime.settings.gc_freeze
     assert heap.frozen() is on
     assert (gc.get_freeze_count() > 0) is on
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["gc_freeze", "no_gc_freeze"])
+async def test_the_heap_is_frozen_soon_after_start_up_without_a_request(
+    unfrozen: None, settings: Settings, monkeypatch: pytest.MonkeyPatch, on: bool
+) -> None:
+    """The proxy's start-up (``Runtime.start_soon``, on its loop) freezes the heap a few seconds
+    on, so the first request does not pay the full collection; not with CREDITS_GC_FREEZE=false."""
+    monkeypatch.setattr(runtime_module, "FREEZE_AFTER_SECONDS", 0.05)
+    rt = Runtime(settings.model_copy(update={"gc_freeze": on}))
+    try:
+        rt.start_soon()
+        assert not heap.frozen()  # (not at once: the proxy is still starting)
+        await asyncio.sleep(0.5)
+        assert heap.frozen() is on
+        assert (gc.get_freeze_count() > 0) is on
+    finally:
+        await rt.close()
 
 
 def test_the_proxy_freezes_on_its_first_request_and_times_collections(proxy: Proxy) -> None:
