@@ -235,7 +235,8 @@ async def run(side: Side, op: Op, clients: int, label: str, seconds: float, warm
     return phase
 
 
-async def ab(sides: list[Side], ops: dict[str, Op], args: argparse.Namespace) -> None:
+async def ab(sides: list[Side], ops: dict[str, Op], args: argparse.Namespace) -> float:
+    """The A/B; returns A's rate (the median of its rounds' req/s)."""
     rounds: dict[str, list[h.Phase]] = {s.name: [] for s in sides}
     dsn = next(s.dsn for s in sides if s.dsn)
     before, ok0 = (await pg_stats(dsn))[1], sides[0].ok
@@ -280,7 +281,6 @@ async def ab(sides: list[Side], ops: dict[str, Op], args: argparse.Namespace) ->
         share = extra / figures["A"][3]
         note = "" if args.no_gc_freeze else "; A's start-up heap is frozen, B's not: --no-gc-freeze"
         print(f"the plugin's CPU in the proxy: {extra:+.2f} ms per request ({share:.1%} of A's{note})")
-    await hook_at_half(sides[0], ops["A"], figures["A"][0], args)
     xacts = statistics.median(p.cpu["pg xacts/req"] for p in rounds["A"])
     print(f"A's PostgreSQL transactions per request (median of rounds): {xacts:.2f}")
     await asyncio.sleep(1)  # statistics reach the server within a second
@@ -291,6 +291,7 @@ async def ab(sides: list[Side], ops: dict[str, Op], args: argparse.Namespace) ->
         d = [x - y for x, y in zip(after[name], before.get(name, (0, 0, 0)), strict=True)]
         if any(d):
             print(f"    {name}: " + ", ".join(f"{v / answered:.2f}" for v in d))
+    return figures["A"][0]
 
 
 async def hook_histogram(side: Side) -> dict[float, float]:
@@ -473,7 +474,8 @@ async def load_phases(
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         ops = {s.name: requester(client, s) for s in (a, b)}
         if args.rounds:
-            await ab([a, b], ops, args)
+            peak = await ab([a, b], ops, args)
+            await hook_at_half(a, ops["A"], peak, args)
         if args.soak:
             await soak(a, ops["A"], args)
         if args.profile:
