@@ -214,19 +214,10 @@ async def main(args: argparse.Namespace) -> None:
             hook_phases.append(phase)
 
         # the same hook at half the peak rate just measured, arrivals at a steady pace: the
-        # latency a request sees on a proxy that is busy, not saturated
-        half = await h.measure_rate(
-            f"[3] pre-call hook at half the peak rate ({hook_phases[1].rate / 2:,.0f}/s)",
-            pre_call,
-            rate=hook_phases[1].rate / 2,
-            seconds=seconds,
-            warmup=warmup,
-        )
-        print(half.line("calls"))
-        hook_phases.append(half)
-        # at the same rate, what the hook cannot be faster than: its hold statement alone, and a
-        # one-row insert in a transaction of its own (the machine's floor for a durable write: a
-        # hold must be committed before the request goes out, and a commit's tail is the disk's)
+        # latency a request sees on a proxy that is busy, not saturated; then, at that rate, what
+        # the hook cannot be faster than: its hold statement alone, and a one-row insert in a
+        # transaction of its own (the machine's floor for a durable write: a hold must be
+        # committed before the request goes out, and a commit's tail is the disk's)
         await ledger.pool.execute(FLOOR_TABLE)
 
         async def hold_alone() -> None:
@@ -236,17 +227,18 @@ async def main(args: argparse.Namespace) -> None:
         async def floor() -> None:
             await ledger.pool.execute(FLOOR_INSERT, random.choice(subjects), HOLD)
 
-        under = []
-        for what, op in (("the hold statement alone", hold_alone), ("the floor: a one-row commit", floor)):
-            phase = await h.measure_rate(
-                f"[3] {what} at the same rate",
-                op,
-                rate=hook_phases[1].rate / 2,
-                seconds=seconds,
-                warmup=warmup,
+        rate = hook_phases[1].rate / 2
+        half, *under = [
+            await h.measure_rate(label, op, rate=rate, seconds=seconds, warmup=warmup)
+            for label, op in (
+                (f"[3] pre-call hook at half the peak rate ({rate:,.0f}/s)", pre_call),
+                ("[3] the hold statement alone at the same rate", hold_alone),
+                ("[3] the floor: a one-row commit at the same rate", floor),
             )
+        ]
+        for phase in (half, *under):
             print(phase.line("calls"))
-            under.append(phase)
+        hook_phases.append(half)
 
         async def hook_and_release(subject: str, max_tokens: int | None) -> float:
             """The pre-call hook, timed, then its hold released (so nearly empty accounts can go on)."""

@@ -54,7 +54,7 @@ from .quoting import Quoter
 from .records import Hold, Quote, Service, UsageRecord
 from .refusals import quiet_litellm_logs, refuse
 from .runtime import Runtime
-from .settlement import RETRYABLE, Settler, usage_from_response
+from .settlement import Settler, usage_from_response
 from .stream_guard import Delivered, StreamGuard
 from .tier_limits import TierLimits
 
@@ -436,25 +436,10 @@ class CreditsHandler(CustomLogger):
         kwargs = dict(getattr(logging_obj, "model_call_details", None) or {})
         group = str(request_data.get("model") or "")
 
-        settlement_id = uuid.uuid4().hex  # (the same on a retry later: see Ledger.settle)
-
-        async def settle(retried: bool = False) -> None:
-            await self.settler.settle(
-                claim,
-                kwargs,
-                None,
-                start=None,
-                end=None,
-                model_group=group,
-                delivered=delivered,
-                settlement_id=settlement_id,
-                retried=retried,
-            )
-
         try:
-            await settle()
-        except RETRYABLE:
-            self.settler.later(claim, settle)
+            await self.settler.settle_or_retry(
+                claim, kwargs, None, start=None, end=None, model_group=group, delivered=delivered
+            )
         except Exception:
             log.exception("litellm-credits: settling the cut stream of hold %s failed", claim.hold_id)
 
@@ -468,25 +453,10 @@ class CreditsHandler(CustomLogger):
         if kwargs.get("stream") and "async_complete_streaming_response" not in kwargs:
             return  # a chunk, not the end of the stream
 
-        settlement_id = uuid.uuid4().hex  # (the same on a retry later: see Ledger.settle)
-
-        async def settle(retried: bool = False) -> None:
-            await self.settler.settle(
-                claim,
-                kwargs,
-                response_obj,
-                start=start_time,
-                end=end_time,
-                settlement_id=settlement_id,
-                retried=retried,
-            )
-
         try:
-            await settle()
-        except RETRYABLE:
-            # the upstream was paid for: keep trying while the hold lives (settling is
-            # idempotent, so a retry can never charge twice)
-            self.settler.later(claim, settle)
+            # (the upstream was paid for: while the ledger is unavailable, it keeps trying in the
+            # background while the hold lives; settling is idempotent, it can never charge twice)
+            await self.settler.settle_or_retry(claim, kwargs, response_obj, start=start_time, end=end_time)
         except Exception:
             # LiteLLM swallows callback errors; the hold stays open for the sweeper
             log.exception("litellm-credits: settling hold %s failed", claim.hold_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import replace
 from datetime import datetime
@@ -95,6 +96,39 @@ class Settler:
         task = asyncio.get_running_loop().create_task(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    async def settle_or_retry(
+        self,
+        claim: HoldClaim,
+        kwargs: Mapping[str, Any],
+        response: Any,
+        *,
+        start: datetime | None,
+        end: datetime | None,
+        model_group: str | None = None,
+        delivered: Delivered | None = None,
+    ) -> None:
+        """:meth:`settle` now; while the ledger is unavailable, go on trying in the background
+        (:meth:`later`), every try under one settlement id (see ``Ledger.settle``)."""
+        settlement_id = uuid.uuid4().hex
+
+        async def settle(retried: bool = False) -> None:
+            await self.settle(
+                claim,
+                kwargs,
+                response,
+                start=start,
+                end=end,
+                model_group=model_group,
+                delivered=delivered,
+                settlement_id=settlement_id,
+                retried=retried,
+            )
+
+        try:
+            await settle()
+        except RETRYABLE:
+            self.later(claim, settle)
 
     def later(self, claim: HoldClaim, settle: Callable[[bool], Awaitable[None]]) -> None:
         """Keep trying ``settle`` while the hold lives, outside LiteLLM's 20 s callback timeout."""

@@ -381,23 +381,12 @@ async def settler_with_flaky_ledger(
     return settler, calls
 
 
-def settling(settler: Settler, claim: HoldClaim) -> Callable[[bool], Any]:
-    """A success event's settlement, as the hooks make it: one id, the same on every try."""
-    settlement_id = uuid.uuid4().hex
-
-    async def settle(retried: bool = False) -> None:
-        await settler.settle(
-            claim,
-            {"model": "made-up"},
-            RESPONSE,
-            start=None,
-            end=None,
-            model_group="made-up",
-            settlement_id=settlement_id,
-            retried=retried,
-        )
-
-    return settle
+async def settle_event(settler: Settler, claim: HoldClaim) -> None:
+    """A success event's settlement, as the hooks make it (retried in the background while the
+    ledger is unavailable)."""
+    await settler.settle_or_retry(
+        claim, {"model": "made-up"}, RESPONSE, start=None, end=None, model_group="made-up"
+    )
 
 
 async def test_a_settlement_retried_later_after_a_lost_reply_counts_once(
@@ -412,14 +401,11 @@ async def test_a_settlement_retried_later_after_a_lost_reply_counts_once(
     settler, calls = await settler_with_flaky_ledger(rt, ledger, monkeypatch, commit_first=True)
     settled, charged = Delta(SETTLEMENTS), Delta(CHARGED, tier="free")
     claim = HoldClaim(hold.id, subject, Decimal(1000), "balanced", "chat", tier="free", held=hold.amount)
-    settle = settling(settler, claim)
-    with pytest.raises(ServiceUnavailable):
-        await settle()
-    assert (settled(), charged()) == (0, 0)  # committed, but not known to have been
-    settler.later(claim, settle)
+    await settle_event(settler, claim)
+    assert (settled(), charged(), len(settler._pending)) == (0, 0, 1)  # committed, not known to be
     await asyncio.wait_for(asyncio.gather(*settler._pending), 10)
     assert (settled(), charged()) == (1, COST)
-    await settling(settler, claim)()  # a duplicate event: "already resolved", not counted
+    await settle_event(settler, claim)  # a duplicate event: "already resolved", not counted
     assert (settled(), charged(), len(calls)) == (1, COST, 3)
     row = await ledger.pool.fetchrow(
         "SELECT status, settled_amount FROM credits.holds WHERE subject_id = $1 AND id = $2", subject, hold.id
@@ -438,12 +424,9 @@ async def test_a_retry_later_does_not_count_what_a_duplicate_event_settled(
     settler, calls = await settler_with_flaky_ledger(rt, ledger, monkeypatch, commit_first=False)
     settled, charged = Delta(SETTLEMENTS), Delta(CHARGED, tier="free")
     claim = HoldClaim(hold.id, subject, Decimal(1000), "balanced", "chat", tier="free", held=hold.amount)
-    first = settling(settler, claim)
-    with pytest.raises(ServiceUnavailable):
-        await first()
-    await settling(settler, claim)()  # the duplicate event, settled and counted
-    assert (settled(), charged()) == (1, COST)
-    settler.later(claim, first)
+    await settle_event(settler, claim)  # fails: retried later (in 0.5 s)
+    await settle_event(settler, claim)  # the duplicate event, settled and counted
+    assert (settled(), charged(), len(settler._pending)) == (1, COST, 1)
     await asyncio.wait_for(asyncio.gather(*settler._pending), 10)
     assert (settled(), charged(), len(calls)) == (1, COST, 3)
 
