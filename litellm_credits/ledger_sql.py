@@ -143,7 +143,8 @@ SQL_RESOLVE_BATCH = "SELECT * FROM credits.resolve_holds($1::text::jsonb)"
 
 # How a hold ended, and the settlement it made: what a resolution retried after a lost reply
 # answers, when the hold ended exactly as it asked ($1 subject, $2 hold id); settlement_id: the
-# id the resolution that ended it gave itself (its usage event's metadata), if it gave one
+# id the resolution that ended it gave itself (its usage event's metadata, the event being the
+# member's for a member's hold), if it gave one
 SQL_RESOLVED = """
 SELECT h.status, h.amount, h.settled_amount, h.debits, h.member_id, t.id AS transaction_id,
        coalesce(t.balance_after, a.balance) AS balance, e.metadata ->> 'settlement_id' AS settlement_id
@@ -151,7 +152,8 @@ FROM credits.holds h
 JOIN credits.credit_accounts a ON a.subject_id = h.subject_id
 LEFT JOIN credits.credit_transactions t
        ON t.subject_id = h.subject_id AND t.idempotency_key = 'hold:' || h.id::text
-LEFT JOIN credits.usage_events e ON e.subject_id = h.subject_id AND e.request_id = h.id::text
+LEFT JOIN credits.usage_events e
+       ON e.subject_id = coalesce(h.member_id, h.subject_id) AND e.request_id = h.id::text
 WHERE h.subject_id = $1 AND h.id = $2
 """
 

@@ -251,6 +251,7 @@ class Settler:
             ),
             retried=retried,
         )
+        # (nothing after the settlement may raise a retryable error: a retry would count it again)
         if result is None:
             log.warning(
                 "litellm-credits: hold %s was already resolved; usage not charged again", claim.hold_id

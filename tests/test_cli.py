@@ -689,4 +689,6 @@ def test_a_fault_of_the_command_keeps_its_traceback() -> None:
     assert ended_by_the_database(asyncpg.exceptions.LockNotAvailableError("timeout"))
     assert ended_by_the_database(asyncpg.exceptions.AdminShutdownError("shutdown"))
     assert ended_by_the_database(asyncpg.exceptions.TooManyConnectionsError("full"))
+    assert ended_by_the_database(asyncpg.exceptions.QueryCanceledError("statement timeout"))
+    assert ended_by_the_database(asyncpg.exceptions.DeadlockDetectedError("deadlock"))
     assert not ended_by_the_database(asyncpg.exceptions.UndefinedColumnError("no such column"))

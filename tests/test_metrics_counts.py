@@ -381,6 +381,21 @@ async def settler_with_flaky_ledger(
     return settler, calls
 
 
+@pytest.fixture(params=["account", "team member"])
+async def held(request: pytest.FixtureRequest, ledger: Ledger) -> HoldClaim:
+    """A hold of 1 credit for model "made-up", as the pre-call hook's claim: on an account of its
+    own, or a team member's (held and settled on the team; its usage event is the member's)."""
+    if request.param == "account":
+        requester = await new_account(ledger, "10")
+    else:
+        team = await new_account(ledger, "10", subject_type="team")
+        requester = await new_account(ledger, parent_id=team)
+    hold = await ledger.hold(requester, c("1"), ttl_seconds=60, model="made-up")
+    return HoldClaim(
+        hold.id, hold.subject_id, Decimal(1000), "balanced", "chat", tier="free", held=hold.amount
+    )
+
+
 async def settle_event(settler: Settler, claim: HoldClaim) -> None:
     """A success event's settlement, as the hooks make it (retried in the background while the
     ledger is unavailable)."""
@@ -390,17 +405,17 @@ async def settle_event(settler: Settler, claim: HoldClaim) -> None:
 
 
 async def test_a_settlement_retried_later_after_a_lost_reply_counts_once(
-    rt: Runtime, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+    rt: Runtime, ledger: Ledger, monkeypatch: pytest.MonkeyPatch, held: HoldClaim
 ) -> None:
     """The proxy's settlement committed but its reply was lost (the ledger then unreachable for
     all its own retries): the Settler's retry later finds the hold settled by that settlement,
     and counts it and its charge once. (It counted nothing: the retry read "already resolved".)
-    A duplicate of the success event (another settlement of the hold) counts nothing."""
-    subject = await new_account(ledger, "10")
-    hold = await ledger.hold(subject, c("1"), ttl_seconds=60, model="made-up")
+    A duplicate of the success event (another settlement of the hold) counts nothing. (A review
+    found the first version of the check missed a team member's settlement: its usage event is
+    the member's.)"""
+    claim = held
     settler, calls = await settler_with_flaky_ledger(rt, ledger, monkeypatch, commit_first=True)
     settled, charged = Delta(SETTLEMENTS), Delta(CHARGED, tier="free")
-    claim = HoldClaim(hold.id, subject, Decimal(1000), "balanced", "chat", tier="free", held=hold.amount)
     await settle_event(settler, claim)
     assert (settled(), charged(), len(settler._pending)) == (0, 0, 1)  # committed, not known to be
     await asyncio.wait_for(asyncio.gather(*settler._pending), 10)
@@ -408,22 +423,22 @@ async def test_a_settlement_retried_later_after_a_lost_reply_counts_once(
     await settle_event(settler, claim)  # a duplicate event: "already resolved", not counted
     assert (settled(), charged(), len(calls)) == (1, COST, 3)
     row = await ledger.pool.fetchrow(
-        "SELECT status, settled_amount FROM credits.holds WHERE subject_id = $1 AND id = $2", subject, hold.id
+        "SELECT status, settled_amount FROM credits.holds WHERE subject_id = $1 AND id = $2",
+        claim.subject_id,
+        claim.hold_id,
     )
     assert (row["status"], row["settled_amount"]) == ("settled", COST)
 
 
 async def test_a_retry_later_does_not_count_what_a_duplicate_event_settled(
-    rt: Runtime, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+    rt: Runtime, ledger: Ledger, monkeypatch: pytest.MonkeyPatch, held: HoldClaim
 ) -> None:
     """The first settlement fails before it reaches the ledger; a duplicate of the success event
     settles the hold (the same charge) and counts it; the first one's retry then finds the hold
     settled by another settlement: not counted again (an outside review found it counted twice)."""
-    subject = await new_account(ledger, "10")
-    hold = await ledger.hold(subject, c("1"), ttl_seconds=60, model="made-up")
+    claim = held
     settler, calls = await settler_with_flaky_ledger(rt, ledger, monkeypatch, commit_first=False)
     settled, charged = Delta(SETTLEMENTS), Delta(CHARGED, tier="free")
-    claim = HoldClaim(hold.id, subject, Decimal(1000), "balanced", "chat", tier="free", held=hold.amount)
     await settle_event(settler, claim)  # fails: retried later (in 0.5 s)
     await settle_event(settler, claim)  # the duplicate event, settled and counted
     assert (settled(), charged(), len(settler._pending)) == (1, COST, 1)

@@ -89,11 +89,12 @@ def run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def ended_by_the_database(e: asyncpg.PostgresError) -> bool:
-    """An error of the server's circumstances, not of the command: a lock or statement timeout
-    (the DSN's own), an idle transaction ended, an operator's or a crash's shutdown (class 57), no
-    resources left (class 53: connections, disk, memory)."""
+    """An error of the server's circumstances, not of the command: a lock timeout (the DSN's own),
+    an idle transaction ended, a deadlock or serialization failure (class 40), no resources left
+    (class 53: connections, disk, memory), a statement timeout or an operator's or a crash's
+    shutdown (class 57)."""
     state = e.sqlstate or ""
-    return state in ("55P03", "57014", "25P03") or state[:2] in ("53", "57")
+    return state in ("55P03", "25P03") or state[:2] in ("40", "53", "57")
 
 
 __all__ = ["Session", "embedded_note", "resolve_dsn", "run", "session"]
