@@ -28,10 +28,18 @@ WHERE (credits.alert_defaults.balances, credits.alert_defaults.cap_percents)
       IS DISTINCT FROM (EXCLUDED.balances, EXCLUDED.cap_percents)
 RETURNING tier
 """
-# accounts that follow a tier's defaults whose ceiling moved with them
+# accounts that follow a tier's defaults whose ceiling moved with them: their rows locked first in
+# the ledger's lock order (credits.lock_accounts: members, then the rest, by code point), so the
+# update cannot deadlock with a batch of holds or settlements that locks some of them meanwhile
 SQL_CEILINGS = """
-UPDATE credits.credit_accounts SET alert_ceiling = credits.alert_ceiling(tier, NULL)
-WHERE alert_balances IS NULL AND alert_ceiling IS DISTINCT FROM credits.alert_ceiling(tier, NULL)
+WITH moved AS (
+    SELECT subject_id FROM credits.credit_accounts
+    WHERE alert_balances IS NULL AND alert_ceiling IS DISTINCT FROM credits.alert_ceiling(tier, NULL)
+    ORDER BY parent_id IS NULL, subject_id COLLATE "C"
+    FOR NO KEY UPDATE
+)
+UPDATE credits.credit_accounts a SET alert_ceiling = credits.alert_ceiling(a.tier, NULL)
+FROM moved WHERE a.subject_id = moved.subject_id
 """
 SQL_SET_THRESHOLDS = """
 UPDATE credits.credit_accounts SET alert_balances = $2, alert_cap_percents = $3 WHERE subject_id = $1
@@ -70,12 +78,17 @@ UPDATE credits.webhook_deliveries
 SET status = 'pending', next_attempt_at = now(), started_at = now(), delivered_at = NULL
 WHERE id = $1 RETURNING id
 """
-# grant.expiring: grants with credit left that expire within the notice, announced once
-SQL_EXPIRING = """
+# grant.expiring: grants with credit left that expire within the notice ($1 days), announced once;
+# the accounts first (SQL_EXPIRING_ACCOUNTS, then credits.lock_accounts: the ledger's lock order,
+# accounts before their grants, as a settlement takes them), then their grants ($2: those accounts)
+_EXPIRING = """status = 'live' AND remaining > 0 AND NOT expiring_announced
+      AND expires_at > now() AND expires_at <= now() + make_interval(days => $1)"""
+SQL_EXPIRING_ACCOUNTS = f"SELECT array_agg(DISTINCT subject_id) FROM credits.grants WHERE {_EXPIRING}"
+SQL_LOCK_ACCOUNTS = "SELECT credits.lock_accounts($1)"
+SQL_EXPIRING = f"""
 WITH g AS (
     UPDATE credits.grants SET expiring_announced = true
-    WHERE status = 'live' AND remaining > 0 AND NOT expiring_announced
-      AND expires_at > now() AND expires_at <= now() + make_interval(days => $1)
+    WHERE subject_id = ANY ($2) AND {_EXPIRING}
     RETURNING subject_id, id, remaining, expires_at, category
 )
 INSERT INTO credits.outbox (type, subject_id, data)
@@ -226,7 +239,12 @@ class Alerts:
 
     async def announce_expiring(self, days: int) -> int:
         """Raise grant.expiring for grants that expire within ``days``, once each; how many."""
-        status = await self.pool.execute(SQL_EXPIRING, days)
+        async with self.pool.acquire() as conn, conn.transaction():
+            accounts = await conn.fetchval(SQL_EXPIRING_ACCOUNTS, days)
+            if not accounts:
+                return 0
+            await conn.execute(SQL_LOCK_ACCOUNTS, accounts)
+            status = await conn.execute(SQL_EXPIRING, days, accounts)
         return int(status.rsplit(" ", 1)[-1])
 
 

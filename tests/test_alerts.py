@@ -465,6 +465,33 @@ def test_alert_routes_through_the_proxy(proxy: Proxy) -> None:
         assert r.json()["active"] is False
 
 
+async def test_expiring_grants_are_announced_under_their_accounts_locks(
+    ledger: Ledger, alerts: Alerts, account: AccountFactory
+) -> None:
+    """announce_expiring takes its accounts' row locks (in the ledger's order) before their grants,
+    as a settlement does: an account a batch holds makes it wait. It updated the grants of many
+    accounts in heap order without those locks, which could deadlock with a batch that holds an
+    account and then burns its grant (an outside review's finding)."""
+    from datetime import datetime, timedelta, timezone
+
+    from litellm_credits.records import GrantTerms
+
+    subject = await account("0")
+    soon = datetime.now(timezone.utc) + timedelta(days=3)
+    await ledger.credit(subject, c("2"), terms=GrantTerms("promotional", 0, soon))
+    announced = "SELECT bool_or(expiring_announced) FROM credits.grants WHERE subject_id = $1"
+    async with ledger.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "SELECT 1 FROM credits.credit_accounts WHERE subject_id = $1 FOR NO KEY UPDATE", subject
+        )
+        task = asyncio.create_task(alerts.announce_expiring(7))
+        await asyncio.sleep(0.5)
+        assert not task.done(), "it did not wait for the account's lock"
+        assert await ledger.pool.fetchval(announced, subject) is False  # its grant not touched yet
+    assert await asyncio.wait_for(task, 10) >= 1
+    assert await ledger.pool.fetchval(announced, subject) is True
+
+
 async def test_grant_expiring_is_announced_once_ahead_and_expired_when_it_expires(
     ledger: Ledger, alerts: Alerts, account: AccountFactory
 ) -> None:
