@@ -589,3 +589,29 @@ async def _deactivate_endpoints(database_url: str) -> None:
         await conn.execute("UPDATE credits.webhook_endpoints SET active = false")
     finally:
         await conn.close()
+
+
+async def test_new_tier_thresholds_move_the_ceilings_of_the_accounts_that_follow_them(
+    fresh_database: Any,
+) -> None:
+    """sync_defaults (at start-up) moves the alert ceiling of every account that follows its
+    tier's thresholds, and of no other (the rows locked in the ledger's order first)."""
+    from litellm_credits import db, migrations
+    from litellm_credits.alerts import TierAlerts
+
+    pool = await db.create_pool(fresh_database(), min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await migrations.migrate(conn)
+        ledger, alerts = Ledger(pool), Alerts(pool)
+        for subject in ("b-follows", "a-follows", "own"):
+            await ledger.create_account(subject, tier="free")
+        await alerts.set_thresholds("own", [c("1")], None)
+        await alerts.sync_defaults({"free": TierAlerts(balance_below=[c("5"), c("2")])}, "free")
+        ceilings = dict(await pool.fetch("SELECT subject_id, alert_ceiling FROM credits.credit_accounts"))
+        assert ceilings == {"a-follows": c("5"), "b-follows": c("5"), "own": c("1")}
+        await alerts.sync_defaults({"free": TierAlerts(balance_below=[c("3")])}, "free")
+        ceilings = dict(await pool.fetch("SELECT subject_id, alert_ceiling FROM credits.credit_accounts"))
+        assert ceilings == {"a-follows": c("3"), "b-follows": c("3"), "own": c("1")}
+    finally:
+        await pool.close()
