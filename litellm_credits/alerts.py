@@ -28,18 +28,17 @@ WHERE (credits.alert_defaults.balances, credits.alert_defaults.cap_percents)
       IS DISTINCT FROM (EXCLUDED.balances, EXCLUDED.cap_percents)
 RETURNING tier
 """
-# accounts that follow a tier's defaults whose ceiling moved with them: their rows locked first in
-# the ledger's lock order (credits.lock_accounts: members, then the rest, by code point), so the
-# update cannot deadlock with a batch of holds or settlements that locks some of them meanwhile
-SQL_CEILINGS = """
-WITH moved AS (
-    SELECT subject_id FROM credits.credit_accounts
-    WHERE alert_balances IS NULL AND alert_ceiling IS DISTINCT FROM credits.alert_ceiling(tier, NULL)
-    ORDER BY parent_id IS NULL, subject_id COLLATE "C"
-    FOR NO KEY UPDATE
-)
-UPDATE credits.credit_accounts a SET alert_ceiling = credits.alert_ceiling(a.tier, NULL)
-FROM moved WHERE a.subject_id = moved.subject_id
+# Writes that touch many accounts lock them first in the ledger's lock order (SQL_LOCK_ACCOUNTS,
+# the batches' own credits.lock_accounts), so they cannot deadlock with a batch of holds or
+# settlements that locks some of them meanwhile (Alerts' _locked: the accounts a query finds, then
+# the write, whose last parameter is those accounts).
+SQL_LOCK_ACCOUNTS = "SELECT credits.lock_accounts($1)"
+# accounts that follow a tier's defaults whose ceiling moved with them
+_MOVED = "alert_balances IS NULL AND alert_ceiling IS DISTINCT FROM credits.alert_ceiling(tier, NULL)"
+SQL_CEILING_ACCOUNTS = f"SELECT array_agg(subject_id) FROM credits.credit_accounts WHERE {_MOVED}"
+SQL_CEILINGS = f"""
+UPDATE credits.credit_accounts SET alert_ceiling = credits.alert_ceiling(tier, NULL)
+WHERE subject_id = ANY ($1) AND {_MOVED}
 """
 SQL_SET_THRESHOLDS = """
 UPDATE credits.credit_accounts SET alert_balances = $2, alert_cap_percents = $3 WHERE subject_id = $1
@@ -79,12 +78,10 @@ SET status = 'pending', next_attempt_at = now(), started_at = now(), delivered_a
 WHERE id = $1 RETURNING id
 """
 # grant.expiring: grants with credit left that expire within the notice ($1 days), announced once;
-# the accounts first (SQL_EXPIRING_ACCOUNTS, then credits.lock_accounts: the ledger's lock order,
-# accounts before their grants, as a settlement takes them), then their grants ($2: those accounts)
+# their accounts ($2) locked first: accounts before their grants, as a settlement takes them
 _EXPIRING = """status = 'live' AND remaining > 0 AND NOT expiring_announced
       AND expires_at > now() AND expires_at <= now() + make_interval(days => $1)"""
 SQL_EXPIRING_ACCOUNTS = f"SELECT array_agg(DISTINCT subject_id) FROM credits.grants WHERE {_EXPIRING}"
-SQL_LOCK_ACCOUNTS = "SELECT credits.lock_accounts($1)"
 SQL_EXPIRING = f"""
 WITH g AS (
     UPDATE credits.grants SET expiring_announced = true
@@ -97,6 +94,17 @@ SELECT 'grant.expiring', subject_id,
                           'category', category, 'expires_at', expires_at)
 FROM g
 """
+
+
+async def _locked(conn: asyncpg.Connection, accounts_sql: str, write_sql: str, *args: Any) -> str:
+    """``write_sql`` (its parameters: ``args``, then the accounts) once the accounts that
+    ``accounts_sql`` finds (with ``args``) are locked in the ledger's order, in the caller's
+    transaction; its status ("UPDATE 0" when none was found)."""
+    accounts = await conn.fetchval(accounts_sql, *args)
+    if not accounts:
+        return "UPDATE 0"
+    await conn.execute(SQL_LOCK_ACCOUNTS, accounts)
+    return str(await conn.execute(write_sql, *args, accounts))
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,7 @@ class Alerts:
                 for tier, a in rows
             ]
             if any(t is not None for t in changed):
-                await conn.execute(SQL_CEILINGS)
+                await _locked(conn, SQL_CEILING_ACCOUNTS, SQL_CEILINGS)
 
     async def thresholds(self, subject_id: str) -> dict[str, Any]:
         row = await self.pool.fetchrow(SQL_THRESHOLDS, subject_id)
@@ -240,11 +248,7 @@ class Alerts:
     async def announce_expiring(self, days: int) -> int:
         """Raise grant.expiring for grants that expire within ``days``, once each; how many."""
         async with self.pool.acquire() as conn, conn.transaction():
-            accounts = await conn.fetchval(SQL_EXPIRING_ACCOUNTS, days)
-            if not accounts:
-                return 0
-            await conn.execute(SQL_LOCK_ACCOUNTS, accounts)
-            status = await conn.execute(SQL_EXPIRING, days, accounts)
+            status = await _locked(conn, SQL_EXPIRING_ACCOUNTS, SQL_EXPIRING, days)
         return int(status.rsplit(" ", 1)[-1])
 
 

@@ -475,15 +475,14 @@ class Ledger(LedgerBatches):
         hold_status: str,
         usage_status: str,
         usage: UsageRecord,
-        retried: bool = False,
     ) -> Settlement | None:
         item = ResolveItem(subject_id, hold_id, charge, hold_status, usage_status, usage)
         row, attempts = await self.resolve(item)
         if row is None:
-            # tried again after a failure (here, or by the caller): the first attempt may have
-            # committed with its reply lost; a hold that ended exactly as asked is its settlement
-            if attempts > 1 or retried:
-                mine = (usage.metadata or {}).get("settlement_id")
+            # an earlier try (here, or the caller's: a resolution with its own id) may have
+            # committed with its reply lost: a hold that ended exactly as asked (by that id) is its
+            mine = (usage.metadata or {}).get("settlement_id")
+            if attempts > 1 or mine is not None:
                 return await self._resolved(subject_id, hold_id, charge, hold_status, mine)
             return None
         # the member whose request it was changed too (what it holds and spent of its team's)
@@ -512,18 +511,17 @@ class Ledger(LedgerBatches):
         )
 
     async def settle(
-        self, subject_id: str, hold_id: uuid.UUID, charge: int, usage: UsageRecord, *, retried: bool = False
+        self, subject_id: str, hold_id: uuid.UUID, charge: int, usage: UsageRecord
     ) -> Settlement | None:
         """Charge the actual cost and end the hold; None if it had already ended (an expired hold
-        is still settled: the usage is real). ``retried``: the caller's earlier call for this
-        settlement failed, and may have committed with its reply lost: a hold settled exactly
-        as asked is then that call's settlement, returned (and counted) now; give the
-        settlement an id (``usage.metadata["settlement_id"]``, the same on every try) so that a
-        duplicate settlement of the same hold is not taken for it."""
+        is still settled: the usage is real). A settlement with an id of its own
+        (``usage.metadata["settlement_id"]``, the same on every try) that finds its hold settled
+        by that id is answered that settlement: an earlier try committed with its reply lost. A
+        duplicate settlement of the same hold (another id) is not taken for it."""
         if charge < 0:
             raise InvalidRequest("charge cannot be negative")
         with metrics.SETTLE_SECONDS.time():
-            result = await self._resolve(subject_id, hold_id, charge, "settled", "success", usage, retried)
+            result = await self._resolve(subject_id, hold_id, charge, "settled", "success", usage)
         if result is not None:
             metrics.SETTLEMENTS.inc()
         return result

@@ -11,6 +11,7 @@ never charges twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -110,39 +111,35 @@ class Settler:
     ) -> None:
         """:meth:`settle` now; while the ledger is unavailable, go on trying in the background
         (:meth:`later`), every try under one settlement id (see ``Ledger.settle``)."""
-        settlement_id = uuid.uuid4().hex
-
-        async def settle(retried: bool = False) -> None:
-            await self.settle(
-                claim,
-                kwargs,
-                response,
-                start=start,
-                end=end,
-                model_group=model_group,
-                delivered=delivered,
-                settlement_id=settlement_id,
-                retried=retried,
-            )
-
+        settle = functools.partial(
+            self.settle,
+            claim,
+            kwargs,
+            response,
+            start=start,
+            end=end,
+            model_group=model_group,
+            delivered=delivered,
+            settlement_id=uuid.uuid4().hex,
+        )
         try:
             await settle()
         except RETRYABLE:
             self.later(claim, settle)
 
-    def later(self, claim: HoldClaim, settle: Callable[[bool], Awaitable[None]]) -> None:
+    def later(self, claim: HoldClaim, settle: Callable[[], Awaitable[None]]) -> None:
         """Keep trying ``settle`` while the hold lives, outside LiteLLM's 20 s callback timeout."""
         log.warning("litellm-credits: ledger unavailable, will retry settling hold %s", claim.hold_id)
         self.spawn(self._retry(claim, settle))
 
-    async def _retry(self, claim: HoldClaim, settle: Callable[[bool], Awaitable[None]]) -> None:
+    async def _retry(self, claim: HoldClaim, settle: Callable[[], Awaitable[None]]) -> None:
         deadline = time.monotonic() + self.runtime.settings.credits.holds.ttl_seconds
         delay = 0.5
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 15.0)
             try:
-                await settle(True)  # (an attempt that failed may have committed: see Ledger.settle)
+                await settle()  # (a try that failed may have committed: see Ledger.settle)
             except RETRYABLE:
                 continue
             except Exception:
@@ -174,11 +171,9 @@ class Settler:
         model_group: str | None = None,
         delivered: Delivered | None = None,
         settlement_id: str | None = None,
-        retried: bool = False,
     ) -> None:
         """Charge what the call used, at the prices that applied, and end its hold.
-        ``settlement_id``: this settlement's own id, the same on each try; ``retried``: an
-        earlier try failed (see ``Ledger.settle``)."""
+        ``settlement_id``: this settlement's own id, the same on each try (see ``Ledger.settle``)."""
         params = kwargs.get("litellm_params") or {}
         slo = kwargs.get("standard_logging_object") or {}
         model_group = model_group or slo.get("model_group") or kwargs.get("model") or ""
@@ -249,7 +244,6 @@ class Settler:
                 latency_ms=max(latency, 0) if latency is not None else None,
                 metadata=metadata,
             ),
-            retried=retried,
         )
         # (nothing after the settlement may raise a retryable error: a retry would count it again)
         if result is None:

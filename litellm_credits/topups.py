@@ -367,7 +367,8 @@ class Topups:
         paid_to = await conn.fetchval(SQL_PAYER_LOCKED, member)
         if paid_to is None:
             return "unknown account", member
-        by = "" if paid_to == member else f" by member {member}"
+        by_member = None if paid_to == member else member
+        by = "" if by_member is None else f" by member {member}"
         tx = await conn.fetchrow(
             SQL_CREDIT,
             paid_to,
@@ -375,12 +376,12 @@ class Topups:
             "topup",
             f"topup:{topup['id']}",
             f"top-up {topup['id']}{by} ({topup['unit_amount']} {topup['currency']} minor units)",
-            {"topup_id": topup["id"], **({} if paid_to == member else {"member_id": member}), **metadata},
+            {"topup_id": topup["id"], **({} if by_member is None else {"member_id": member}), **metadata},
             None,
             "paid",
             None,
             None,
-            None if paid_to == member else member,  # (a team's history filtered by member shows it)
+            by_member,  # (a team's history filtered by member shows it)
         )
         if tx is None:  # (teams have two levels: a team is never a member)
             return "account is a member", member
